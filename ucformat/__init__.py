@@ -1,0 +1,9 @@
+"""uc pack v0.3: the artifact format (SPEC.md), its writer, its verifying lazy reader."""
+
+from . import qtensor
+from .errors import PackError
+from .manifest import VERSION, Manifest
+from .reader import PackReader, open_pack
+
+__version__ = "0.1.0"
+__all__ = ["PackError", "PackReader", "Manifest", "VERSION", "open_pack", "qtensor", "__version__"]

@@ -1,0 +1,135 @@
+"""The pack manifest (SPEC.md, "Manifest"): typed, validated on read, written as canonical JSON."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import ManifestError, UnsupportedFeature, UnsupportedVersion
+
+FORMAT = "ucpack"
+VERSION = "0.3"
+MAJOR = VERSION.split(".")[0]
+MANIFEST_NAME = "manifest.json"
+PROGRESS_NAME = ".uc-progress.json"
+NONLAYER_FILE = "nonlayer.safetensors"
+KNOWN_FEATURES = frozenset({"lowrank"})
+
+
+def layer_file(index: int) -> str:
+    return f"layers/layer-{index:05d}.safetensors"
+
+
+@dataclass(frozen=True)
+class FileEntry:
+    bytes: int
+    sha256: str
+
+
+@dataclass(frozen=True)
+class TensorEntry:
+    """One source tensor. kind 'raw' is stored as is under its own name; 'quantized' as its parts."""
+
+    file: str
+    kind: str  # "raw" | "quantized"
+    shape: tuple[int, ...]
+    dtype: str  # source dtype, e.g. "bfloat16"; what a reader reconstructs to by default
+    codec: str | None = None
+    bits: int | None = None
+    block_size: int | None = None
+    rank: int = 0
+    stored_bytes: int = 0
+
+    @staticmethod
+    def from_json(name: str, d: dict[str, Any], path: str) -> "TensorEntry":
+        try:
+            e = TensorEntry(
+                file=str(d["file"]), kind=str(d["kind"]), shape=tuple(int(s) for s in d["shape"]),
+                dtype=str(d["dtype"]), codec=d.get("codec"), bits=d.get("bits"),
+                block_size=d.get("block_size"), rank=int(d.get("rank", 0)),
+                stored_bytes=int(d.get("stored_bytes", 0)),
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ManifestError(path, f"tensor {name!r}: bad entry ({exc})") from None
+        if e.kind not in ("raw", "quantized"):
+            raise ManifestError(path, f"tensor {name!r}: unknown kind {e.kind!r}")
+        if e.kind == "quantized" and (e.bits is None or e.block_size is None or len(e.shape) < 2):
+            raise ManifestError(path, f"tensor {name!r}: quantized entry needs bits, block_size and a >=2-D shape")
+        return e
+
+
+@dataclass(frozen=True)
+class Manifest:
+    model_type: str
+    num_layers: int
+    layer_prefix: str  # e.g. "model.layers."
+    quant: dict[str, Any]  # codec, bits, block_size, and any other settings used
+    source: dict[str, Any]  # path, bytes, dtype of the checkpoint it was made from
+    files: dict[str, FileEntry]
+    tensors: dict[str, TensorEntry]
+    stats: dict[str, Any] = field(default_factory=dict)
+    requires: tuple[str, ...] = ()
+    created_by: str = ""
+    format: str = FORMAT
+    version: str = VERSION
+
+    def to_json(self) -> str:
+        d = asdict(self)
+        d = {"format": d.pop("format"), "version": d.pop("version"), **d}
+        return json.dumps(d, indent=1, sort_keys=False) + "\n"
+
+    @staticmethod
+    def from_json(text: str, path: str) -> "Manifest":
+        try:
+            d = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ManifestError(path, f"not JSON ({exc})") from None
+        if not isinstance(d, dict) or d.get("format") != FORMAT:
+            raise ManifestError(path, f"'format' must be {FORMAT!r}")
+        version = str(d.get("version", ""))
+        if version.split(".")[0] != MAJOR or len(version.split(".")) != 2:
+            raise UnsupportedVersion(path, version, MAJOR)
+        for feature in d.get("requires", []):
+            if feature not in KNOWN_FEATURES:
+                raise UnsupportedFeature(path, feature)
+        try:
+            files = {k: FileEntry(int(v["bytes"]), str(v["sha256"])) for k, v in d["files"].items()}
+            tensors = {k: TensorEntry.from_json(k, v, path) for k, v in d["tensors"].items()}
+            m = Manifest(
+                model_type=str(d["model_type"]), num_layers=int(d["num_layers"]),
+                layer_prefix=str(d["layer_prefix"]), quant=dict(d["quant"]), source=dict(d["source"]),
+                files=files, tensors=tensors, stats=dict(d.get("stats", {})),
+                requires=tuple(d.get("requires", [])), created_by=str(d.get("created_by", "")),
+                version=version,
+            )
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise ManifestError(path, f"missing or malformed field ({exc!r})") from None
+        for name, t in tensors.items():
+            if t.file not in files:
+                raise ManifestError(path, f"tensor {name!r} lives in {t.file!r}, which is not in 'files'")
+            if Path(t.file).is_absolute() or ".." in Path(t.file).parts:
+                raise ManifestError(path, f"file name {t.file!r} must be relative, inside the pack")
+        return m
+
+
+def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write to a temporary sibling, fsync, then rename: readers see the old file or the new, never half."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)

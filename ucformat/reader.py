@@ -1,0 +1,155 @@
+"""PackReader: lazy, verifying access to a finished pack (SPEC.md, "Reading").
+
+Nothing is loaded at open but the manifest; each tensor is read on demand through a memory-mapped
+safe_open. Every file is checked against the manifest the first time it is read (size, then SHA-256)
+and again whenever its size or mtime changes, so a pack altered after loading is caught at the read.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+from . import qtensor
+from .errors import (
+    HashMismatch, IncompletePack, MissingFile, NotAPack, PackError, SizeMismatch, TensorError,
+)
+from .manifest import MANIFEST_NAME, NONLAYER_FILE, PROGRESS_NAME, Manifest, TensorEntry, layer_file, sha256_file
+
+log = logging.getLogger(__name__)
+
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+_PART_DTYPES = {"codes": torch.uint8, "scales": torch.float16, "grid": torch.float32,
+                "lr_u": torch.float16, "lr_v": torch.float16}
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    try:
+        return _DTYPES[name]
+    except KeyError:
+        raise ValueError(f"unsupported dtype {name!r}; one of {', '.join(_DTYPES)}") from None
+
+
+class PackReader:
+    def __init__(self, path: str | os.PathLike, check_hashes: bool = True) -> None:
+        self.path = Path(path)
+        self.check_hashes = check_hashes
+        mpath = self.path / MANIFEST_NAME
+        if not self.path.is_dir():
+            raise NotAPack(str(self.path), "not a directory")
+        if not mpath.exists():
+            if (self.path / PROGRESS_NAME).exists():
+                raise IncompletePack(str(self.path))
+            raise NotAPack(str(self.path), f"no {MANIFEST_NAME}")
+        self.manifest = Manifest.from_json(mpath.read_text(), str(mpath))
+        self._checked: dict[str, tuple[int, int]] = {}  # rel -> (size, mtime_ns) when last verified
+        self._by_file: dict[str, list[str]] = {}
+        for name, entry in self.manifest.tensors.items():
+            self._by_file.setdefault(entry.file, []).append(name)
+
+    # -- files ----------------------------------------------------------------------------------------
+    def check_file(self, rel: str, deep: bool | None = None) -> Path:
+        """Size check always; SHA-256 when deep (default: the reader's check_hashes). Raises a named error."""
+        deep = self.check_hashes if deep is None else deep
+        entry = self.manifest.files.get(rel)
+        p = self.path / rel
+        if entry is None:
+            raise PackError(f"{p}: not listed in the manifest")
+        try:
+            st = p.stat()
+        except FileNotFoundError:
+            raise MissingFile(str(p)) from None
+        if self._checked.get(rel) == (st.st_size, st.st_mtime_ns):
+            return p
+        if st.st_size != entry.bytes:
+            raise SizeMismatch(str(p), entry.bytes, st.st_size)
+        if deep:
+            digest = sha256_file(p)
+            if digest != entry.sha256:
+                raise HashMismatch(str(p), entry.sha256, digest)
+            self._checked[rel] = (st.st_size, st.st_mtime_ns)
+        return p
+
+    def verify_files(self) -> list[PackError]:
+        """Hash every file in the manifest; one error per bad file."""
+        errors: list[PackError] = []
+        for rel in self.manifest.files:
+            try:
+                self.check_file(rel, deep=True)
+            except PackError as exc:
+                errors.append(exc)
+        return errors
+
+    # -- tensors --------------------------------------------------------------------------------------
+    @property
+    def num_layers(self) -> int:
+        return self.manifest.num_layers
+
+    def tensor_names(self, file: str) -> list[str]:
+        return list(self._by_file.get(file, []))
+
+    def layer_tensor_names(self, index: int) -> list[str]:
+        return self.tensor_names(layer_file(index))
+
+    def read_file(self, rel: str, dtype: torch.dtype | None = None, device: str | torch.device = "cpu",
+                  names: list[str] | None = None) -> dict[str, torch.Tensor]:
+        """Reconstruct every source tensor of one pack file: {source name: tensor}."""
+        p = self.check_file(rel)
+        out: dict[str, torch.Tensor] = {}
+        try:
+            with safe_open(str(p), framework="pt", device="cpu") as f:
+                stored = set(f.keys())
+                for name in names if names is not None else self.tensor_names(rel):
+                    entry = self.manifest.tensors[name]
+                    if entry.kind == "raw":
+                        t = self._get(f, stored, rel, name)
+                        if tuple(t.shape) != entry.shape:
+                            raise TensorError(str(p), name, f"shape {tuple(t.shape)}, manifest says {entry.shape}")
+                    else:
+                        q = self._quantized(f, stored, rel, name, entry)
+                        t = qtensor.dequantize(q, torch.float32)
+                    out[name] = t.to(device=device, dtype=dtype or torch_dtype(entry.dtype))
+        except SafetensorError as exc:
+            raise TensorError(str(p), "*", f"unreadable safetensors file ({exc})") from None
+        return out
+
+    def read_quantized(self, name: str) -> qtensor.QuantizedTensor:
+        entry = self.manifest.tensors[name]
+        p = self.check_file(entry.file)
+        with safe_open(str(p), framework="pt", device="cpu") as f:
+            return self._quantized(f, set(f.keys()), entry.file, name, entry)
+
+    def layer_state_dict(self, index: int, dtype: torch.dtype | None = None, device="cpu") -> dict[str, torch.Tensor]:
+        return self.read_file(layer_file(index), dtype, device)
+
+    def nonlayer_state_dict(self, dtype: torch.dtype | None = None, device="cpu") -> dict[str, torch.Tensor]:
+        return self.read_file(NONLAYER_FILE, dtype, device)
+
+    def _get(self, f, stored: set[str], rel: str, key: str) -> torch.Tensor:
+        if key not in stored:
+            raise TensorError(str(self.path / rel), key, "missing from the file")
+        return f.get_tensor(key)
+
+    def _quantized(self, f, stored, rel: str, name: str, entry: TensorEntry) -> qtensor.QuantizedTensor:
+        expected = qtensor.expected_part_shapes(entry.shape, entry.bits, entry.block_size, entry.rank)
+        parts = {}
+        for part, shape in expected.items():
+            key = name + qtensor.SUFFIX[part]
+            t = self._get(f, stored, rel, key)
+            if tuple(t.shape) != shape or t.dtype != _PART_DTYPES[part]:
+                raise TensorError(str(self.path / rel), key,
+                                  f"{t.dtype} {tuple(t.shape)}, expected {_PART_DTYPES[part]} {shape}")
+            parts[part] = t
+        return qtensor.QuantizedTensor(shape=entry.shape, bits=entry.bits, block_size=entry.block_size, **parts)
+
+    def config_dict(self) -> dict:
+        return json.loads(self.check_file("config.json").read_text())
+
+
+def open_pack(path: str | os.PathLike, check_hashes: bool = True) -> PackReader:
+    return PackReader(path, check_hashes=check_hashes)
