@@ -57,7 +57,7 @@ GRIDS: dict[str, GridFn] = {"gsq": kmeans_grid, "uniform": uniform_grid}
 def nearest(values: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
     """Index of the nearest level of a sorted grid (ties go to the lower level)."""
     mids = (grid[1:] + grid[:-1]) / 2
-    return torch.bucketize(values, mids.to(values.device), right=False)
+    return torch.bucketize(values.contiguous(), mids.to(values.device), right=False)
 
 
 def block_scales(w: torch.Tensor, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -25,11 +25,11 @@ def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
     if codes.dtype != torch.uint8:
         raise TypeError(f"codes must be uint8, got {codes.dtype}")
     *lead, n = codes.shape
-    if bits == 8:
-        return codes.contiguous()
     pad = (-n) % 8
     if pad:
         codes = torch.nn.functional.pad(codes, (0, pad))
+    if bits == 8:
+        return codes.contiguous()
     groups = codes.reshape(*lead, -1, 8).to(torch.int64)  # [..., g, 8]
     shifts = torch.arange(8, device=codes.device, dtype=torch.int64) * bits
     word = (groups << shifts).sum(-1)  # [..., g], at most 48 bits used (bits <= 6)
@@ -45,7 +45,7 @@ def unpack(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
     if nbytes != packed_row_bytes(n, bits):
         raise ValueError(f"{nbytes} bytes per row cannot hold {n} codes of {bits} bits")
     if bits == 8:
-        return packed
+        return packed[..., :n]
     if bits in (2, 4):
         # Byte-aligned widths: plain shifts, no 64-bit words (the runtime's hot path).
         per = 8 // bits

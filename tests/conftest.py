@@ -1,0 +1,88 @@
+"""Shared fixtures: tiny random-weight checkpoints built from transformers configs, and the real models."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+WIKITEXT = REPO.parent / "shared" / "data" / "wikitext-2-raw-test.txt"
+
+TINY = dict(vocab_size=256, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=256)
+
+
+def tiny_config(arch: str):
+    import transformers as tf
+
+    if arch == "llama":
+        return tf.LlamaConfig(**TINY)
+    if arch == "qwen2":
+        return tf.Qwen2Config(**TINY)
+    if arch == "qwen3":
+        return tf.Qwen3Config(**TINY, head_dim=16)
+    if arch == "mistral":
+        return tf.MistralConfig(**TINY)
+    if arch == "gemma3":
+        return tf.Gemma3TextConfig(**{**TINY, "num_hidden_layers": 3}, head_dim=16, sliding_window=8,
+                                   layer_types=["sliding_attention", "sliding_attention", "full_attention"])
+    if arch == "phi3":
+        return tf.Phi3Config(**TINY, pad_token_id=0)
+    if arch == "mixtral":
+        return tf.MixtralConfig(**TINY, num_local_experts=4, num_experts_per_tok=2)
+    if arch == "qwen3_moe":
+        return tf.Qwen3MoeConfig(**TINY, head_dim=16, moe_intermediate_size=32, num_experts=4, num_experts_per_tok=2,
+                                 decoder_sparse_step=1, mlp_only_layers=[])
+    raise KeyError(arch)
+
+
+ARCHS = ["llama", "qwen2", "qwen3", "mistral", "gemma3", "phi3", "mixtral", "qwen3_moe"]
+
+
+def make_tiny(path: Path, arch: str = "llama", dtype=torch.bfloat16, seed: int = 0, **overrides) -> Path:
+    from transformers import AutoModelForCausalLM
+
+    cfg = tiny_config(arch)
+    for k, v in overrides.items():
+        setattr(cfg, k, v)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(cfg).to(dtype)
+    model.save_pretrained(str(path))
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_templates(tmp_path_factory):
+    """Building a model costs seconds; build each tiny checkpoint once and copy it per test."""
+    root = tmp_path_factory.mktemp("tiny")
+    made: dict[str, Path] = {}
+
+    def get(arch: str) -> Path:
+        if arch not in made:
+            made[arch] = make_tiny(root / arch, arch)
+        return made[arch]
+
+    return get
+
+
+@pytest.fixture
+def tiny_llama(tmp_path, tiny_templates) -> Path:
+    import shutil
+
+    return Path(shutil.copytree(tiny_templates("llama"), tmp_path / "tiny-llama"))
+
+
+@pytest.fixture(scope="session")
+def model_cache() -> Path:
+    return Path(os.environ.get("UC_CACHE", REPO / ".uc-cache"))
+
+
+@pytest.fixture(scope="session")
+def smollm2(model_cache) -> Path:
+    """The real SmolLM2-135M-Instruct as an HF safetensors folder (converted once, then cached)."""
+    from compressor.fetch import fetch_model
+
+    return fetch_model("smollm2-135m", model_cache / "models" / "smollm2-135m", cache_dir=model_cache)

