@@ -111,66 +111,70 @@ def make_windows(tokenizer, text: str, ctx: int, max_windows: int | None) -> tor
     return body
 
 
+@dataclass
+class TokenStats:
+    """Per-prediction results of one model over the windows: what comparisons need, not the logits."""
+
+    nll: torch.Tensor  # float64 [P]
+    top10: torch.Tensor  # int64 [P, 10], best first
+
+    @property
+    def ppl(self) -> float:
+        return math.exp(self.nll.mean().item())
+
+
 @torch.inference_mode()
+def token_stats(sk: Skeleton, src: WeightSource, windows: torch.Tensor, batch: int = 1,
+                desc: str = "eval", progress: bool = True) -> TokenStats:
+    """Run one model over all windows, one decoder layer at a time (only that layer's weights loaded)."""
+    sk.load(src.nonlayer())
+    hidden, batches = [], []
+    for c in windows.split(batch):
+        h, b = layerwise.embed(sk, c)
+        hidden.append(h)
+        batches.append(b)
+    for i in tqdm(range(src.num_layers), desc=desc, unit="layer", disable=not progress):
+        sk.load(src.layer(i))
+        hidden = [layerwise.layer(sk, i, h, b) for h, b in zip(hidden, batches)]
+        sk.unload_layer(i)
+    nll, top10 = [], []
+    for h, b in zip(hidden, batches):
+        normed = layerwise.final_hidden(sk, h, b)[:, :-1]  # predictions for positions 1..T-1
+        targets = b.input_ids[:, 1:].to(normed.device)
+        for part, tgt in zip(normed.split(LOGIT_CHUNK, dim=1), targets.split(LOGIT_CHUNK, dim=1)):
+            logp = torch.log_softmax(layerwise.logits(sk, part), dim=-1)
+            nll.append(-logp.gather(-1, tgt.unsqueeze(-1)).squeeze(-1).flatten().double().cpu())
+            top10.append(logp.topk(10, dim=-1).indices.reshape(-1, 10).cpu())
+    return TokenStats(torch.cat(nll), torch.cat(top10))
+
+
+def compare(pack: TokenStats, base: TokenStats | None, ctx: int, windows: int, seconds: float) -> EvalResult:
+    r = EvalResult(ppl_base=None, ppl=pack.ppl, ppl_ratio=None, top1_agreement=None, top10_overlap=None,
+                   tokens=int(pack.nll.numel()), ctx=ctx, windows=windows, seconds=seconds)
+    if base is not None:
+        r.ppl_base = base.ppl
+        r.ppl_ratio = pack.ppl / base.ppl
+        r.top1_agreement = (pack.top10[:, 0] == base.top10[:, 0]).double().mean().item()
+        same = (pack.top10.unsqueeze(-1) == base.top10.unsqueeze(-2)).any(-1)
+        r.top10_overlap = (same.double().sum(-1) / 10).mean().item()
+    return r
+
+
+def prepare_windows(pack: str | Path, text: str, cfg: EvalConfig) -> torch.Tensor:
+    text = text.replace("\r\n", "\n")
+    if cfg.articles:
+        text = wikitext_articles(text, cfg.articles)
+    return make_windows(AutoTokenizer.from_pretrained(str(pack)), text, cfg.ctx, cfg.max_windows)
+
+
 def evaluate(pack: str | Path, text: str, base: str | Path | None = None, cfg: EvalConfig = EvalConfig(),
              progress: bool = True) -> EvalResult:
     t0 = time.perf_counter()
     reader = PackReader(pack)
-    text = text.replace("\r\n", "\n")
-    if cfg.articles:
-        text = wikitext_articles(text, cfg.articles)
-    tokenizer = AutoTokenizer.from_pretrained(str(pack))
-    windows = make_windows(tokenizer, text, cfg.ctx, cfg.max_windows)
-    sources: dict[str, WeightSource] = {"pack": PackSource(reader)}
-    if base is not None:
-        sources["base"] = CheckpointSource(SourceCheckpoint(base))
+    windows = prepare_windows(pack, text, cfg)
     sk = Skeleton(pack, dtype=torch.float32, device=cfg.device)
-    chunks = list(windows.split(cfg.batch))
-
-    hidden: dict[str, list[torch.Tensor]] = {}
-    batches: list[layerwise.Batch] = []
-    for name, src in sources.items():
-        sk.load(src.nonlayer())
-        hidden[name] = []
-        for c in chunks:
-            h, b = layerwise.embed(sk, c)
-            hidden[name].append(h)
-            if name == "pack":
-                batches.append(b)
-
-    bar = tqdm(range(reader.num_layers), desc="eval", unit="layer", disable=not progress)
-    for i in bar:
-        for name, src in sources.items():
-            sk.load(src.layer(i))
-            hidden[name] = [layerwise.layer(sk, i, h, b) for h, b in zip(hidden[name], batches)]
-            sk.unload_layer(i)
-    bar.close()
-
-    stats: dict[str, dict[str, list[torch.Tensor]]] = {}
-    for name in reversed(list(sources)):  # base first, so the pack can be compared as it goes
-        sk.load(sources[name].nonlayer())
-        st = stats[name] = {"nll": [], "top1": [], "top10": []}
-        for h, b in zip(hidden[name], batches):
-            normed = layerwise.final_hidden(sk, h, b)[:, :-1]  # predictions for positions 1..T-1
-            targets = b.input_ids[:, 1:].to(normed.device)
-            for part, tgt in zip(normed.split(LOGIT_CHUNK, dim=1), targets.split(LOGIT_CHUNK, dim=1)):
-                logp = torch.log_softmax(layerwise.logits(sk, part), dim=-1)
-                st["nll"].append(-logp.gather(-1, tgt.unsqueeze(-1)).squeeze(-1).flatten().double().cpu())
-                top = logp.topk(10, dim=-1).indices.reshape(-1, 10).cpu()
-                st["top1"].append(top[:, 0])
-                st["top10"].append(top)
-        hidden[name] = []
-
-    ppl = math.exp(torch.cat(stats["pack"]["nll"]).mean().item())
-    tokens = int(sum(t.numel() for t in stats["pack"]["nll"]))
-    result = EvalResult(ppl_base=None, ppl=ppl, ppl_ratio=None, top1_agreement=None, top10_overlap=None,
-                        tokens=tokens, ctx=cfg.ctx, windows=len(windows), seconds=0.0)
-    if "base" in stats:
-        result.ppl_base = math.exp(torch.cat(stats["base"]["nll"]).mean().item())
-        result.ppl_ratio = ppl / result.ppl_base
-        a, b = torch.cat(stats["pack"]["top1"]), torch.cat(stats["base"]["top1"])
-        result.top1_agreement = (a == b).double().mean().item()
-        ta, tb = torch.cat(stats["pack"]["top10"]), torch.cat(stats["base"]["top10"])
-        result.top10_overlap = ((ta.unsqueeze(-1) == tb.unsqueeze(-2)).any(-1).double().sum(-1) / 10).mean().item()
-    result.seconds = time.perf_counter() - t0
-    return result
+    base_stats = None
+    if base is not None:
+        base_stats = token_stats(sk, CheckpointSource(SourceCheckpoint(base)), windows, cfg.batch, "eval base", progress)
+    pack_stats = token_stats(sk, PackSource(reader), windows, cfg.batch, "eval pack", progress)
+    return compare(pack_stats, base_stats, cfg.ctx, len(windows), time.perf_counter() - t0)

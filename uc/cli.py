@@ -42,6 +42,11 @@ def cmd_pack(a) -> int:
                      quantize_embeddings=a.quantize_embeddings)
     r = pack(a.src, a.dst, cfg, resume=a.resume, progress=not a.quiet)
     s = r.stats
+    if a.json:
+        print(json.dumps({"path": str(r.path), "seconds": r.seconds, "layers_done": r.layers_done,
+                          "layers_resumed": r.layers_resumed, "peak_rss_bytes": r.peak_rss_bytes,
+                          "peak_device_bytes": r.peak_device_bytes, **s}))
+        return 0
     print(f"packed {a.src} -> {r.path} in {r.seconds:.1f}s ({r.layers_done} layers written, {r.layers_resumed} resumed)")
     print(f"  bpw_allin {s['bpw_allin']:.3f}  pack {_size(s['pack_bytes'])}  source {_size(s['source_bytes'])}  "
           f"ratio {s['ratio']:.2f}x")
@@ -162,6 +167,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--device", default=P.device, help=f"cpu or cuda (default {P.device})")
     s.add_argument("--quantize-embeddings", action="store_true", help="also quantize embeddings and lm_head")
     s.add_argument("--resume", action="store_true", help="finish an interrupted pack; finished layers are kept")
+    s.add_argument("--json", action="store_true", help="print the result as one JSON object")
     s.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     s.set_defaults(fn=cmd_pack)
 
@@ -199,7 +205,27 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-tokens", type=int, default=32)
     s.add_argument("--device", default="cpu")
     s.set_defaults(fn=cmd_generate)
+    for mod in _plugins():
+        mod.register(sub)
     return p
+
+
+# Commands owned by other packages (runtime, server, clients) register themselves here, so each package
+# keeps its CLI next to its code: a module with `register(subparsers)` and optionally `ERRORS`.
+PLUGINS = ("ucformat.commands", "server.commands", "clients.commands")
+
+
+def _plugins():
+    import importlib
+
+    mods = []
+    for name in PLUGINS:
+        try:
+            mods.append(importlib.import_module(name))
+        except ModuleNotFoundError as exc:
+            if exc.name != name:
+                raise
+    return mods
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -213,12 +239,11 @@ def main(argv: list[str] | None = None) -> int:
     from ucformat.errors import PackError
 
     expected: tuple[type[BaseException], ...] = (PackError, CheckpointError, ValueError, FileNotFoundError, OSError)
-    try:
-        from compressor.fetch import FetchError
+    from compressor.fetch import FetchError
 
-        expected += (FetchError,)
-    except ImportError:
-        pass
+    expected += (FetchError,)
+    for mod in _plugins():
+        expected += tuple(getattr(mod, "ERRORS", ()))
     try:
         return args.fn(args)
     except KeyboardInterrupt:

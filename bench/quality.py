@@ -1,0 +1,99 @@
+"""Codec quality on the real models: every (model, codec, bits) row on the same WikiText-2 windows.
+
+    python bench/quality.py                       # both models, bits 3 4 5 6 8, codecs gsq + uniform
+    python bench/quality.py --models smollm2-135m --bits 4 5 --windows 4
+
+Each pack runs in its own `uc pack` process (so its peak RSS is its own); evaluation runs here, the base
+model once per model. Writes bench/results/quality.json and the "quality" section of docs/BENCHMARKS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from bench.report import machine, table, write_section  # noqa: E402
+from compressor.checkpoint import SourceCheckpoint  # noqa: E402
+from compressor.evaluate import CheckpointSource, EvalConfig, PackSource, compare, prepare_windows, token_stats  # noqa: E402
+from compressor.fetch import fetch_model  # noqa: E402
+from ucformat import PackReader  # noqa: E402
+from ucformat.skeleton import Skeleton  # noqa: E402
+
+TEXT = ROOT.parent / "shared" / "data" / "wikitext-2-raw-test.txt"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", nargs="+", default=["smollm2-135m", "gemma3-270m"])
+    ap.add_argument("--bits", nargs="+", type=int, default=[3, 4, 5, 6, 8])
+    ap.add_argument("--codecs", nargs="+", default=["gsq", "uniform"])
+    ap.add_argument("--windows", type=int, default=12)
+    ap.add_argument("--ctx", type=int, default=1024)
+    ap.add_argument("--work", default=str(ROOT / "work" / "bench"))
+    ap.add_argument("--no-doc", action="store_true", help="do not rewrite docs/BENCHMARKS.md")
+    a = ap.parse_args()
+    cache = Path(os.environ.get("UC_CACHE", ROOT / ".uc-cache"))
+    work = Path(a.work)
+    cfg = EvalConfig(ctx=a.ctx, max_windows=a.windows, articles="17-62")
+    rows = []
+    for model in a.models:
+        src = fetch_model(model, cache / "models" / model, cache_dir=cache)
+        windows = None
+        base = None
+        for codec in a.codecs:
+            for bits in a.bits:
+                dst = work / f"{model}-{codec}{bits}"
+                shutil.rmtree(dst, ignore_errors=True)
+                out = subprocess.run([sys.executable, "-m", "uc", "pack", str(src), str(dst), "--bits", str(bits),
+                                      "--codec", codec, "--json", "-q"], capture_output=True, text=True)
+                if out.returncode != 0:
+                    raise SystemExit(out.stderr)
+                p = json.loads(out.stdout)
+                if windows is None:
+                    windows = prepare_windows(dst, TEXT.read_text(encoding="utf-8"), cfg)
+                    sk = Skeleton(dst)
+                    base = token_stats(sk, CheckpointSource(SourceCheckpoint(src)), windows, progress=False)
+                t0 = time.perf_counter()
+                st = token_stats(Skeleton(dst), PackSource(PackReader(dst)), windows, progress=False)
+                r = compare(st, base, cfg.ctx, len(windows), time.perf_counter() - t0)
+                row = {"model": model, "codec": codec, "bits": bits, "bpw_allin": p["bpw_allin"],
+                       "pack_bytes": p["pack_bytes"], "source_bytes": p["source_bytes"],
+                       "pack_seconds": p["seconds"], "peak_rss_bytes": p["peak_rss_bytes"], **r.to_dict()}
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+                shutil.rmtree(dst, ignore_errors=True)
+    (ROOT / "bench" / "results").mkdir(parents=True, exist_ok=True)
+    (ROOT / "bench" / "results" / "quality.json").write_text(json.dumps(rows, indent=1))
+    if a.no_doc:
+        return
+    body = [
+        f"Command: `python bench/quality.py --windows {a.windows}` on {machine()}.",
+        f"WikiText-2 raw test, articles 17-62 (CRLF normalised to LF), {a.windows} non-overlapping windows of "
+        f"{a.ctx} tokens (the same windows for every row of a model), predictions on every position after the "
+        "first. bpw_allin counts codes + fp16 scales + fp32 grids of every quantized linear. Peak RSS is the "
+        "whole `uc pack` process (Python, torch and transformers included).",
+        "",
+        table(["model", "codec", "bits", "bpw_allin", "PPL base", "PPL pack", "ratio", "top-1", "top-10", "pack size",
+               "pack s", "peak RSS"],
+              [[r["model"], r["codec"], r["bits"], f"{r['bpw_allin']:.3f}", f"{r['ppl_base']:.3f}", f"{r['ppl']:.3f}",
+                f"{r['ppl_ratio']:.4f}", f"{r['top1_agreement']:.1%}", f"{r['top10_overlap']:.1%}",
+                f"{r['pack_bytes'] / 2**20:.1f} MiB", f"{r['pack_seconds']:.0f}", f"{r['peak_rss_bytes'] / 2**20:.0f} MiB"]
+               for r in rows]),
+    ]
+    write_section("quality", "\n".join(body))
+
+
+if __name__ == "__main__":
+    torch.set_grad_enabled(False)
+    main()
