@@ -7,12 +7,18 @@ from ucformat import bitpack
 
 
 def slow_pack(codes: list[int], bits: int) -> bytes:
-    """Reference: the SPEC's LSB-first bit stream, one bit at a time."""
+    """Reference, straight from SPEC.md 2.1: per plane (low bits first), an LSB-first bit stream of that
+    plane's bits of every code, one bit at a time."""
     n = (len(codes) + 7) // 8 * 8
-    stream = []
-    for c in codes + [0] * (n - len(codes)):
-        stream += [(c >> k) & 1 for k in range(bits)]
-    return bytes(sum(stream[i + k] << k for k in range(8)) for i in range(0, len(stream), 8))
+    codes = codes + [0] * (n - len(codes))
+    out, low = b"", 0
+    for width in bitpack.PLANES[bits]:
+        stream = []
+        for c in codes:
+            stream += [(c >> (low + k)) & 1 for k in range(width)]
+        out += bytes(sum(stream[i + k] << k for k in range(8)) for i in range(0, len(stream), 8))
+        low += width
+    return out
 
 
 @settings(max_examples=60, deadline=None)
@@ -28,9 +34,12 @@ def test_round_trip_and_reference(bits, rows, n, data):
 
 
 def test_pinned_bytes():
-    # 3-bit codes 1..8 (mod 8): stream 100 010 110 001 101 011 111 000 (LSB first) -> 0xd1 0x58 0x1f
+    # 3-bit codes 1,2,3,4,5,6,7,0: low 2-bit plane 1,2,3,0 | 1,2,3,0 -> 0b00111001 twice = 0x39 0x39;
+    # high 1-bit plane 0,0,0,1,1,1,1,0 -> 0b01111000 = 0x78
     codes = torch.tensor([[1, 2, 3, 4, 5, 6, 7, 0]], dtype=torch.uint8)
-    assert bitpack.pack(codes, 3).tolist() == [[0xD1, 0x58, 0x1F]]
+    assert bitpack.pack(codes, 3).tolist() == [[0x39, 0x39, 0x78]]
+    # 5-bit code 31 then zeros: nibble plane 0x0f 0 0 0, high plane 0x01
+    assert bitpack.pack(torch.tensor([[31, 0, 0, 0, 0, 0, 0, 0]], dtype=torch.uint8), 5).tolist() == [[15, 0, 0, 0, 1]]
     assert bitpack.pack(torch.tensor([[1, 2]], dtype=torch.uint8), 4).tolist() == [[0x21, 0, 0, 0]]
 
 

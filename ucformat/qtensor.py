@@ -40,6 +40,14 @@ class QuantizedTensor:
             out["lr_u"], out["lr_v"] = self.lr_u, self.lr_v
         return out
 
+    def to(self, device: str | torch.device, non_blocking: bool = False) -> "QuantizedTensor":
+        mv = lambda t: None if t is None else t.to(device, non_blocking=non_blocking)  # noqa: E731
+        return QuantizedTensor(self.shape, self.bits, self.block_size, mv(self.codes), mv(self.scales),
+                               mv(self.grid), mv(self.lr_u), mv(self.lr_v))
+
+    def stored_bytes(self) -> int:
+        return self.stored_bits() // 8
+
     def stored_bits(self) -> int:
         """All bits this weight costs on disk: codes + scales + grid + correction factors."""
         return sum(t.numel() * t.element_size() * 8 for t in self.parts().values())
@@ -78,15 +86,25 @@ def dequantize(q: QuantizedTensor, dtype: torch.dtype = torch.float32) -> torch.
     Computed in float32 and cast to `dtype` once at the end, so CPU results are deterministic.
     """
     *lead, rows, cols = q.shape
-    codes = bitpack.unpack(q.codes, q.bits, cols).long()  # [*lead, rows, cols]
+    codes = bitpack.unpack(q.codes, q.bits, cols)  # uint8 [*lead, rows, cols]
     grid = q.grid.float()
+    levels_n = grid.shape[-1]
     if lead:
-        # Per-matrix grids: gather along the last dim after broadcasting the grid over rows.
-        levels = torch.gather(grid.unsqueeze(-2).expand(*lead, rows, grid.shape[-1]), -1, codes)
+        # One grid per matrix: offset each matrix's codes into the flattened [n_mat * 2**b] grid.
+        n_mat = grid.numel() // levels_n
+        offs = (torch.arange(n_mat, device=codes.device, dtype=torch.int32) * levels_n).reshape(*lead, 1, 1)
+        idx = codes.to(torch.int32) + offs
     else:
-        levels = grid[codes]
-    scales = q.scales.float().repeat_interleave(q.block_size, dim=-1)[..., :cols]
-    w = levels * scales
+        idx = codes.to(torch.int32)
+    levels = torch.index_select(grid.reshape(-1), 0, idx.reshape(-1)).reshape(*lead, rows, cols)
+    B = q.block_size
+    nb = q.scales.shape[-1]
+    pad = nb * B - cols
+    if pad:
+        levels = torch.nn.functional.pad(levels, (0, pad))
+    w = (levels.reshape(*lead, rows, nb, B) * q.scales.float().unsqueeze(-1)).reshape(*lead, rows, nb * B)
+    if pad:
+        w = w[..., :cols]
     if q.lr_u is not None:
         w = w + q.lr_u.float() @ q.lr_v.float()
     return w.to(dtype)

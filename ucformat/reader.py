@@ -96,11 +96,11 @@ class PackReader:
     def layer_tensor_names(self, index: int) -> list[str]:
         return self.tensor_names(layer_file(index))
 
-    def read_file(self, rel: str, dtype: torch.dtype | None = None, device: str | torch.device = "cpu",
-                  names: list[str] | None = None) -> dict[str, torch.Tensor]:
-        """Reconstruct every source tensor of one pack file: {source name: tensor}."""
+    def read_parts(self, rel: str, names: list[str] | None = None
+                   ) -> dict[str, "qtensor.QuantizedTensor | torch.Tensor"]:
+        """Every source tensor of one pack file as stored: raw tensors, or QuantizedTensor (CPU, mmap-backed)."""
         p = self.check_file(rel)
-        out: dict[str, torch.Tensor] = {}
+        out: dict[str, qtensor.QuantizedTensor | torch.Tensor] = {}
         try:
             with safe_open(str(p), framework="pt", device="cpu") as f:
                 stored = set(f.keys())
@@ -110,12 +110,23 @@ class PackReader:
                         t = self._get(f, stored, rel, name)
                         if tuple(t.shape) != entry.shape:
                             raise TensorError(str(p), name, f"shape {tuple(t.shape)}, manifest says {entry.shape}")
+                        out[name] = t
                     else:
-                        q = self._quantized(f, stored, rel, name, entry)
-                        t = qtensor.dequantize(q, torch.float32)
-                    out[name] = t.to(device=device, dtype=dtype or torch_dtype(entry.dtype))
+                        out[name] = self._quantized(f, stored, rel, name, entry)
         except SafetensorError as exc:
             raise TensorError(str(p), "*", f"unreadable safetensors file ({exc})") from None
+        return out
+
+    def read_file(self, rel: str, dtype: torch.dtype | None = None, device: str | torch.device = "cpu",
+                  names: list[str] | None = None) -> dict[str, torch.Tensor]:
+        """Reconstruct every source tensor of one pack file: {source name: tensor}."""
+        out = {}
+        for name, t in self.read_parts(rel, names).items():
+            want = dtype or torch_dtype(self.manifest.tensors[name].dtype)
+            if isinstance(t, qtensor.QuantizedTensor):
+                out[name] = qtensor.dequantize(t.to(device), want)
+            else:
+                out[name] = t.to(device=device, dtype=want)
         return out
 
     def read_quantized(self, name: str) -> qtensor.QuantizedTensor:
