@@ -4,7 +4,7 @@
     python bench/quality.py --models smollm2-135m --bits 4 5 --windows 4
 
 Each pack runs in its own `uc pack` process (so its peak RSS is its own); evaluation runs here, the base
-model once per model. Writes bench/results/quality.json and the "quality" section of docs/BENCHMARKS.md.
+model once per model. Writes bench/results/quality.jsonl (one row per line; --resume skips rows already there) and the "quality" section of docs/BENCHMARKS.md.
 """
 
 from __future__ import annotations
@@ -42,17 +42,25 @@ def main() -> None:
     ap.add_argument("--ctx", type=int, default=1024)
     ap.add_argument("--work", default=str(ROOT / "work" / "bench"))
     ap.add_argument("--no-doc", action="store_true", help="do not rewrite docs/BENCHMARKS.md")
+    ap.add_argument("--resume", action="store_true", help="keep rows already in bench/results/quality.jsonl")
     a = ap.parse_args()
     cache = Path(os.environ.get("UC_CACHE", ROOT / ".uc-cache"))
     work = Path(a.work)
     cfg = EvalConfig(ctx=a.ctx, max_windows=a.windows, articles="17-62")
-    rows = []
+    rows_file = ROOT / "bench" / "results" / "quality.jsonl"
+    rows_file.parent.mkdir(parents=True, exist_ok=True)
+    rows = [json.loads(x) for x in rows_file.read_text().splitlines()] if a.resume and rows_file.exists() else []
+    done = {(r["model"], r["codec"], r["bits"]) for r in rows}
+    if not a.resume:
+        rows_file.write_text("")
     for model in a.models:
         src = fetch_model(model, cache / "models" / model, cache_dir=cache)
         windows = None
         base = None
         for codec in a.codecs:
             for bits in a.bits:
+                if (model, codec, bits) in done:
+                    continue
                 dst = work / f"{model}-{codec}{bits}"
                 shutil.rmtree(dst, ignore_errors=True)
                 out = subprocess.run([sys.executable, "-m", "uc", "pack", str(src), str(dst), "--bits", str(bits),
@@ -72,9 +80,9 @@ def main() -> None:
                        "pack_seconds": p["seconds"], "peak_rss_bytes": p["peak_rss_bytes"], **r.to_dict()}
                 rows.append(row)
                 print(json.dumps(row), flush=True)
+                with rows_file.open("a") as f:
+                    f.write(json.dumps(row) + "\n")
                 shutil.rmtree(dst, ignore_errors=True)
-    (ROOT / "bench" / "results").mkdir(parents=True, exist_ok=True)
-    (ROOT / "bench" / "results" / "quality.json").write_text(json.dumps(rows, indent=1))
     if a.no_doc:
         return
     body = [

@@ -28,13 +28,13 @@ def uniform_grid(values: torch.Tensor, weights: torch.Tensor, levels: int) -> to
     return torch.linspace(-1.0, 1.0, levels, dtype=torch.float32)
 
 
-def kmeans_grid(values: torch.Tensor, weights: torch.Tensor, levels: int) -> torch.Tensor:
+def kmeans_grid(values: torch.Tensor, weights: torch.Tensor, levels: int, samples: int = KMEANS_SAMPLES) -> torch.Tensor:
     """Weighted Lloyd iterations in 1-D, initialised at quantiles. values, weights: float32 [n], CPU."""
     values = values.float().cpu().reshape(-1)
     weights = weights.float().cpu().reshape(-1)
-    if values.numel() > KMEANS_SAMPLES:
+    if values.numel() > samples:
         g = torch.Generator().manual_seed(KMEANS_SEED)
-        idx = torch.randperm(values.numel(), generator=g)[:KMEANS_SAMPLES]
+        idx = torch.randperm(values.numel(), generator=g)[:samples]
         values, weights = values[idx], weights[idx]
     q = (torch.arange(levels, dtype=torch.float64) + 0.5) / levels
     grid = torch.quantile(values.double(), q).float()

@@ -1,19 +1,57 @@
-"""Compression settings: one frozen dataclass, the single source of defaults (the CLI reads them here)."""
+"""Compression settings: frozen dataclasses, the single source of defaults (the CLI reads them here).
+
+`PackConfig` says what to store (bits, or a bit budget to allocate; ranks; overlays); `CalibConfig` says
+how calibration data shapes it (streamed activations, per-layer distillation). `PRESETS` are named
+bundles of both, applied under any explicit flag.
+"""
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, fields, replace
 
 from ucformat.bitpack import WIDTHS
+
+LOWRANK_DTYPES = ("float16", "int8")
+INPUT_MODES = ("online", "teacher")
+
+
+@dataclass(frozen=True)
+class CalibConfig:
+    file: str | None = None  # calibration text (UTF-8, CRLF normalised); None: data-free, no distillation
+    articles: str | None = None  # keep only these WikiText articles, e.g. "1-16"
+    samples: int = 16  # calibration sequences
+    seq_len: int = 512  # tokens per sequence (BOS included where the tokenizer adds one)
+    inputs: str = "online"  # inputs of layer i: "online" (the compressed model's) or "teacher" (the fp model's)
+    steps: int = 200  # Adam steps per decoder layer (one sequence each); 0: closed-form only
+    lr: float = 1e-3  # Adam learning rate for grids, log-scales, and factors relative to their RMS
+    refine_scales: bool = True  # distillation also trains the block scales
+    refine_grid: bool = True  # ... and the grid
+    gptq: bool = True  # choose codes by activation-aware error feedback (GPTQ-style), not nearest level
+    fisher_samples: int = 4  # sequences whose loss gradients weight the allocation (0: activations only)
+    spill_mb: int = 1024  # activations beyond this many MiB are written to safetensors files under DST
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.inputs not in INPUT_MODES:
+            raise ValueError(f"--inputs must be one of {', '.join(INPUT_MODES)}, got {self.inputs!r}")
+        if self.samples < 1 or self.seq_len < 8:
+            raise ValueError(f"--calib-samples must be >= 1 and --calib-len >= 8, got {self.samples}, {self.seq_len}")
+        if self.steps < 0 or self.fisher_samples < 0 or self.spill_mb < 0:
+            raise ValueError("--steps, --fisher-samples and --spill-mb must be >= 0")
 
 
 @dataclass(frozen=True)
 class PackConfig:
-    bits: int = 4  # code width of every quantized linear: one of 2, 3, 4, 5, 6, 8
+    bits: int = 4  # code width of every quantized linear: one of 2, 3, 4, 5, 6, 8 (ignored with target_bpw)
     block_size: int = 64  # weights per absmax scale, along the input dimension
     codec: str = "gsq"  # "gsq" (learned grid) or "uniform" (round-to-nearest baseline)
     device: str = "cpu"  # where quantization runs: "cpu" or "cuda"
     quantize_embeddings: bool = False  # also quantize token embeddings / lm_head (kept in source dtype by default)
+    rank: int = 0  # low-rank correction rank of every linear; with target_bpw, the largest rank considered
+    lowrank_dtype: str = "int8"  # how factors are stored: "int8" (per-row fp16 scale) or "float16"
+    target_bpw: float | None = None  # all-in bits-per-weight budget: allocate bits/ranks/overlays per tensor
+    overlay: float = 0.0  # share of rows restored at 8 bits in tensors of <= 3 bits (without target_bpw)
+    calib: CalibConfig = field(default_factory=CalibConfig)
 
     def __post_init__(self) -> None:
         if self.bits not in WIDTHS:
@@ -24,9 +62,58 @@ class PackConfig:
             raise ValueError(f"--codec must be gsq or uniform, got {self.codec!r}")
         if self.device not in ("cpu", "cuda") and not self.device.startswith("cuda:"):
             raise ValueError(f"--device must be cpu or cuda, got {self.device!r}")
+        if not 0 <= self.rank <= 1024:
+            raise ValueError(f"--rank must be in 0..1024, got {self.rank}")
+        if self.lowrank_dtype not in LOWRANK_DTYPES:
+            raise ValueError(f"--lowrank-dtype must be one of {', '.join(LOWRANK_DTYPES)}, got {self.lowrank_dtype!r}")
+        if self.target_bpw is not None and not 2.0 <= self.target_bpw <= 16.0:
+            raise ValueError(f"--target-bpw must be in 2..16, got {self.target_bpw}")
+        if not 0.0 <= self.overlay <= 0.5:
+            raise ValueError(f"--overlay must be in 0..0.5, got {self.overlay}")
+
+    @property
+    def calibrated(self) -> bool:
+        """Whether the pack goes through the calibrated pipeline (anything beyond the plain codec)."""
+        return (self.calib.file is not None or self.target_bpw is not None or self.rank > 0
+                or self.overlay > 0)
 
     def settings(self) -> dict:
-        """What must match for --resume to continue a pack (device may differ)."""
+        """What must match for --resume to continue a pack (device may differ; the calibration file is
+        identified by its content hash, added by the caller)."""
         d = asdict(self)
         d.pop("device")
+        if not self.calibrated:  # plain packs keep the foundation's journal settings
+            for k in ("rank", "lowrank_dtype", "target_bpw", "overlay", "calib"):
+                d.pop(k)
+        else:
+            d["calib"].pop("spill_mb")
+            d["calib"].pop("file")
         return d
+
+
+# Named recipes. Tier presets allocate an all-in budget; "seed" is the fixed recipe the issue started from.
+PRESETS: dict[str, dict] = {
+    "lossless-6": {"target_bpw": 6.0},
+    "prod-5": {"target_bpw": 5.0},
+    "light-4": {"target_bpw": 4.0},
+    "aggressive-3": {"target_bpw": 3.0},
+    "extreme-2.8": {"target_bpw": 2.8},
+    "seed": {"bits": 5, "block_size": 64, "rank": 32, "lowrank_dtype": "float16", "steps": 200},
+}
+
+
+def build_config(preset: str | None = None, **overrides) -> PackConfig:
+    """PackConfig from defaults < preset < explicit overrides (None means "not given").
+
+    Keys may name PackConfig or CalibConfig fields; unknown keys are an error.
+    """
+    if preset is not None and preset not in PRESETS:
+        raise ValueError(f"--preset must be one of {', '.join(PRESETS)}, got {preset!r}")
+    values = {**(PRESETS[preset] if preset else {}), **{k: v for k, v in overrides.items() if v is not None}}
+    pack_keys = {f.name for f in fields(PackConfig)} - {"calib"}
+    calib_keys = {f.name for f in fields(CalibConfig)}
+    unknown = set(values) - pack_keys - calib_keys
+    if unknown:
+        raise ValueError(f"unknown settings: {', '.join(sorted(unknown))}")
+    calib = replace(CalibConfig(), **{k: v for k, v in values.items() if k in calib_keys})
+    return PackConfig(**{k: v for k, v in values.items() if k in pack_keys}, calib=calib)

@@ -77,6 +77,11 @@ def layer(sk: Skeleton, index: int, hidden: torch.Tensor, batch: Batch) -> torch
 @torch.inference_mode()
 def final_hidden(sk: Skeleton, hidden: torch.Tensor, batch: Batch) -> torch.Tensor:
     """Input of the output embedding (after the final norm): [B, T, H]."""
+    return final_hidden_fn(sk, hidden, batch)
+
+
+def final_hidden_fn(sk: Skeleton, hidden: torch.Tensor, batch: Batch) -> torch.Tensor:
+    """final_hidden under the caller's grad mode (calibration differentiates the loss through it)."""
     last = len(sk.layers) - 1
     caught: list[torch.Tensor] = []
 

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import re
 import resource
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +38,7 @@ class PackResult:
     peak_rss_bytes: int
     peak_device_bytes: int | None
     stats: dict
+    calib: dict | None = None  # what the calibrated pipeline did (CalibReport), when it ran
 
 
 def is_quantized_layer_tensor(name: str, shape: tuple[int, ...], dtype: str) -> bool:
@@ -56,52 +59,90 @@ def pack(src: str | Path, dst: str | Path, cfg: PackConfig = PackConfig(), resum
             raise ValueError("--device cuda was asked but CUDA is not available")
         torch.cuda.reset_peak_memory_stats(device)
     settings = {**cfg.settings(), "source_bytes": ckpt.total_bytes(), "format_version": ucformat.VERSION}
+    if cfg.calib.file is not None:
+        calib_path = Path(cfg.calib.file)
+        if not calib_path.is_file():
+            raise FileNotFoundError(f"--calib {calib_path}: no such file")
+        settings["calib_sha256"] = hashlib.sha256(calib_path.read_bytes()).hexdigest()
     writer = PackWriter(dst, settings, resume=resume)
     for aux in ckpt.aux_files():
         if not writer.has(aux.name):
             writer.copy_file(aux)
 
-    def encode(rel: str, name: str, quantize: bool) -> tuple[dict[str, torch.Tensor], TensorEntry]:
+    def plain(name: str) -> ucformat.qtensor.QuantizedTensor | torch.Tensor:
         t = ckpt.get(name)
-        shape, dtype = tuple(t.shape), str(t.dtype).removeprefix("torch.")
-        if not quantize:
-            return {name: t}, TensorEntry(file=rel, kind="raw", shape=shape, dtype=dtype,
-                                          stored_bytes=t.numel() * t.element_size())
-        q = codecs.quantize(t.to(device), cfg.bits, cfg.block_size, cfg.codec)
-        parts = {name + ucformat.qtensor.SUFFIX[k]: v for k, v in q.parts().items()}
-        return parts, TensorEntry(file=rel, kind="quantized", shape=shape, dtype=dtype, codec=cfg.codec,
-                                  bits=cfg.bits, block_size=cfg.block_size, rank=q.rank,
-                                  stored_bytes=q.stored_bits() // 8)
+        if not quantize_fn(name, *ckpt.shape_dtype(name)):
+            return t
+        return codecs.quantize(t.to(device), cfg.bits, cfg.block_size, cfg.codec)
 
-    def write(rel: str, names: list[str], quantize_fn) -> None:
-        tensors, entries = {}, {}
-        for name in names:
-            shape, dtype = ckpt.shape_dtype(name)
-            parts, entry = encode(rel, name, quantize_fn(name, shape, dtype))
-            tensors.update(parts)
-            entries[name] = entry
-        writer.write_tensors(rel, tensors, entries)
+    def write(rel: str, tensors: dict[str, ucformat.qtensor.QuantizedTensor | torch.Tensor]) -> None:
+        stored, entries = {}, {}
+        for name, t in tensors.items():
+            parts, entries[name] = encode(rel, name, t, ckpt.shape_dtype(name)[1], cfg.codec)
+            stored.update(parts)
+        writer.write_tensors(rel, stored, entries)
 
+    quantize_fn = is_quantized_layer_tensor
     if not writer.has(NONLAYER_FILE):
-        write(NONLAYER_FILE, ckpt.nonlayer, lambda n, s, d: cfg.quantize_embeddings and len(s) == 2 and bool(EMBEDDING_RE.search(n)))
+        embeddings = lambda n, s, d: cfg.quantize_embeddings and len(s) == 2 and bool(EMBEDDING_RE.search(n))  # noqa: E731
+        write(NONLAYER_FILE, {n: (plain(n) if embeddings(n, *ckpt.shape_dtype(n)) else ckpt.get(n)) for n in ckpt.nonlayer})
     resumed = sum(writer.has(layer_file(i)) for i in range(ckpt.num_layers))
-    bar = tqdm(range(ckpt.num_layers), desc=f"pack {src.name} -> {cfg.codec}{cfg.bits}", unit="layer",
-               disable=not progress, initial=0)
+    calibrated = None
+    if cfg.calibrated:
+        from .calibrated import WORK_DIR, CalibratedLayers, read_stored_layer
+
+        calibrated = CalibratedLayers(ckpt, cfg, dst / WORK_DIR, quantize_fn, progress)
+        calibrated.prepare()
+    label = f"{cfg.codec}{cfg.bits}" if cfg.target_bpw is None else f"{cfg.codec}@{cfg.target_bpw:g}bpw"
+    bar = tqdm(range(ckpt.num_layers), desc=f"pack {src.name} -> {label}", unit="layer", disable=not progress)
     for i in bar:
-        if not writer.has(layer_file(i)):
-            write(layer_file(i), ckpt.layers[i], is_quantized_layer_tensor)
+        rel = layer_file(i)
+        if writer.has(rel):
+            if calibrated is not None:
+                calibrated.skip(i, read_stored_layer(dst / rel, {n: e for n, e in writer.tensors.items() if e.file == rel}))
+            continue
+        if calibrated is not None:
+            write(rel, calibrated.compress(i))
+        else:
+            write(rel, {n: plain(n) for n in ckpt.layers[i]})
     bar.close()
 
     stats = pack_stats(writer.tensors, writer.files, ckpt.total_bytes())
+    quant = {"codec": cfg.codec, "bits": cfg.bits, "block_size": cfg.block_size}
+    if cfg.calibrated:
+        quant.update(target_bpw=cfg.target_bpw, rank=cfg.rank, lowrank_dtype=cfg.lowrank_dtype,
+                     calib={k: v for k, v in cfg.settings()["calib"].items()} if cfg.calib.file else None)
     writer.finish(
         model_type=str(ckpt.config.get("model_type", "")), num_layers=ckpt.num_layers,
-        layer_prefix=ckpt.layer_prefix, quant={"codec": cfg.codec, "bits": cfg.bits, "block_size": cfg.block_size},
+        layer_prefix=ckpt.layer_prefix, quant=quant,
         source={"path": str(src.resolve()), "bytes": ckpt.total_bytes(), "dtype": str(ckpt.dtype()).removeprefix("torch.")},
         stats=stats, created_by=f"ultracompress {ucformat.__version__}",
     )
+    report = None
+    if calibrated is not None:
+        calibrated.close()
+        report = calibrated.report.to_dict()
+        shutil.rmtree(dst / WORK_DIR, ignore_errors=True)
     peak_dev = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
     return PackResult(dst, time.perf_counter() - t0, ckpt.num_layers - resumed, resumed,
-                      resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, peak_dev, stats)
+                      resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, peak_dev, stats, report)
+
+
+def encode(rel: str, name: str, t: ucformat.qtensor.QuantizedTensor | torch.Tensor, src_dtype: str,
+           codec: str) -> tuple[dict[str, torch.Tensor], TensorEntry]:
+    """The stored parts of one tensor and its manifest entry."""
+    if not isinstance(t, ucformat.qtensor.QuantizedTensor):
+        return {name: t}, TensorEntry(file=rel, kind="raw", shape=tuple(t.shape), dtype=str(t.dtype).removeprefix("torch."),
+                                      stored_bytes=t.numel() * t.element_size())
+    parts = {name + ucformat.qtensor.SUFFIX[k]: v for k, v in t.parts().items()}
+    return parts, TensorEntry(file=rel, kind="quantized", shape=tuple(t.shape), dtype=_DTYPE_NAMES.get(src_dtype, src_dtype),
+                              codec=codec, bits=t.bits, block_size=t.block_size, rank=t.rank,
+                              lowrank_dtype=t.lowrank_dtype, overlay_rows=t.overlay_rows,
+                              stored_bytes=t.stored_bits() // 8)
+
+
+# safetensors dtype names (checkpoint headers) -> torch names (manifest entries)
+_DTYPE_NAMES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}
 
 
 def pack_stats(tensors: dict[str, TensorEntry], files, source_bytes: int) -> dict:

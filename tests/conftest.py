@@ -15,8 +15,10 @@ TINY = dict(vocab_size=256, hidden_size=64, intermediate_size=96, num_hidden_lay
             num_key_value_heads=2, max_position_embeddings=256)
 
 
-def tiny_config(arch: str):
+def tiny_config(arch: str, **overrides):
     import transformers as tf
+
+    TINY = {**globals()["TINY"], **overrides}
 
     if arch == "llama":
         return tf.LlamaConfig(**TINY)
@@ -27,8 +29,10 @@ def tiny_config(arch: str):
     if arch == "mistral":
         return tf.MistralConfig(**TINY)
     if arch == "gemma3":
-        return tf.Gemma3TextConfig(**{**TINY, "num_hidden_layers": 3}, head_dim=16, sliding_window=8,
-                                   layer_types=["sliding_attention", "sliding_attention", "full_attention"])
+        n = overrides.get("num_hidden_layers", 3)
+        return tf.Gemma3TextConfig(**{**TINY, "num_hidden_layers": n}, head_dim=16, sliding_window=8,
+                                   layer_types=[("sliding_attention", "sliding_attention", "full_attention")[i % 3]
+                                                for i in range(n)])
     if arch == "phi3":
         return tf.Phi3Config(**TINY, pad_token_id=0)
     if arch == "mixtral":
@@ -45,9 +49,7 @@ ARCHS = ["llama", "qwen2", "qwen3", "mistral", "gemma3", "phi3", "mixtral", "qwe
 def make_tiny(path: Path, arch: str = "llama", dtype=torch.bfloat16, seed: int = 0, **overrides) -> Path:
     from transformers import AutoModelForCausalLM
 
-    cfg = tiny_config(arch)
-    for k, v in overrides.items():
-        setattr(cfg, k, v)
+    cfg = tiny_config(arch, **overrides)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(cfg).to(dtype)
     model.save_pretrained(str(path))
@@ -86,3 +88,21 @@ def smollm2(model_cache) -> Path:
     from compressor.fetch import fetch_model
 
     return fetch_model("smollm2-135m", model_cache / "models" / "smollm2-135m", cache_dir=model_cache)
+
+
+def dequantized_checkpoint(pack_dir: Path, out: Path) -> Path:
+    """The reference for runtime tests: an ordinary float32 checkpoint of the pack's reconstructed weights."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    from ucformat import PackReader
+
+    r = PackReader(pack_dir)
+    sd = r.nonlayer_state_dict(torch.float32)
+    for i in range(r.num_layers):
+        sd.update(r.layer_state_dict(i, torch.float32))
+    out.mkdir()
+    save_file({k: v.contiguous() for k, v in sd.items()}, str(out / "model.safetensors"))
+    shutil.copy(pack_dir / "config.json", out / "config.json")
+    return out

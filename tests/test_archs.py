@@ -2,32 +2,18 @@
 equal those of plain transformers running the dequantized weights."""
 
 import json
-import shutil
 
 import pytest
 import torch
-from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM
 
 from compressor import layerwise
 from compressor.config import PackConfig
 from compressor.pack import pack
-from conftest import ARCHS
+from conftest import ARCHS, dequantized_checkpoint
 from ucformat import PackReader
 from ucformat.runtime import load
 from ucformat.skeleton import Skeleton
-
-
-def dequantized_checkpoint(pack_dir, out):
-    """The reference: an ordinary float32 checkpoint of the pack's reconstructed weights."""
-    r = PackReader(pack_dir)
-    sd = r.nonlayer_state_dict(torch.float32)
-    for i in range(r.num_layers):
-        sd.update(r.layer_state_dict(i, torch.float32))
-    out.mkdir()
-    save_file({k: v.contiguous() for k, v in sd.items()}, str(out / "model.safetensors"))
-    shutil.copy(pack_dir / "config.json", out / "config.json")
-    return out
 
 
 @pytest.mark.parametrize("arch", ARCHS)

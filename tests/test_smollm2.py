@@ -46,3 +46,12 @@ def test_generate_talks(smol_pack):
     out = uc("generate", smol_pack, "The capital of France is", "--max-tokens", "8")
     assert out.returncode == 0, out.stderr
     assert "Paris" in out.stdout
+
+
+@pytest.mark.parametrize("mode", ["packed", "stream"])
+def test_generate_streamed_matches_dense(smol_pack, mode):
+    dense = uc("generate", smol_pack, "The capital of France is", "--max-tokens", "8")
+    out = uc("generate", smol_pack, "The capital of France is", "--max-tokens", "8", "--residency", mode,
+             "--vram-budget", "30%")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout == dense.stdout and "Paris" in out.stdout

@@ -35,17 +35,22 @@ def cmd_fetch_model(a) -> int:
 
 
 def cmd_pack(a) -> int:
-    from compressor.config import PackConfig
+    from compressor.config import build_config
     from compressor.pack import pack
 
-    cfg = PackConfig(bits=a.bits, block_size=a.block_size, codec=a.codec, device=a.device,
-                     quantize_embeddings=a.quantize_embeddings)
+    cfg = build_config(
+        a.preset, bits=a.bits, block_size=a.block_size, codec=a.codec, device=a.device,
+        quantize_embeddings=a.quantize_embeddings or None, target_bpw=a.target_bpw, rank=a.rank,
+        lowrank_dtype=a.lowrank_dtype, overlay=a.overlay, file=a.calib, articles=a.calib_articles,
+        samples=a.calib_samples, seq_len=a.calib_len, inputs=a.inputs, steps=a.steps, lr=a.lr,
+        refine_scales=a.refine_scales, refine_grid=a.refine_grid, gptq=a.gptq, fisher_samples=a.fisher_samples,
+        spill_mb=a.spill_mb)
     r = pack(a.src, a.dst, cfg, resume=a.resume, progress=not a.quiet)
     s = r.stats
     if a.json:
         print(json.dumps({"path": str(r.path), "seconds": r.seconds, "layers_done": r.layers_done,
                           "layers_resumed": r.layers_resumed, "peak_rss_bytes": r.peak_rss_bytes,
-                          "peak_device_bytes": r.peak_device_bytes, **s}))
+                          "peak_device_bytes": r.peak_device_bytes, **s, "calib": r.calib}))
         return 0
     print(f"packed {a.src} -> {r.path} in {r.seconds:.1f}s ({r.layers_done} layers written, {r.layers_resumed} resumed)")
     print(f"  bpw_allin {s['bpw_allin']:.3f}  pack {_size(s['pack_bytes'])}  source {_size(s['source_bytes'])}  "
@@ -59,17 +64,25 @@ def cmd_info(a) -> int:
     from ucformat import PackReader
     from ucformat.inspect import summary
 
-    s = summary(PackReader(a.pack, check_hashes=False))
+    reader = PackReader(a.pack, check_hashes=False)
+    s = summary(reader)
+    s["allocation"] = _allocation(reader.manifest.tensors)
     if a.json:
         print(json.dumps(s, indent=1))
         return 0
     q = s["quant"]
     print(f"{s['path']}: {s['format']} v{s['version']}  model_type={s['model_type']}  layers={s['num_layers']}")
-    print(f"  codec {q.get('codec')}  bits {q.get('bits')}  block {q.get('block_size')}  "
+    what = f"target_bpw {q['target_bpw']:g}" if q.get("target_bpw") else f"bits {q.get('bits')}"
+    print(f"  codec {q.get('codec')}  {what}  block {q.get('block_size')}  "
           f"bpw_allin {s['bpw_allin']:.3f} over {s['quantized_params']:,} quantized params "
           f"({s['raw_params']:,} kept in source dtype)")
     print(f"  pack {_size(s['pack_bytes'])} in {s['files']} files; source {_size(s['source_bytes'])}; "
           f"ratio {s['ratio']:.2f}x")
+    for r in s["allocation"]:
+        extra = "".join([f", rank>0 in {r['with_rank']}" if r["with_rank"] else "",
+                         f", {r['overlay_rows']} overlay rows" if r["overlay_rows"] else ""])
+        print(f"  {r['bits']}-bit codes: {r['tensors']} tensors, {r['params_share']:.1%} of quantized params, "
+              f"{r['bpw']:.3f} bpw all-in{extra}")
     rows = s["tensors"] if a.all else [t for t in s["tensors"] if ".layers.0." in t["name"] or ".layers." not in t["name"]]
     print(f"  {'tensor':58s} {'kind':9s} {'codec':7s} {'bits':>4s} {'shape':>18s} {'bytes':>10s} {'bpw':>6s}")
     for t in rows:
@@ -79,6 +92,30 @@ def cmd_info(a) -> int:
     if not a.all:
         print("  (layer 0 and non-layer tensors shown; --all lists every tensor)")
     return 0
+
+
+def _allocation(tensors) -> list[dict]:
+    """Per code width: how many tensors and parameters, their all-in bpw, ranks and overlay rows."""
+    by: dict[int, dict] = {}
+    total = 0
+    for e in tensors.values():
+        if e.kind != "quantized":
+            continue
+        n = 1
+        for d in e.shape:
+            n *= d
+        total += n
+        r = by.setdefault(e.bits, {"bits": e.bits, "tensors": 0, "params": 0, "bytes": 0, "with_rank": 0,
+                                   "overlay_rows": 0})
+        r["tensors"] += 1
+        r["params"] += n
+        r["bytes"] += e.stored_bytes
+        r["with_rank"] += e.rank > 0
+        r["overlay_rows"] += e.overlay_rows
+    for r in by.values():
+        r["params_share"] = r["params"] / total
+        r["bpw"] = r["bytes"] * 8 / r["params"]
+    return [by[b] for b in sorted(by)]
 
 
 def cmd_verify(a) -> int:
@@ -118,28 +155,12 @@ def cmd_eval(a) -> int:
     return 0
 
 
-def cmd_generate(a) -> int:
-    import torch
-    from transformers import AutoTokenizer
-
-    from ucformat.runtime import load
-
-    model = load(a.pack, device=a.device)
-    tok = AutoTokenizer.from_pretrained(a.pack)
-    ids = tok(a.prompt, return_tensors="pt").input_ids.to(a.device)
-    with torch.inference_mode():
-        out = model.generate(ids, max_new_tokens=a.max_tokens, do_sample=False,
-                             pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id)
-    print(tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True))
-    return 0
-
-
 # -- parser ---------------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
-    from compressor.config import PackConfig
+    from compressor.config import PRESETS, CalibConfig, PackConfig
     from compressor.evaluate import EvalConfig
 
-    P, E = PackConfig(), EvalConfig()
+    P, C, E = PackConfig(), CalibConfig(), EvalConfig()
     p = argparse.ArgumentParser(prog="uc", description="UltraCompress: compress a HuggingFace causal LM into a "
                                 "verifiable uc pack, inspect it, evaluate it, run it.")
     p.add_argument("-v", "--verbose", action="store_true", help="log progress details")
@@ -160,12 +181,42 @@ def build_parser() -> argparse.ArgumentParser:
                        "Interrupted? Run the same command with --resume.")
     s.add_argument("src")
     s.add_argument("dst")
-    s.add_argument("--bits", type=int, default=P.bits, choices=(2, 3, 4, 5, 6, 8), help=f"code width (default {P.bits})")
-    s.add_argument("--block-size", type=int, default=P.block_size, help=f"weights per scale (default {P.block_size})")
-    s.add_argument("--codec", default=P.codec, choices=("gsq", "uniform"),
-                   help=f"gsq: learned grid; uniform: round-to-nearest (default {P.codec})")
-    s.add_argument("--device", default=P.device, help=f"cpu or cuda (default {P.device})")
+    # Defaults are None here and resolved by compressor.config.build_config: dataclass < --preset < flag.
+    s.add_argument("--bits", type=int, choices=(2, 3, 4, 5, 6, 8), help=f"code width (default {P.bits})")
+    s.add_argument("--block-size", type=int, help=f"weights per scale (default {P.block_size})")
+    s.add_argument("--codec", choices=("gsq", "uniform"), help=f"gsq: learned grid; uniform: round-to-nearest (default {P.codec})")
+    s.add_argument("--device", help=f"cpu or cuda (default {P.device})")
     s.add_argument("--quantize-embeddings", action="store_true", help="also quantize embeddings and lm_head")
+    g = s.add_argument_group("allocation and corrections")
+    g.add_argument("--preset", choices=tuple(PRESETS), help="named recipe: " + "; ".join(
+        f"{k}: " + " ".join(f"{f}={v}" for f, v in d.items()) for k, d in PRESETS.items()))
+    g.add_argument("--target-bpw", type=float, help="all-in bits-per-weight budget: bits, ranks and overlays are "
+                   "chosen per tensor to minimise the estimated calibration loss (achieved bpw_allin <= this)")
+    g.add_argument("--rank", type=int, help=f"low-rank correction rank per linear; with --target-bpw the largest "
+                   f"considered (default {P.rank})")
+    g.add_argument("--lowrank-dtype", choices=("int8", "float16"), help=f"factor storage (default {P.lowrank_dtype})")
+    g.add_argument("--overlay", type=float, help=f"without --target-bpw: share of rows restored at 8 bits in "
+                   f"tensors of <= 3 bits (default {P.overlay})")
+    g = s.add_argument_group("calibration (streamed with the compression)")
+    g.add_argument("--calib", metavar="FILE", help="calibration text (UTF-8); enables GPTQ rounding, distillation and "
+                   "loss-aware allocation")
+    g.add_argument("--calib-articles", help="keep only these WikiText articles of FILE, e.g. 1-16")
+    g.add_argument("--calib-samples", type=int, help=f"calibration sequences (default {C.samples})")
+    g.add_argument("--calib-len", type=int, help=f"tokens per sequence (default {C.seq_len})")
+    g.add_argument("--inputs", choices=("online", "teacher"), help="inputs of each layer while calibrating: the "
+                   f"compressed model's (online) or the original's (teacher) (default {C.inputs})")
+    g.add_argument("--steps", type=int, help=f"distillation Adam steps per layer, 0 = none (default {C.steps})")
+    g.add_argument("--lr", type=float, help=f"distillation learning rate (default {C.lr})")
+    g.add_argument("--no-refine-scales", dest="refine_scales", action="store_const", const=False,
+                   help="distillation keeps the block scales")
+    g.add_argument("--no-refine-grid", dest="refine_grid", action="store_const", const=False,
+                   help="distillation keeps the grids")
+    g.add_argument("--no-gptq", dest="gptq", action="store_const", const=False,
+                   help="round to the nearest level instead of activation-aware error feedback")
+    g.add_argument("--fisher-samples", type=int, help=f"sequences whose loss gradients weight the allocation "
+                   f"(default {C.fisher_samples})")
+    g.add_argument("--spill-mb", type=int, help=f"activations kept in memory before spilling to disk "
+                   f"(default {C.spill_mb})")
     s.add_argument("--resume", action="store_true", help="finish an interrupted pack; finished layers are kept")
     s.add_argument("--json", action="store_true", help="print the result as one JSON object")
     s.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
@@ -199,12 +250,6 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("-q", "--quiet", action="store_true")
     s.set_defaults(fn=cmd_eval)
 
-    s = sub.add_parser("generate", help="greedy text from a pack")
-    s.add_argument("pack")
-    s.add_argument("prompt")
-    s.add_argument("--max-tokens", type=int, default=32)
-    s.add_argument("--device", default="cpu")
-    s.set_defaults(fn=cmd_generate)
     for mod in _plugins():
         mod.register(sub)
     return p

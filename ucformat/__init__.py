@@ -4,6 +4,7 @@ from . import qtensor
 from .errors import PackError
 from .manifest import VERSION, Manifest
 from .reader import PackReader, open_pack
+from .runtime import load, plan
 
 __version__ = "0.1.0"
-__all__ = ["PackError", "PackReader", "Manifest", "VERSION", "open_pack", "qtensor", "__version__"]
+__all__ = ["PackError", "PackReader", "Manifest", "VERSION", "load", "open_pack", "plan", "qtensor", "__version__"]

@@ -17,7 +17,7 @@ MAJOR = VERSION.split(".")[0]
 MANIFEST_NAME = "manifest.json"
 PROGRESS_NAME = ".uc-progress.json"
 NONLAYER_FILE = "nonlayer.safetensors"
-KNOWN_FEATURES = frozenset({"lowrank"})
+KNOWN_FEATURES = frozenset({"lowrank", "lowrank-int8", "overlay"})
 
 
 def layer_file(index: int) -> str:
@@ -43,6 +43,8 @@ class TensorEntry:
     block_size: int | None = None
     rank: int = 0
     stored_bytes: int = 0
+    lowrank_dtype: str = "float16"  # "int8": factors stored as .lr_uq/.lr_vq with row scales (feature lowrank-int8)
+    overlay_rows: int = 0  # rows restored at 8 bits (.ov_rows/.ov_q/.ov_s; feature overlay)
 
     @staticmethod
     def from_json(name: str, d: dict[str, Any], path: str) -> "TensorEntry":
@@ -51,7 +53,8 @@ class TensorEntry:
                 file=str(d["file"]), kind=str(d["kind"]), shape=tuple(int(s) for s in d["shape"]),
                 dtype=str(d["dtype"]), codec=d.get("codec"), bits=d.get("bits"),
                 block_size=d.get("block_size"), rank=int(d.get("rank", 0)),
-                stored_bytes=int(d.get("stored_bytes", 0)),
+                stored_bytes=int(d.get("stored_bytes", 0)), lowrank_dtype=str(d.get("lowrank_dtype", "float16")),
+                overlay_rows=int(d.get("overlay_rows", 0)),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise ManifestError(path, f"tensor {name!r}: bad entry ({exc})") from None
@@ -59,7 +62,24 @@ class TensorEntry:
             raise ManifestError(path, f"tensor {name!r}: unknown kind {e.kind!r}")
         if e.kind == "quantized" and (e.bits is None or e.block_size is None or len(e.shape) < 2):
             raise ManifestError(path, f"tensor {name!r}: quantized entry needs bits, block_size and a >=2-D shape")
+        if e.lowrank_dtype not in ("float16", "int8") or e.rank < 0 or e.overlay_rows < 0:
+            raise ManifestError(path, f"tensor {name!r}: bad rank, lowrank_dtype or overlay_rows")
         return e
+
+    def features(self) -> set[str]:
+        """Format features a reader needs to rebuild this tensor (SPEC.md section 3, `requires`)."""
+        out = set()
+        if self.rank:
+            out.add("lowrank")
+            if self.lowrank_dtype == "int8":
+                out.add("lowrank-int8")
+        if self.overlay_rows:
+            out.add("overlay")
+        return out
+
+
+def required_features(tensors: dict[str, "TensorEntry"]) -> tuple[str, ...]:
+    return tuple(sorted(set().union(*(e.features() for e in tensors.values()))))
 
 
 @dataclass(frozen=True)
@@ -108,6 +128,9 @@ class Manifest:
             )
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise ManifestError(path, f"missing or malformed field ({exc!r})") from None
+        missing = set().union(*(t.features() for t in tensors.values())) - set(m.requires)
+        if missing:
+            raise ManifestError(path, f"tensors use features {sorted(missing)} that 'requires' does not list")
         for name, t in tensors.items():
             if t.file not in files:
                 raise ManifestError(path, f"tensor {name!r} lives in {t.file!r}, which is not in 'files'")

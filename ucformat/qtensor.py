@@ -7,10 +7,16 @@ experts are lead=(experts,)), block size B, width b:
   grid    float32 [*lead, 2**b]                   levels on block-normalised weights
   lr_u    float16 [*lead, rows, r]                optional low-rank correction, W += lr_u @ lr_v
   lr_v    float16 [*lead, r, cols]
+  lr_uq   int8    [*lead, rows, r]   + lr_us float16 [*lead, rows]   the same factors stored as int8
+  lr_vq   int8    [*lead, r, cols]   + lr_vs float16 [*lead, r]      with one scale per row
+  ov_rows int32   [*lead, k]                      optional row overlay: these rows (increasing) are
+  ov_q    int8    [*lead, k, cols]                replaced by ov_q * ov_s before the low-rank term
+  ov_s    float16 [*lead, k]
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -19,8 +25,12 @@ from . import bitpack
 
 # Suffixes appended to the source tensor name inside a layer file. Data, not code paths: the writer,
 # the reader and the spec all use this table.
-SUFFIX = {"codes": ".qcodes", "scales": ".qscales", "grid": ".qgrid", "lr_u": ".lr_u", "lr_v": ".lr_v"}
+SUFFIX = {"codes": ".qcodes", "scales": ".qscales", "grid": ".qgrid", "lr_u": ".lr_u", "lr_v": ".lr_v",
+          "lr_uq": ".lr_uq", "lr_us": ".lr_us", "lr_vq": ".lr_vq", "lr_vs": ".lr_vs",
+          "ov_rows": ".ov_rows", "ov_q": ".ov_q", "ov_s": ".ov_s"}
 REQUIRED_PARTS = ("codes", "scales", "grid")
+OPTIONAL_PARTS = ("lr_u", "lr_v", "lr_uq", "lr_us", "lr_vq", "lr_vs", "ov_rows", "ov_q", "ov_s")
+LOWRANK_DTYPES = ("float16", "int8")
 
 
 @dataclass
@@ -33,17 +43,26 @@ class QuantizedTensor:
     grid: torch.Tensor
     lr_u: torch.Tensor | None = None
     lr_v: torch.Tensor | None = None
+    lr_uq: torch.Tensor | None = None
+    lr_us: torch.Tensor | None = None
+    lr_vq: torch.Tensor | None = None
+    lr_vs: torch.Tensor | None = None
+    ov_rows: torch.Tensor | None = None
+    ov_q: torch.Tensor | None = None
+    ov_s: torch.Tensor | None = None
 
     def parts(self) -> dict[str, torch.Tensor]:
         out = {"codes": self.codes, "scales": self.scales, "grid": self.grid}
-        if self.lr_u is not None:
-            out["lr_u"], out["lr_v"] = self.lr_u, self.lr_v
+        out.update({k: getattr(self, k) for k in OPTIONAL_PARTS if getattr(self, k) is not None})
         return out
 
+    def apply(self, fn) -> "QuantizedTensor":
+        """The same weight with `fn` applied to every stored part (device moves, pinning)."""
+        return dataclasses.replace(self, **{f.name: fn(getattr(self, f.name)) for f in dataclasses.fields(self)
+                                            if isinstance(getattr(self, f.name), torch.Tensor)})
+
     def to(self, device: str | torch.device, non_blocking: bool = False) -> "QuantizedTensor":
-        mv = lambda t: None if t is None else t.to(device, non_blocking=non_blocking)  # noqa: E731
-        return QuantizedTensor(self.shape, self.bits, self.block_size, mv(self.codes), mv(self.scales),
-                               mv(self.grid), mv(self.lr_u), mv(self.lr_v))
+        return self.apply(lambda t: t.to(device, non_blocking=non_blocking))
 
     def stored_bytes(self) -> int:
         return self.stored_bits() // 8
@@ -59,14 +78,25 @@ class QuantizedTensor:
         return n
 
     def expected_shapes(self) -> dict[str, tuple[int, ...]]:
-        return expected_part_shapes(self.shape, self.bits, self.block_size, self.rank)
+        return expected_part_shapes(self.shape, self.bits, self.block_size, self.rank, self.lowrank_dtype,
+                                    self.overlay_rows)
 
     @property
     def rank(self) -> int:
-        return 0 if self.lr_u is None else int(self.lr_u.shape[-1])
+        u = self.lr_u if self.lr_u is not None else self.lr_uq
+        return 0 if u is None else int(u.shape[-1])
+
+    @property
+    def lowrank_dtype(self) -> str:
+        return "int8" if self.lr_uq is not None else "float16"
+
+    @property
+    def overlay_rows(self) -> int:
+        return 0 if self.ov_rows is None else int(self.ov_rows.shape[-1])
 
 
-def expected_part_shapes(shape, bits: int, block_size: int, rank: int = 0) -> dict[str, tuple[int, ...]]:
+def expected_part_shapes(shape, bits: int, block_size: int, rank: int = 0, lowrank_dtype: str = "float16",
+                         overlay_rows: int = 0) -> dict[str, tuple[int, ...]]:
     *lead, rows, cols = shape
     lead = tuple(lead)
     out = {
@@ -74,14 +104,31 @@ def expected_part_shapes(shape, bits: int, block_size: int, rank: int = 0) -> di
         "scales": (*lead, rows, -(-cols // block_size)),
         "grid": (*lead, 2**bits),
     }
-    if rank:
+    if rank and lowrank_dtype == "int8":
+        out.update(lr_uq=(*lead, rows, rank), lr_us=(*lead, rows), lr_vq=(*lead, rank, cols), lr_vs=(*lead, rank))
+    elif rank:
         out["lr_u"] = (*lead, rows, rank)
         out["lr_v"] = (*lead, rank, cols)
+    if overlay_rows:
+        out.update(ov_rows=(*lead, overlay_rows), ov_q=(*lead, overlay_rows, cols), ov_s=(*lead, overlay_rows))
     return out
 
 
+def overlay_error(q: QuantizedTensor) -> str | None:
+    """Why q's overlay row indices are invalid (SPEC.md 2.3: strictly increasing, in 0..R-1), or None."""
+    if q.ov_rows is None:
+        return None
+    rows = q.ov_rows.long()
+    if rows.numel() and (rows.min() < 0 or rows.max() >= q.shape[-2]):
+        return f"overlay row index out of range 0..{q.shape[-2] - 1}"
+    if rows.shape[-1] > 1 and not bool((rows[..., 1:] > rows[..., :-1]).all()):
+        return "overlay row indices are not strictly increasing"
+    return None
+
+
 def dequantize(q: QuantizedTensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """Exact reconstruction: W[..., r, j] = grid[..., code[r, j]] * scale[r, j // B] (+ (U @ V)[r, j]).
+    """Exact reconstruction: W[..., r, j] = grid[..., code[r, j]] * scale[r, j // B], overlay rows replaced
+    by ov_q * ov_s, then + (U @ V)[r, j] (U, V from fp16 parts, or int8 parts times their row scales).
 
     Computed in float32 and cast to `dtype` once at the end, so CPU results are deterministic.
     """
@@ -105,6 +152,13 @@ def dequantize(q: QuantizedTensor, dtype: torch.dtype = torch.float32) -> torch.
     w = (levels.reshape(*lead, rows, nb, B) * q.scales.float().unsqueeze(-1)).reshape(*lead, rows, nb * B)
     if pad:
         w = w[..., :cols]
+    if q.ov_rows is not None:  # whole rows replaced by their 8-bit copies
+        vals = q.ov_q.float() * q.ov_s.float().unsqueeze(-1)  # [*lead, k, cols]
+        w = w.scatter(-2, q.ov_rows.long().unsqueeze(-1).expand(*vals.shape), vals)
     if q.lr_u is not None:
         w = w + q.lr_u.float() @ q.lr_v.float()
+    elif q.lr_uq is not None:
+        u = q.lr_uq.float() * q.lr_us.float().unsqueeze(-1)
+        v = q.lr_vq.float() * q.lr_vs.float().unsqueeze(-1)
+        w = w + u @ v
     return w.to(dtype)

@@ -25,7 +25,9 @@ log = logging.getLogger(__name__)
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 _PART_DTYPES = {"codes": torch.uint8, "scales": torch.float16, "grid": torch.float32,
-                "lr_u": torch.float16, "lr_v": torch.float16}
+                "lr_u": torch.float16, "lr_v": torch.float16,
+                "lr_uq": torch.int8, "lr_us": torch.float16, "lr_vq": torch.int8, "lr_vs": torch.float16,
+                "ov_rows": torch.int32, "ov_q": torch.int8, "ov_s": torch.float16}
 
 
 def torch_dtype(name: str) -> torch.dtype:
@@ -147,7 +149,8 @@ class PackReader:
         return f.get_tensor(key)
 
     def _quantized(self, f, stored, rel: str, name: str, entry: TensorEntry) -> qtensor.QuantizedTensor:
-        expected = qtensor.expected_part_shapes(entry.shape, entry.bits, entry.block_size, entry.rank)
+        expected = qtensor.expected_part_shapes(entry.shape, entry.bits, entry.block_size, entry.rank,
+                                                entry.lowrank_dtype, entry.overlay_rows)
         parts = {}
         for part, shape in expected.items():
             key = name + qtensor.SUFFIX[part]
@@ -156,7 +159,11 @@ class PackReader:
                 raise TensorError(str(self.path / rel), key,
                                   f"{t.dtype} {tuple(t.shape)}, expected {_PART_DTYPES[part]} {shape}")
             parts[part] = t
-        return qtensor.QuantizedTensor(shape=entry.shape, bits=entry.bits, block_size=entry.block_size, **parts)
+        q = qtensor.QuantizedTensor(shape=entry.shape, bits=entry.bits, block_size=entry.block_size, **parts)
+        bad = qtensor.overlay_error(q)
+        if bad:
+            raise TensorError(str(self.path / rel), name + qtensor.SUFFIX["ov_rows"], bad)
+        return q
 
     def config_dict(self) -> dict:
         return json.loads(self.check_file("config.json").read_text())

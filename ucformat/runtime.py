@@ -1,7 +1,11 @@
-"""Load a pack as a transformers causal LM that generates.
+"""Load a pack as a transformers causal LM that generates, under a residency plan.
 
-`dense` residency: every layer dequantized once onto the device. Built from an empty skeleton, one
-layer at a time, so the source-precision model never exists in memory.
+    model = ucformat.load("pack/", device="cuda", residency="stream", vram_budget="24GiB")
+    model.generate(...)              # or a plain forward, with or without a KV cache
+    model.uc_runtime.stats()         # RuntimeStats: resident bytes, transfers, prefetch, stalls
+
+The skeleton is built on the meta device and weights are attached layer by layer, so the whole
+dequantized model never exists unless the plan (residency="dense") asks for it.
 """
 
 from __future__ import annotations
@@ -9,21 +13,42 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
 from .reader import PackReader
+from .residency import ResidencyPlan, make_plan
 from .skeleton import Skeleton
+from .streaming import Runtime
 
 
-def load(pack: str | Path, device: str = "cpu", dtype: torch.dtype | None = None, progress: bool = False):
+def default_dtype(device: str | torch.device) -> torch.dtype:
+    return torch.float32 if torch.device(device).type == "cpu" else torch.bfloat16
+
+
+def plan(pack: str | Path, device: str = "cpu", dtype: torch.dtype | None = None, residency: str = "dense",
+         vram_budget: str | int | None = None) -> ResidencyPlan:
+    return make_plan(PackReader(pack, check_hashes=False), residency, device, dtype or default_dtype(device), vram_budget)
+
+
+def load(pack: str | Path, device: str = "cpu", dtype: torch.dtype | None = None, residency: str = "dense",
+         vram_budget: str | int | None = None, prefetch: bool = True, progress: bool = False):
+    device = str(device)
+    if torch.device(device).type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device cuda was asked but CUDA is not available")
+    dtype = dtype or default_dtype(device)
     reader = PackReader(pack)
-    if dtype is None:
-        dtype = torch.float32 if torch.device(device).type == "cpu" else torch.bfloat16
+    the_plan = make_plan(reader, residency, device, dtype, vram_budget)
     sk = Skeleton(pack, dtype=dtype, device=device)
-    sk.load(reader.nonlayer_state_dict(dtype))
-    for i in tqdm(range(reader.num_layers), desc="load", unit="layer", disable=not progress):
-        sk.load(reader.layer_state_dict(i, dtype))
-    missing = sk.missing()
+    runtime = Runtime(reader, sk, the_plan, prefetch=prefetch, progress=progress)
+    missing = [n for n in sk.missing() if not _is_streamed(n, the_plan, reader)]
     if missing:
         raise RuntimeError(f"{pack}: weights missing after load: {missing[:5]}")
+    sk.model.uc_runtime = runtime
     return sk.model
+
+
+def _is_streamed(name: str, the_plan: ResidencyPlan, reader: PackReader) -> bool:
+    prefix = reader.manifest.layer_prefix
+    if not name.startswith(prefix):
+        return False
+    index = int(name[len(prefix):].split(".", 1)[0])
+    return the_plan.layers[index].where != "dense"

@@ -17,6 +17,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from transformers.conversion_mapping import get_model_conversion_mapping
 from transformers.core_model_loading import convert_and_load_state_dict_in_model
 from transformers.modeling_utils import LoadStateDictConfig
+from transformers.utils import logging as hf_logging
 
 log = logging.getLogger(__name__)
 
@@ -38,8 +39,14 @@ class Skeleton:
         """Attach checkpoint-named tensors (any subset) to the model, cast to the compute dtype/device."""
         sd = {k: v.to(device=self.device, dtype=self.dtype) if v.is_floating_point() else v.to(self.device)
               for k, v in state_dict.items()}
-        convert_and_load_state_dict_in_model(self.model, sd, LoadStateDictConfig(weight_mapping=self._mapping,
-                                                                                  dtype=self.dtype))
+        quiet = hf_logging.is_progress_bar_enabled()
+        hf_logging.disable_progress_bar()  # its per-call "Loading weights" bar would print once per layer
+        try:
+            convert_and_load_state_dict_in_model(self.model, sd, LoadStateDictConfig(weight_mapping=self._mapping,
+                                                                                      dtype=self.dtype))
+        finally:
+            if quiet:
+                hf_logging.enable_progress_bar()
         if getattr(self.model.config, "tie_word_embeddings", False) or _text_cfg(self.model.config).get("tie_word_embeddings"):
             out, inp = self.model.get_output_embeddings(), self.model.get_input_embeddings()
             if out is not None and out.weight.device.type == "meta" and inp.weight.device.type != "meta":

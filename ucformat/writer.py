@@ -19,7 +19,8 @@ from safetensors.torch import save as st_save
 
 from .errors import PackError
 from .manifest import (
-    MANIFEST_NAME, PROGRESS_NAME, FileEntry, Manifest, TensorEntry, atomic_write_bytes, sha256_file,
+    MANIFEST_NAME, PROGRESS_NAME, FileEntry, Manifest, TensorEntry, atomic_write_bytes, required_features,
+    sha256_file,
 )
 
 log = logging.getLogger(__name__)
@@ -106,7 +107,10 @@ class PackWriter:
     def finish(self, **manifest_fields: Any) -> Manifest:
         """Write manifest.json last and atomically; the pack is complete from this moment."""
         self._check_open()
-        manifest = Manifest(files=dict(sorted(self.files.items())), tensors=self.tensors, **manifest_fields)
+        # every feature a tensor uses is listed in `requires` (SPEC.md section 4)
+        requires = tuple(sorted(set(manifest_fields.pop("requires", ())) | set(required_features(self.tensors))))
+        manifest = Manifest(files=dict(sorted(self.files.items())), tensors=self.tensors, requires=requires,
+                            **manifest_fields)
         atomic_write_bytes(self.dst / MANIFEST_NAME, manifest.to_json().encode())
         (self.dst / PROGRESS_NAME).unlink(missing_ok=True)
         self._finished = True

@@ -1,0 +1,201 @@
+"""Budgeted allocation: per tensor, the code width, low-rank rank and overlay rows that minimise the
+estimated calibration loss under an all-in bits-per-weight budget.
+
+Loss model. Quantizing linear t with residual E adds to the calibration NLL, to second order,
+    D_t = sum_r f_r * e_r H e_r^T
+with H = E[x x^T] of its inputs and f_r = E[(dL/dy_r)^2] the (empirical Fisher) sensitivity of its
+output r. `profile` measures e_r H e_r^T on a fixed sample of rows for every code width (the rounding
+as the pack will do it), and the share of weighted residual energy each rank removes; the Fisher
+weights arrive later (a backward pass) and enter in `options`. Without calibration data H = I and
+f = 1: plain weight MSE.
+
+Costs are exact stored bits (codes, scales, grid, factors, overlay rows). `allocate` solves the
+multiple-choice knapsack by Lagrangian relaxation (bisection on the price of a bit), then spends any
+slack greedily on the best loss-per-bit upgrades, so the achieved bpw_allin is <= the budget.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from ucformat import bitpack
+
+from . import codecs, gptq, lowrank
+from .overlay import row_bits
+from .qweight import fit_grid
+
+BITS = bitpack.WIDTHS
+RANKS = (8, 16, 32, 64, 128)  # ranks considered, up to the configured maximum
+OVERLAY_SHARES = (1 / 128, 1 / 64, 1 / 32, 1 / 16)  # row shares considered for tensors of <= 3 bits
+OVERLAY_MAX_BITS = 3
+SAMPLE_ROWS = 256  # rows profiled per tensor
+PROFILE_GRID_SAMPLES = 1 << 14  # values the profile's k-means grids are fitted on
+
+
+@dataclass(frozen=True)
+class Choice:
+    bits: int
+    rank: int = 0
+    overlay_rows: int = 0
+
+
+@dataclass
+class Profile:
+    """What the allocator knows of one tensor. shape [*lead, R, C]."""
+
+    shape: tuple[int, ...]
+    rows: torch.Tensor | None = None  # [m] sampled row indices
+    row_err: dict[int, torch.Tensor] = field(default_factory=dict)  # bits -> [m] e_r H e_r^T
+    captured: dict[int, dict[int, float]] = field(default_factory=dict)  # bits -> rank -> share removed
+    fisher: torch.Tensor | None = None  # [R] output sensitivities (None: 1)
+    fixed: Choice | None = None  # tensors without a profile (3-D stacks) get this choice
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+
+def stored_bits(shape: tuple[int, ...], c: Choice, block_size: int, lowrank_dtype: str) -> int:
+    """Exact bits the pack stores for a tensor of this shape under choice c (QuantizedTensor.stored_bits)."""
+    *lead, rows, cols = shape
+    n = math.prod(lead)
+    bits = rows * bitpack.packed_row_bytes(cols, c.bits) * 8 + rows * (-(-cols // block_size)) * 16 + 2**c.bits * 32
+    if c.rank:
+        per = 16 if lowrank_dtype == "float16" else 8
+        bits += (rows + cols) * c.rank * per + (0 if lowrank_dtype == "float16" else (rows + c.rank) * 16)
+    bits += c.overlay_rows * row_bits(cols)
+    return n * bits
+
+
+def profile(w: torch.Tensor, h: torch.Tensor | None, block_size: int, codec: str, use_gptq: bool,
+            ranks: list[int], bits_options=BITS, seed: int = 0) -> Profile:
+    """Measure one matrix w [R, C] (h: its mean input Gram [C, C] or None) at every code width."""
+    w = w.float()
+    rows, cols = w.shape
+    g = torch.Generator().manual_seed(seed)
+    m = min(rows, SAMPLE_ROWS)
+    sample = torch.sort(torch.randperm(rows, generator=g)[:m]).values.to(w.device)
+    ws = w[sample]
+    col = torch.diagonal(h).clamp_min(0) if h is not None else None
+    grids = {b: fit_grid(w, b, block_size, codec, col, samples=PROFILE_GRID_SAMPLES) for b in bits_options}
+    p = Profile(shape=(rows, cols), rows=sample)
+    if h is not None and use_gptq:
+        # every width at once: the sampled rows stacked once per width, each block with its own grid
+        width = max(2**b for b in bits_options)
+        stacked = torch.cat([ws] * len(bits_options))
+        pad = torch.cat([torch.nn.functional.pad(grids[b], (0, width - 2**b), value=math.inf).expand(m, width)
+                         for b in bits_options])
+        codes, scales = gptq.round_gptq(stacked, h, pad, block_size)
+        levels = pad.gather(1, codes.long())
+        deq = levels * scales.float().repeat_interleave(block_size, 1)[:, :cols]
+        for k, b in enumerate(bits_options):
+            p.row_err[b] = _row_err(ws - deq[k * m:(k + 1) * m], h)
+    else:
+        scales, normed = codecs.block_scales(ws, block_size)
+        s = scales.float().repeat_interleave(block_size, 1)[:, :cols]
+        for b in bits_options:
+            deq = grids[b][codecs.nearest(normed, grids[b])] * s
+            p.row_err[b] = _row_err(ws - deq, h)
+    if ranks:
+        scales, normed = codecs.block_scales(w, block_size)
+        s = scales.float().repeat_interleave(block_size, 1)[:, :cols]
+        for b in bits_options:
+            resid = w - grids[b][codecs.nearest(normed, grids[b])] * s
+            p.captured[b] = lowrank.captured(resid, ranks, h)
+    return p
+
+
+def _row_err(e: torch.Tensor, h: torch.Tensor | None) -> torch.Tensor:
+    e = e.float()
+    if h is None:
+        return e.square().sum(1).cpu()
+    return ((e @ h.float().to(e.device)) * e).sum(1).clamp_min(0).cpu()
+
+
+@dataclass(frozen=True)
+class Option:
+    choice: Choice
+    cost: int  # stored bits
+    loss: float  # estimated calibration-loss increase
+
+
+def options(p: Profile, block_size: int, lowrank_dtype: str, ranks: list[int], overlay: bool) -> list[Option]:
+    """Every choice for one tensor with its exact cost and estimated loss."""
+    if p.fixed is not None:
+        return [Option(p.fixed, stored_bits(p.shape, p.fixed, block_size, lowrank_dtype), 0.0)]
+    rows, cols = p.shape[-2:]
+    m = len(p.rows)
+    f = p.fisher[p.rows].float() if p.fisher is not None else torch.ones(m)
+    out = []
+    for b, err in p.row_err.items():
+        weighted = torch.sort(err.float() * f, descending=True).values
+        tail = weighted.flip(0).cumsum(0).flip(0)  # tail[i] = sum of all but the i largest
+        total = weighted.sum().item()
+        overlays = [0] + ([max(1, round(s * rows)) for s in OVERLAY_SHARES] if overlay and b <= OVERLAY_MAX_BITS else [])
+        for k in overlays:
+            drop = k * m / rows  # sampled rows the overlay removes (fractional: interpolate)
+            i = int(drop)
+            rest = (tail[i].item() if i < m else 0.0) - (drop - i) * (weighted[i].item() if i < m else 0.0)
+            base = (total if k == 0 else rest) * rows / m
+            for r in [0, *ranks]:
+                if r > min(rows, cols):
+                    continue
+                share = p.captured.get(b, {}).get(r, 0.0) if r else 0.0
+                c = Choice(b, r, k)
+                out.append(Option(c, stored_bits(p.shape, c, block_size, lowrank_dtype), base * (1 - share)))
+    return out
+
+
+class BudgetError(ValueError):
+    pass
+
+
+def allocate(opts: dict[str, list[Option]], budget_bits: float) -> dict[str, Choice]:
+    """The choice per tensor minimising total loss with total cost <= budget_bits."""
+    names = list(opts)
+    cheapest = sum(min(o.cost for o in opts[n]) for n in names)
+    if cheapest > budget_bits:
+        raise BudgetError(f"budget too small: the cheapest allocation of {len(names)} tensors needs {cheapest:,} "
+                          f"bits, the budget is {budget_bits:,.0f}; raise --target-bpw")
+
+    def pick(lam: float) -> dict[str, Option]:
+        return {n: min(opts[n], key=lambda o: (o.loss + lam * o.cost, o.cost)) for n in names}
+
+    def cost(sel) -> int:
+        return sum(o.cost for o in sel.values())
+
+    lo, hi = 0.0, 1.0
+    while cost(pick(hi)) > budget_bits:
+        hi *= 4
+        if hi > 1e30:
+            break
+    sel = pick(lo)
+    if cost(sel) > budget_bits:
+        for _ in range(100):  # bisection in log space: lo over budget, hi within
+            mid = math.sqrt(lo * hi) if lo > 0 else hi / 1024
+            if cost(pick(mid)) > budget_bits:
+                lo = mid
+            else:
+                hi = mid
+            if lo > 0 and hi / lo < 1 + 1e-6:
+                break
+        sel = pick(hi)
+    # spend the slack: repeatedly take the upgrade with the best loss decrease per extra bit that fits
+    spent = cost(sel)
+    while True:
+        best, best_rate = None, 0.0
+        for n in names:
+            cur = sel[n]
+            for o in opts[n]:
+                extra = o.cost - cur.cost
+                gain = cur.loss - o.loss
+                if gain > 0 and extra > 0 and spent + extra <= budget_bits and gain / extra > best_rate:
+                    best, best_rate = (n, o), gain / extra
+        if best is None:
+            break
+        spent += best[1].cost - sel[best[0]].cost
+        sel[best[0]] = best[1]
+    return {n: o.choice for n, o in sel.items()}

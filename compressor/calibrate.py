@@ -1,0 +1,182 @@
+"""Streamed calibration: the calibration sequences, their hidden states flowing one decoder layer at a
+time, and the statistics compression takes from them.
+
+  `calibration_ids`  N sequences of T tokens from a text (evenly spread over it, deterministic).
+  `Stream`           the hidden states of every sequence at one depth: chunks [B, T, H] in an
+                     ActivationStore (bounded memory), with the per-layer call kwargs of each chunk.
+  `LinearStats`      hooks on a layer's nn.Linear modules: input Gram matrices H = sum x x^T and, in a
+                     backward pass, the output-gradient energy F = sum (dL/dy)^2 per output channel.
+  `head_grad`        d(next-token NLL)/d(final hidden states), in position chunks (bounded logits).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from . import layerwise
+from .activations import ActivationStore
+from .evaluate import make_windows, wikitext_articles
+
+LOGIT_CHUNK = 128  # positions per logits chunk in head_grad: bounds the [B, chunk, vocab] buffer
+
+
+def calibration_ids(tokenizer, text: str, samples: int, seq_len: int, articles: str | None = None) -> torch.Tensor:
+    """[N, T] token ids: N windows of T tokens, evenly spaced over the (CRLF-normalised) text."""
+    text = text.replace("\r\n", "\n")
+    if articles:
+        text = wikitext_articles(text, articles)
+    windows = make_windows(tokenizer, text, seq_len, None)
+    if len(windows) < samples:
+        raise ValueError(f"calibration text has {len(windows)} windows of {seq_len} tokens; "
+                         f"--calib-samples {samples} asks for more (use a longer text or a shorter --calib-len)")
+    idx = torch.linspace(0, len(windows) - 1, samples).round().long()
+    return windows[idx]
+
+
+def plain(obj, memo: dict | None = None):
+    """Copy of obj with every tensor cloned out of inference mode (autograd may save it), sharing kept."""
+    memo = {} if memo is None else memo
+    if isinstance(obj, torch.Tensor):
+        if id(obj) not in memo:
+            memo[id(obj)] = obj.clone()
+        return memo[id(obj)]
+    if isinstance(obj, tuple):
+        return tuple(plain(o, memo) for o in obj)
+    if isinstance(obj, list):
+        return [plain(o, memo) for o in obj]
+    if isinstance(obj, dict):
+        return {k: plain(v, memo) for k, v in obj.items()}
+    return obj
+
+
+@dataclass
+class Stream:
+    """Hidden states of all calibration sequences entering one layer, chunk by chunk."""
+
+    store: ActivationStore
+    batches: list[layerwise.Batch]  # one per chunk: input ids and per-layer kwargs
+
+    def chunks(self):
+        return zip(self.store, self.batches)
+
+
+def embed_stream(sk, ids: torch.Tensor, chunk: int, store: ActivationStore) -> Stream:
+    """Embed the calibration ids chunk by chunk; kwargs are plain tensors (usable under autograd)."""
+    batches = []
+    memo: dict = {}
+    for c in ids.split(chunk):
+        h, b = layerwise.embed(sk, c)
+        store.append(plain(h))
+        batches.append(layerwise.Batch(input_ids=b.input_ids, layer_kwargs=plain(b.layer_kwargs, memo)))
+    return Stream(store, batches)
+
+
+def call_layer(layer: torch.nn.Module, hidden: torch.Tensor, kwargs: dict, weights: dict | None = None) -> torch.Tensor:
+    """One decoder layer on hidden [B, T, H]; `weights` overrides parameters by local name (differentiable)."""
+    if weights:
+        out = torch.func.functional_call(layer, weights, (hidden,), kwargs, strict=False)
+    else:
+        out = layer(hidden, **kwargs)
+    return out[0] if isinstance(out, tuple) else out
+
+
+@torch.no_grad()
+def forward_stream(layer: torch.nn.Module, index: int, stream: Stream, out: ActivationStore,
+                   weights: dict | None = None) -> Stream:
+    """Apply layer `index` to every chunk of stream; results appended to out (same chunking)."""
+    for h, b in stream.chunks():
+        out.append(call_layer(layer, h, b.layer_kwargs[index], weights))
+    return Stream(out, stream.batches)
+
+
+def linear_modules(layer: torch.nn.Module, names: list[str], prefix: str) -> dict[str, str]:
+    """{checkpoint name: module path inside the layer} for weights that are a plain nn.Linear's weight.
+
+    Only those get activation statistics and are trained by distillation; others (e.g. MoE experts fused
+    into 3-D stacks by the loader) are quantized from their weights alone.
+    """
+    out = {}
+    for name in names:
+        if not (name.startswith(prefix) and name.endswith(".weight")):
+            continue
+        path = name[len(prefix):-len(".weight")]
+        try:
+            mod = layer.get_submodule(path)
+        except AttributeError:
+            continue
+        if isinstance(mod, torch.nn.Linear):
+            out[name] = path
+    return out
+
+
+class LinearStats:
+    """Context manager: hooks on the given Linear modules of one layer, accumulating (float64)
+      gram[name]   [C, C]  sum over tokens of x x^T of the module's input      (gram=True)
+      fisher[name] [R]     sum over tokens of (dL/dy_r)^2 of its output        (fisher=True, on backward)
+    and `tokens`, the number of input rows seen by each module."""
+
+    def __init__(self, layer: torch.nn.Module, modules: dict[str, str], gram: bool = True, fisher: bool = False) -> None:
+        self.layer, self.modules = layer, modules
+        self.want_gram, self.want_fisher = gram, fisher
+        self.gram: dict[str, torch.Tensor] = {}
+        self.fisher: dict[str, torch.Tensor] = {}
+        self.tokens: dict[str, int] = {}
+        self._handles = []
+        self._last: tuple | None = None  # (x, x^T x): q/k/v (gate/up) get the same input object in a row
+
+    def __enter__(self) -> "LinearStats":
+        for name, path in self.modules.items():
+            mod = self.layer.get_submodule(path)
+            self._handles.append(mod.register_forward_hook(self._hook(name)))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+        self._last = None
+
+    def _hook(self, name: str):
+        def hook(module, args, output):
+            x = args[0]
+            x2 = x.detach().reshape(-1, x.shape[-1])
+            self.tokens[name] = self.tokens.get(name, 0) + x2.shape[0]
+            if self.want_gram:
+                if self._last is None or self._last[0] is not x:
+                    xf = x2.float()
+                    self._last = (x, (xf.T @ xf).double())
+                xtx = self._last[1]
+                acc = self.gram.get(name)
+                self.gram[name] = xtx.clone() if acc is None else acc.add_(xtx)
+            if self.want_fisher and output.requires_grad:
+                def grad_hook(g, name=name):
+                    e = g.detach().float().reshape(-1, g.shape[-1]).square().sum(0).double()
+                    acc = self.fisher.get(name)
+                    self.fisher[name] = e if acc is None else acc.add_(e)
+                output.register_hook(grad_hook)
+        return hook
+
+    def mean_gram(self, name: str) -> torch.Tensor:
+        return (self.gram[name] / max(self.tokens.get(name, 1), 1)).float()
+
+
+def head_grad(sk, hidden: torch.Tensor, batch: layerwise.Batch) -> tuple[torch.Tensor, float]:
+    """Gradient of the summed next-token NLL w.r.t. the last layer's output [B, T, H], and that NLL."""
+    h = hidden.detach().requires_grad_(True)
+    targets = batch.input_ids[:, 1:].to(h.device)
+    total = 0.0
+    with torch.enable_grad():
+        normed = layerwise.final_hidden_fn(sk, h, batch)[:, :-1]
+        grad_normed = torch.zeros_like(normed)
+        for s in range(0, normed.shape[1], LOGIT_CHUNK):
+            part = normed[:, s:s + LOGIT_CHUNK].detach().requires_grad_(True)
+            logits = layerwise.logits(sk, part)
+            loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
+                                                     targets[:, s:s + LOGIT_CHUNK].reshape(-1), reduction="sum")
+            loss.backward()
+            grad_normed[:, s:s + LOGIT_CHUNK] = part.grad
+            total += loss.item()
+        normed.backward(grad_normed)
+    return h.grad.detach(), total

@@ -1,0 +1,345 @@
+"""The calibrated `uc pack` pipeline: streamed activations, allocation, GPTQ rounding, overlays, low-rank
+factors and per-layer distillation, one decoder layer at a time.
+
+  prepare   (only with a bit budget) profile every linear at every code width on the fp stream, weigh
+            it by loss gradients from one streamed backward pass, allocate; the plan is saved under
+            DST/.uc-work so a resumed run keeps it.
+  compress  per layer i: teacher output y = fp_layer_i(x_fp); Gram matrices of the inputs the
+            compressed layer will see (x_q online, x_fp teacher-forced); quantize each linear under
+            its plan; distill the layer; the online stream continues with exactly the stored weights.
+  skip      a layer already in the pack (resume): both streams advance through it (fp weights for the
+            teacher, the stored weights for the student), so the run continues as if never stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+from transformers import AutoTokenizer
+
+from ucformat import qtensor
+from ucformat.manifest import TensorEntry, atomic_write_bytes
+from ucformat.skeleton import Skeleton
+
+from . import allocate, calibrate, codecs, distill, lowrank, overlay
+from .activations import ActivationStore, SpillBudget
+from .checkpoint import SourceCheckpoint, nonlayer_state_dict
+from .config import PackConfig
+from .qweight import QWeight, quantize_matrix
+
+log = logging.getLogger(__name__)
+
+WORK_DIR = ".uc-work"  # inside DST while a calibrated pack is unfinished: plan, Fisher weights, spills
+CHUNK = 4  # calibration sequences per forward
+
+
+@dataclass
+class CalibReport:
+    """What the calibrated pipeline did, for the CLI's --json and the benchmark."""
+
+    seconds: dict = field(default_factory=dict)  # phase -> seconds
+    layers: list = field(default_factory=list)  # per compressed layer: distillation losses and time
+    allocation: dict = field(default_factory=dict)  # bits -> number of tensors
+    activation_peak_bytes: int = 0
+    spilled_bytes: int = 0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class CalibratedLayers:
+    def __init__(self, ckpt: SourceCheckpoint, cfg: PackConfig, work: Path, quantize_fn, progress: bool = True) -> None:
+        self.ckpt, self.cfg, self.work, self.progress = ckpt, cfg, Path(work), progress
+        self.is_quantized = quantize_fn  # (name, shape, dtype) -> bool
+        self.device = torch.device(cfg.device)
+        self.report = CalibReport()
+        self.budget = SpillBudget(cfg.calib.spill_mb << 20, self.work / "spill")
+        self.budget.cleanup()
+        self.sk: Skeleton | None = None
+        self.plan: dict[str, allocate.Choice] = {}
+        self.fisher: dict[str, torch.Tensor] = {}
+        self.x_fp = self.x_q = None
+        self.one = None
+
+    # -- setup --------------------------------------------------------------------------------------------
+    @property
+    def has_data(self) -> bool:
+        return self.cfg.calib.file is not None
+
+    def _names(self, i: int) -> list[str]:
+        return [n for n in self.ckpt.layers[i] if self.is_quantized(n, *self.ckpt.shape_dtype(n))]
+
+    def prepare(self) -> None:
+        t0 = time.perf_counter()
+        if self.has_data:
+            self.sk = Skeleton(self.ckpt.path, dtype=torch.float32, device=self.device)
+            self.sk.load(nonlayer_state_dict(self.ckpt))
+            c = self.cfg.calib
+            tok = AutoTokenizer.from_pretrained(str(self.ckpt.path))
+            text = Path(c.file).read_text(encoding="utf-8")
+            self.ids = calibrate.calibration_ids(tok, text, c.samples, c.seq_len, c.articles)
+            _, one = calibrate.layerwise.embed(self.sk, self.ids[:1])
+            self.one = calibrate.layerwise.Batch(self.ids[:1], calibrate.plain(one.layer_kwargs))
+        self.report.seconds["setup"] = time.perf_counter() - t0
+        self.plan = self._load_plan() or self._make_plan()
+        alloc: dict = {}
+        for ch in self.plan.values():
+            alloc[ch.bits] = alloc.get(ch.bits, 0) + 1
+        self.report.allocation = dict(sorted(alloc.items()))
+        if self.has_data:
+            self.x_fp = calibrate.embed_stream(self.sk, self.ids, CHUNK, ActivationStore(self.budget, "fp"))
+            if self.cfg.calib.inputs == "online":
+                self.x_q = calibrate.Stream(self._copy(self.x_fp.store, "q"), self.x_fp.batches)
+
+    def _copy(self, store: ActivationStore, name: str) -> ActivationStore:
+        out = ActivationStore(self.budget, name)
+        for t in store:
+            out.append(t.clone())
+        return out
+
+    # -- plan ---------------------------------------------------------------------------------------------
+    def _load_plan(self) -> dict | None:
+        path = self.work / "plan.json"
+        if not path.is_file():
+            return None
+        state = json.loads(path.read_text())
+        fisher = self.work / "fisher.safetensors"
+        if fisher.is_file():
+            self.fisher = load_file(str(fisher))
+        log.info("resuming with the saved allocation %s", path)
+        return {n: allocate.Choice(*c) for n, c in state["plan"].items()}
+
+    def _save_plan(self, plan: dict) -> None:
+        self.work.mkdir(parents=True, exist_ok=True)
+        if self.fisher:
+            save_file({k: v.contiguous().cpu() for k, v in self.fisher.items()}, str(self.work / "fisher.safetensors"))
+        atomic_write_bytes(self.work / "plan.json", json.dumps(
+            {"plan": {n: [c.bits, c.rank, c.overlay_rows] for n, c in plan.items()}}).encode())
+
+    def _make_plan(self) -> dict:
+        cfg = self.cfg
+        names = [n for i in range(self.ckpt.num_layers) for n in self._names(i)]
+        if cfg.target_bpw is None:
+            plan = {}
+            for n in names:
+                rows = self.ckpt.shape_dtype(n)[0][-2]
+                k = round(cfg.overlay * rows) if cfg.bits <= allocate.OVERLAY_MAX_BITS else 0
+                plan[n] = allocate.Choice(cfg.bits, cfg.rank, k)
+            self._save_plan(plan)
+            return plan
+        t0 = time.perf_counter()
+        profiles = self._profile()
+        self.report.seconds["profile"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        if self.has_data and cfg.calib.fisher_samples > 0:
+            self._fisher_pass()
+            for n, f in self.fisher.items():
+                profiles[n].fisher = f
+        self.report.seconds["fisher"] = time.perf_counter() - t0
+        opts = {n: allocate.options(p, cfg.block_size, cfg.lowrank_dtype, self._ranks(), overlay=True)
+                for n, p in profiles.items()}
+        numel = sum(p.numel for p in profiles.values())
+        plan = allocate.allocate(opts, cfg.target_bpw * numel)
+        self._save_plan(plan)
+        return plan
+
+    def _ranks(self) -> list[int]:
+        cfg = self.cfg
+        return sorted({r for r in allocate.RANKS if r <= cfg.rank} | ({cfg.rank} if cfg.rank else set()))
+
+    def _profile(self) -> dict[str, allocate.Profile]:
+        """Every quantized tensor at every code width (on the fp stream when there is data)."""
+        cfg, c = self.cfg, self.cfg.calib
+        profiles: dict[str, allocate.Profile] = {}
+        stream = None
+        if self.has_data:
+            stream = calibrate.embed_stream(self.sk, self.ids, CHUNK, ActivationStore(self.budget, "profile"))
+            n_fisher = -(-c.fisher_samples // CHUNK)
+            self._fisher_inputs = []  # per layer: the inputs of the first chunks (for the backward pass)
+        bar = tqdm(range(self.ckpt.num_layers), desc="profile", unit="layer", disable=not self.progress)
+        for i in bar:
+            names = self._names(i)
+            grams = {}
+            if stream is not None:
+                fp = {n: self.ckpt.get(n) for n in self.ckpt.layers[i]}
+                self.sk.load(fp)
+                layer = self.sk.layers[i]
+                lin = calibrate.linear_modules(layer, names, f"{self.ckpt.layer_prefix}{i}.")
+                keep = ActivationStore(self.budget, f"fisher-in-{i}")
+                for k in range(min(n_fisher, len(stream.store))):
+                    keep.append(stream.store[k].clone())
+                self._fisher_inputs.append(keep)
+                with calibrate.LinearStats(layer, lin) as st:
+                    nxt = calibrate.forward_stream(layer, i, stream, ActivationStore(self.budget, "profile"))
+                grams = {n: st.mean_gram(n).to(self.device) for n in lin}
+                stream.store.clear()
+                stream = nxt
+                self.sk.unload_layer(i)
+            for n in names:
+                shape = self.ckpt.shape_dtype(n)[0]
+                if len(shape) != 2:
+                    profiles[n] = allocate.Profile(shape=shape, fixed=self._fixed_choice(shape))
+                    continue
+                w = self.ckpt.get(n).to(self.device)
+                profiles[n] = allocate.profile(w, grams.get(n), cfg.block_size, cfg.codec, c.gptq and n in grams,
+                                               self._ranks(), seed=c.seed)
+        bar.close()
+        if stream is not None:
+            self._last_hidden = stream
+        return profiles
+
+    def _fixed_choice(self, shape) -> allocate.Choice:
+        """Tensors the allocator does not profile (fused 3-D expert stacks): the widest code that fits."""
+        numel = 1
+        for s in shape:
+            numel *= s
+        fits = [b for b in allocate.BITS
+                if allocate.stored_bits(shape, allocate.Choice(b), self.cfg.block_size, self.cfg.lowrank_dtype)
+                <= self.cfg.target_bpw * numel]
+        return allocate.Choice(max(fits) if fits else min(allocate.BITS))
+
+    def _fisher_pass(self) -> None:
+        """F[name][r] = sum over tokens of (dNLL/dy_r)^2 for every profiled linear, one streamed backward."""
+        top = self._last_hidden
+        grads = []
+        for k in range(len(self._fisher_inputs[0])):
+            g, _ = calibrate.head_grad(self.sk, top.store[k], top.batches[k])
+            grads.append(g)
+        top.store.clear()
+        bar = tqdm(reversed(range(self.ckpt.num_layers)), total=self.ckpt.num_layers, desc="fisher", unit="layer",
+                   disable=not self.progress)
+        for i in bar:
+            self.sk.load({n: self.ckpt.get(n) for n in self.ckpt.layers[i]})
+            layer = self.sk.layers[i]
+            for p in layer.parameters():
+                p.requires_grad_(False)
+            lin = calibrate.linear_modules(layer, self._names(i), f"{self.ckpt.layer_prefix}{i}.")
+            with calibrate.LinearStats(layer, lin, gram=False, fisher=True) as st:
+                for k, x in enumerate(self._fisher_inputs[i]):
+                    x = x.detach().clone().requires_grad_(True)
+                    with torch.enable_grad():
+                        out = calibrate.call_layer(layer, x, top.batches[k].layer_kwargs[i])
+                        out.backward(grads[k])
+                    grads[k] = x.grad.detach()
+            for n, f in st.fisher.items():
+                self.fisher[n] = (f / max(st.tokens.get(n, 1), 1)).float().cpu()
+            self._fisher_inputs[i].clear()
+            self.sk.unload_layer(i)
+        bar.close()
+
+    # -- layers -------------------------------------------------------------------------------------------
+    def compress(self, i: int) -> dict[str, qtensor.QuantizedTensor | torch.Tensor]:
+        """Every tensor of layer i: quantized ones as QuantizedTensor, the rest raw (source dtype)."""
+        t0 = time.perf_counter()
+        cfg, c = self.cfg, self.cfg.calib
+        src = {n: self.ckpt.get(n) for n in self.ckpt.layers[i]}
+        names = self._names(i)
+        prefix = f"{self.ckpt.layer_prefix}{i}."
+        grams, y = {}, None
+        layer = None
+        if self.has_data:
+            self.sk.load(src)
+            layer = self.sk.layers[i]
+            lin = calibrate.linear_modules(layer, names, prefix)
+            x_in = self.x_q if self.x_q is not None else self.x_fp
+            with calibrate.LinearStats(layer, lin) as st:
+                if x_in is self.x_fp:
+                    y = calibrate.forward_stream(layer, i, self.x_fp, ActivationStore(self.budget, "y")).store
+                else:
+                    calibrate.forward_stream(layer, i, x_in, _Discard())
+            if y is None:
+                y = calibrate.forward_stream(layer, i, self.x_fp, ActivationStore(self.budget, "y")).store
+            grams = {n: st.mean_gram(n).to(self.device) for n in lin}
+        out: dict[str, qtensor.QuantizedTensor | torch.Tensor] = {}
+        qweights: dict[str, QWeight] = {}
+        for n in names:
+            ch = self.plan[n]
+            w = src[n].to(self.device)
+            if w.dim() != 2:
+                out[n] = codecs.quantize(w, ch.bits, cfg.block_size, cfg.codec)
+                continue
+            h, f = grams.get(n), self.fisher.get(n)
+            q = quantize_matrix(w, ch.bits, cfg.block_size, cfg.codec, h, c.gptq, cfg.lowrank_dtype)
+            if ch.overlay_rows:
+                overlay.add_overlay(q, w, ch.overlay_rows, h, f)
+            if ch.rank:
+                q.u, q.v = lowrank.weighted_svd(w.float() - q.base(), ch.rank, h, f)
+            qweights[n] = q
+        row = {"layer": i}
+        if self.has_data and c.steps > 0:
+            # tensors distillation cannot train (3-D stacks, non-Linear weights) sit at their stored values
+            fixed = {n: qtensor.dequantize(t, torch.float32) for n, t in out.items()}
+            fixed.update({n: qtensor.dequantize(q.freeze(), torch.float32) for n, q in qweights.items() if n not in grams})
+            if fixed:
+                self.sk.load(fixed)
+            trainable = {n[len(prefix):]: q for n, q in qweights.items() if n in grams}
+            x_in = self.x_q if self.x_q is not None else self.x_fp
+            r = distill.distill(layer, i, trainable, x_in, y, self.one, c)
+            row.update(loss_before=r.loss_before, loss_after=r.loss_after, kept=r.kept, distill_s=r.seconds)
+            log.info("layer %d: distillation loss %.4g -> %.4g%s", i, r.loss_before, r.loss_after,
+                     "" if r.kept else " (not kept)")
+        for n, q in qweights.items():
+            out[n] = q.freeze()
+        for n in self.ckpt.layers[i]:
+            if n not in out:
+                out[n] = src[n]
+        if self.has_data:
+            self._advance(i, out, y)
+        row["seconds"] = time.perf_counter() - t0
+        self.report.layers.append(row)
+        return out
+
+    def skip(self, i: int, stored: dict[str, qtensor.QuantizedTensor | torch.Tensor]) -> None:
+        """Layer i is already in the pack: advance the streams through it."""
+        if not self.has_data:
+            return
+        self.sk.load({n: self.ckpt.get(n) for n in self.ckpt.layers[i]})
+        y = calibrate.forward_stream(self.sk.layers[i], i, self.x_fp, ActivationStore(self.budget, "y")).store
+        self._advance(i, stored, y)
+
+    def _advance(self, i: int, stored: dict, y: ActivationStore) -> None:
+        """x_fp <- y (the teacher's output); x_q <- layer_i with exactly the stored weights applied to x_q."""
+        layer = self.sk.layers[i]
+        if self.x_q is not None:
+            self.sk.load({n: qtensor.dequantize(t, torch.float32) if isinstance(t, qtensor.QuantizedTensor) else t
+                          for n, t in stored.items()})
+            nxt = calibrate.forward_stream(layer, i, self.x_q, ActivationStore(self.budget, "q"))
+            self.x_q.store.clear()
+            self.x_q = nxt
+        self.x_fp.store.clear()
+        self.x_fp = calibrate.Stream(y, self.x_fp.batches)
+        self.sk.unload_layer(i)
+        self.report.activation_peak_bytes = self.budget.peak
+        self.report.spilled_bytes = self.budget.spilled_bytes
+
+    def close(self) -> None:
+        self.budget.cleanup()
+
+
+class _Discard:
+    """An ActivationStore that keeps nothing (a forward run only for its hooks)."""
+
+    def append(self, t) -> None:
+        pass
+
+
+def read_stored_layer(path: Path, entries: dict[str, TensorEntry]) -> dict[str, qtensor.QuantizedTensor | torch.Tensor]:
+    """The tensors of a finished layer file of an unfinished pack, as stored (its hash was checked on resume)."""
+    out = {}
+    with safe_open(str(path), framework="pt", device="cpu") as f:
+        for name, e in entries.items():
+            if e.kind == "raw":
+                out[name] = f.get_tensor(name)
+                continue
+            shapes = qtensor.expected_part_shapes(e.shape, e.bits, e.block_size, e.rank, e.lowrank_dtype, e.overlay_rows)
+            parts = {p: f.get_tensor(name + qtensor.SUFFIX[p]) for p in shapes}
+            out[name] = qtensor.QuantizedTensor(shape=e.shape, bits=e.bits, block_size=e.block_size, **parts)
+    return out

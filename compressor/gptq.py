@@ -1,0 +1,101 @@
+"""Activation-aware rounding (GPTQ-style error feedback) onto a fixed grid with per-block absmax scales.
+
+Plain rounding picks the nearest level for every weight alone. Here the columns of W [R, C] are rounded
+in order and each rounding error is pushed onto the columns not yet rounded, through the inverse of the
+input Gram matrix H = E[x x^T] [C, C], so the error of the *output* W x is minimised rather than that of
+the weights (Frantar et al., 2022, "GPTQ"). A block's scale is its absmax when rounding reaches it, taken
+from the already-updated weights, then rounded to fp16 as stored. Rows are independent.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import codecs
+
+DAMP = 0.01  # added to H's diagonal, relative to its mean: keeps the inverse well conditioned
+LAZY = 128  # columns whose updates are batched into one matrix product
+
+
+def inverse_cholesky(h: torch.Tensor, damp: float = DAMP) -> torch.Tensor:
+    """Upper Cholesky factor of (H + damp*mean(diag) I)^-1, float32 [C, C]. Dead columns get diag 1."""
+    h = h.double().clone()
+    diag = torch.diagonal(h)
+    dead = diag <= 0
+    diag[dead] = 1.0
+    diag += damp * diag.mean()
+    for _ in range(4):  # raise the damping until it factors (nearly singular Gram matrices)
+        try:
+            lower = torch.linalg.cholesky(h)
+            return torch.linalg.cholesky(torch.cholesky_inverse(lower), upper=True).float()
+        except torch.linalg.LinAlgError:
+            diag += 10 * damp * diag.mean()
+    raise ValueError("input Gram matrix is not positive definite even with damping")
+
+
+def round_gptq(w: torch.Tensor, h: torch.Tensor, grid: torch.Tensor, block_size: int,
+               hinv: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """w float32 [R, C], h [C, C], sorted grid [L] (or one per row, [R, L]: several grids at once)
+    -> (codes uint8 [R, C], fp16 scales [R, ceil(C/B)])."""
+    if w.device.type != "cpu":
+        return _round_gptq(w, h, grid, block_size, hinv)
+    # thousands of tiny ops: one thread avoids OpenMP barrier waits (up to 100x faster on a busy CPU)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _round_gptq(w, h, grid, block_size, hinv)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _round_gptq(w, h, grid, block_size, hinv):
+    w = w.float().clone()
+    rows, cols = w.shape
+    dead = torch.diagonal(h) <= 0
+    w[:, dead] = 0.0
+    hinv = inverse_cholesky(h) if hinv is None else hinv
+    grid = grid.float().to(w.device)
+    hinv = hinv.to(w.device)
+    if grid.dim() == 1:
+        nearest, level = (lambda x: codecs.nearest(x, grid)), (lambda c: grid[c])
+    else:
+        nearest, level = _row_grids(grid)
+    nb = -(-cols // block_size)
+    scales = torch.zeros(rows, nb, dtype=torch.float16, device=w.device)
+    codes = torch.zeros(rows, cols, dtype=torch.uint8, device=w.device)
+    lazy = block_size * max(1, LAZY // block_size)  # a scale block never straddles two lazy batches
+    for i1 in range(0, cols, lazy):
+        i2 = min(i1 + lazy, cols)
+        w1 = w[:, i1:i2].clone()
+        err1 = torch.zeros_like(w1)
+        h1 = hinv[i1:i2, i1:i2]
+        s = None
+        for i in range(i2 - i1):
+            j = i1 + i
+            if j % block_size == 0:
+                blk = w1[:, i:i + block_size]
+                s16 = blk.abs().amax(1).to(torch.float16)
+                scales[:, j // block_size] = s16
+                s = s16.float()
+            col = w1[:, i]
+            normed = torch.where(s > 0, col / s.clamp_min(1e-30), torch.zeros_like(col))
+            c = nearest(normed)
+            codes[:, j] = c.to(torch.uint8)
+            err = (col - level(c) * s) / h1[i, i]
+            w1[:, i:] -= err.unsqueeze(1) * h1[i, i:].unsqueeze(0)
+            err1[:, i] = err
+        w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
+    return codes, scales
+
+
+def _row_grids(grid: torch.Tensor):
+    """nearest/level functions for one sorted grid per row [R, L]."""
+    mids = ((grid[:, 1:] + grid[:, :-1]) / 2).contiguous()
+
+    def nearest(x: torch.Tensor) -> torch.Tensor:  # ties to the lower level, as codecs.nearest
+        return torch.searchsorted(mids, x.unsqueeze(1).contiguous()).squeeze(1)
+
+    def level(c: torch.Tensor) -> torch.Tensor:
+        return grid.gather(1, c.unsqueeze(1)).squeeze(1)
+
+    return nearest, level

@@ -1,0 +1,143 @@
+"""A quantized matrix in working precision: what calibration builds, distillation trains, and a pack stores.
+
+`QWeight` holds the same parts as `ucformat.qtensor.QuantizedTensor`, unpacked and in float32:
+  codes   uint8   [R, C]    one code per weight (fixed once chosen)
+  scales  float32 [R, nb]   per-block scales (fp16-representable when frozen)
+  grid    float32 [2**b]    levels
+  u, v    float32 [R, r], [r, C]   optional low-rank correction, W += u @ v
+  ov_rows int64 [k], ov_q int8 [k, C], ov_s float16 [k]   optional rows restored at 8 bits
+`weight()` is the reconstruction formula of SPEC.md 2.2 (differentiable in scales, grid, u, v);
+`freeze()` rounds every part to its stored dtype and bit-packs the codes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from ucformat import bitpack
+from ucformat.qtensor import QuantizedTensor
+
+from . import codecs, gptq
+
+GRID_SAMPLES = 1 << 16  # values the k-means grid is fitted on in the calibrated path
+
+
+@dataclass
+class QWeight:
+    bits: int
+    block_size: int
+    codes: torch.Tensor
+    scales: torch.Tensor
+    grid: torch.Tensor
+    u: torch.Tensor | None = None
+    v: torch.Tensor | None = None
+    lowrank_dtype: str = "int8"
+    ov_rows: torch.Tensor | None = None
+    ov_q: torch.Tensor | None = None
+    ov_s: torch.Tensor | None = None
+    _flat: torch.Tensor | None = field(default=None, repr=False)  # codes as int64 [R*C], cached
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.codes.shape)
+
+    @property
+    def rank(self) -> int:
+        return 0 if self.u is None else int(self.u.shape[1])
+
+    def base(self, scales: torch.Tensor | None = None, grid: torch.Tensor | None = None) -> torch.Tensor:
+        """grid[code] * scale (then the overlay rows), float32 [R, C]."""
+        scales = self.scales if scales is None else scales
+        grid = self.grid if grid is None else grid
+        rows, cols = self.shape
+        if self._flat is None or self._flat.device != self.codes.device:
+            self._flat = self.codes.reshape(-1).long()
+        levels = _Lookup.apply(grid, self._flat).reshape(rows, cols)
+        nb, bs = scales.shape[1], self.block_size
+        if nb * bs != cols:
+            levels = torch.nn.functional.pad(levels, (0, nb * bs - cols))
+        w = (levels.reshape(rows, nb, bs) * scales.unsqueeze(-1)).reshape(rows, nb * bs)[:, :cols]
+        if self.ov_rows is not None:
+            w = w.index_copy(0, self.ov_rows, overlay_values(self.ov_q, self.ov_s).to(w.dtype))
+        return w
+
+    def weight(self, scales=None, grid=None, u=None, v=None) -> torch.Tensor:
+        w = self.base(scales, grid)
+        u = self.u if u is None else u
+        v = self.v if v is None else v
+        if u is not None:
+            w = w + u @ v
+        return w
+
+    def freeze(self) -> QuantizedTensor:
+        """Round to the stored dtypes; the result reconstructs (qtensor.dequantize) to what it stores."""
+        q = QuantizedTensor(shape=self.shape, bits=self.bits, block_size=self.block_size,
+                            codes=bitpack.pack(self.codes.cpu(), self.bits),
+                            scales=self.scales.to(torch.float16).cpu(), grid=self.grid.float().cpu())
+        if self.u is not None:
+            if self.lowrank_dtype == "int8":
+                q.lr_uq, q.lr_us = int8_rows(self.u.cpu())
+                q.lr_vq, q.lr_vs = int8_rows(self.v.cpu())
+            else:
+                q.lr_u, q.lr_v = self.u.to(torch.float16).cpu(), self.v.to(torch.float16).cpu()
+        if self.ov_rows is not None:
+            q.ov_rows = self.ov_rows.to(torch.int32).cpu()
+            q.ov_q, q.ov_s = self.ov_q.cpu(), self.ov_s.cpu()
+        return q
+
+
+class _Lookup(torch.autograd.Function):
+    """grid[codes] whose backward is one bincount (index_put with accumulate is several times slower)."""
+
+    @staticmethod
+    def forward(ctx, grid: torch.Tensor, flat_codes: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(flat_codes)
+        ctx.levels = grid.shape[0]
+        return torch.index_select(grid, 0, flat_codes)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (flat_codes,) = ctx.saved_tensors
+        return torch.bincount(flat_codes, weights=grad.reshape(-1), minlength=ctx.levels).to(grad.dtype), None
+
+
+def int8_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x float [n, m] -> (int8 [n, m], fp16 per-row scale [n]): symmetric, absmax/127, round to nearest."""
+    s = (x.abs().amax(1) / 127).to(torch.float16)
+    sf = s.float().unsqueeze(1)
+    q = torch.where(sf > 0, torch.round(x.float() / sf.clamp_min(1e-30)), torch.zeros_like(x, dtype=torch.float32))
+    return q.clamp(-127, 127).to(torch.int8), s
+
+
+def overlay_values(q: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    return q.float() * s.float().unsqueeze(1)
+
+
+def fit_grid(w: torch.Tensor, bits: int, block_size: int, codec: str, col_weight: torch.Tensor | None,
+             samples: int = GRID_SAMPLES) -> torch.Tensor:
+    """The grid of `codec` for w [R, C]; k-means weighs each weight by its block scale^2 and its column's
+    input energy E[x_j^2] when known (the output error it causes)."""
+    scales, normed = codecs.block_scales(w, block_size)
+    weight = scales.float().repeat_interleave(block_size, -1)[..., :w.shape[1]] ** 2
+    if col_weight is not None:
+        weight = weight * col_weight.float().to(weight.device).unsqueeze(0)
+    if codec == "gsq":
+        return codecs.kmeans_grid(normed, weight, 2**bits, samples=samples).to(w.device)
+    return codecs.GRIDS[codec](normed, weight, 2**bits).to(w.device)
+
+
+def quantize_matrix(w: torch.Tensor, bits: int, block_size: int, codec: str, h: torch.Tensor | None = None,
+                    use_gptq: bool = True, lowrank_dtype: str = "int8") -> QWeight:
+    """w [R, C] -> QWeight: grid fitted with activation weights, codes by GPTQ rounding when h is known."""
+    w = w.float()
+    col = torch.diagonal(h).clamp_min(0) if h is not None else None
+    grid = fit_grid(w, bits, block_size, codec, col)
+    if h is not None and use_gptq:
+        codes, scales = gptq.round_gptq(w, h, grid, block_size)
+    else:
+        scales, normed = codecs.block_scales(w, block_size)
+        codes = codecs.nearest(normed, grid).to(torch.uint8)
+    return QWeight(bits=bits, block_size=block_size, codes=codes, scales=scales.float(), grid=grid.float(),
+                   lowrank_dtype=lowrank_dtype)

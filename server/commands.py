@@ -1,0 +1,70 @@
+"""`uc serve PACK`: the OpenAI-compatible server. Flags come from ServerConfig/EngineConfig (one source of
+defaults); every flag can also be given as an environment variable UC_<FLAG> (flag > environment > default)."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+
+from .config import EngineConfig, LoadError, ServerConfig, env_default, env_name, flag_fields, parse_value
+
+
+def _add_fields(parser: argparse.ArgumentParser, cls) -> None:
+    for f in flag_fields(cls):
+        flag = "--" + f.name.replace("_", "-")
+        default = env_default(f)
+        shown = "unset" if default is None else default
+        parser.add_argument(flag, dest=f.name, default=default, type=lambda s, f=f: parse_value(f, s),
+                            metavar=f.name.upper(), help=f"{f.metadata['help']} (env {env_name(f.name)}; default {shown})")
+
+
+def register(sub) -> None:
+    s = sub.add_parser("serve", help="serve a pack with the OpenAI API (completions, chat, streaming, metrics)",
+                       description="Serve PACK over HTTP with the OpenAI completions and chat completions APIs, "
+                       "continuous batching, Prometheus /metrics and health probes (/health/live, /health/ready). "
+                       "Every flag can also be set by an environment variable UC_<FLAG>.")
+    pack_default = os.environ.get(env_name("pack"))
+    s.add_argument("pack", nargs="?" if pack_default else None, default=pack_default,
+                   help=f"the uc pack folder (env {env_name('pack')})")
+    _add_fields(s, ServerConfig)
+    _add_fields(s, EngineConfig)
+    s.set_defaults(fn=cmd_serve)
+
+
+def config_from_args(a) -> ServerConfig:
+    engine = EngineConfig(**{f.name: getattr(a, f.name) for f in flag_fields(EngineConfig)})
+    server = {f.name: getattr(a, f.name) for f in flag_fields(ServerConfig)}
+    cfg = ServerConfig(pack=a.pack, engine=engine, **server)
+    check(cfg)
+    return cfg
+
+
+def check(cfg: ServerConfig) -> None:
+    from pathlib import Path
+
+    e = cfg.engine
+    if not Path(cfg.pack).is_dir() or not (Path(cfg.pack) / "manifest.json").is_file():
+        raise LoadError(f"{cfg.pack}: not a finished uc pack (no manifest.json); make one with `uc pack`")
+    if e.max_num_seqs < 1 or e.max_queue < 1:
+        raise LoadError("--max-num-seqs and --max-queue must be at least 1")
+    if e.prefill_chunk < 1:
+        raise LoadError("--prefill-chunk must be at least 1")
+    if e.residency not in ("dense", "packed", "stream"):
+        raise LoadError(f"--residency {e.residency}: one of dense, packed, stream")
+    if cfg.log_level not in ("debug", "info", "warning", "error", "critical"):
+        raise LoadError(f"--log-level {cfg.log_level}: one of debug, info, warning, error")
+
+
+def cmd_serve(a) -> int:
+    import logging
+
+    from .launch import serve
+
+    cfg = config_from_args(a)
+    logging.getLogger().setLevel(cfg.log_level.upper())
+    logging.getLogger("server").setLevel(cfg.log_level.upper())
+    return serve(dataclasses.replace(cfg))
+
+
+ERRORS = (LoadError,)

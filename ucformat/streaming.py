@@ -1,0 +1,257 @@
+"""The runtime behind a loaded pack: puts each decoder layer's weights in place just before it runs.
+
+Dense layers are attached once. For every other layer a forward pre-hook attaches its reconstructed
+weights (waiting for the prefetch if it is still in flight) and a forward hook drops them again; the
+prefetcher reconstructs the next non-dense layers in the background while the current one computes:
+a worker thread on CPU; on CUDA the same thread enqueues host-to-device copies from pinned memory and
+the reconstruction on a side stream, and the compute stream waits on an event.
+
+Everything that happens is counted in `RuntimeStats`, a plain record the server maps to metrics.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+
+import torch
+
+from . import qtensor
+from .manifest import layer_file
+from .reader import PackReader
+from .residency import ResidencyPlan
+from .skeleton import Skeleton
+
+log = logging.getLogger(__name__)
+
+Parts = dict[str, "qtensor.QuantizedTensor | torch.Tensor"]
+
+
+@dataclass
+class RuntimeStats:
+    mode: str
+    device: str
+    total_layers: int
+    resident_layers: int  # dense or packed on the device
+    layers_dense: int
+    layers_packed: int
+    layers_streamed: int
+    resident_bytes: int  # weight bytes on the device now
+    peak_resident_bytes: int
+    bytes_transferred: int  # stored bytes copied host -> device (or read from the mmap-ed pack on CPU)
+    prefetch_hits: int
+    prefetch_misses: int
+    stall_seconds: float  # time the compute waited for a layer
+    dequant_seconds: float  # time spent reconstructing weights (all threads)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _nbytes(t: torch.Tensor | None) -> int:
+    return 0 if t is None else t.numel() * t.element_size()
+
+
+def parts_bytes(parts: Parts) -> int:
+    return sum(p.stored_bytes() if isinstance(p, qtensor.QuantizedTensor) else _nbytes(p) for p in parts.values())
+
+
+class Runtime:
+    def __init__(self, reader: PackReader, sk: Skeleton, plan: ResidencyPlan, prefetch: bool = True,
+                 progress: bool = False) -> None:
+        self.reader, self.sk, self.plan = reader, sk, plan
+        self.device = sk.device
+        self.cuda = self.device.type == "cuda"
+        self.prefetch = prefetch
+        self._lock = threading.Lock()
+        self._resident = 0
+        self._peak = 0
+        self._transferred = 0
+        self._hits = self._misses = 0
+        self._stall = self._dequant = 0.0
+        self._stores: dict[int, Parts] = {}  # packed (on device) and host (pinned) parts
+        self._inflight: dict[int, Future] = {}
+        self._attached: dict[int, int] = {}  # layer -> bytes attached now (non-dense layers)
+        self._meta: dict[int, dict[str, tuple[torch.nn.Module, str, torch.nn.Parameter]]] = {}
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="uc-prefetch") if prefetch else None
+        self._side = torch.cuda.Stream(self.device) if self.cuda else None
+
+        self._add(sum(_nbytes(t) for t in self._attach_nonlayer()))
+        self._order = [p.index for p in plan.layers if p.where != "dense"]
+        for p in plan.layers:
+            if p.where == "dense":
+                sd = self._reconstruct(self._parts(p.index, to_device=True))
+                self._add(sum(_nbytes(t) for t in sd.values()))
+                sk.load(sd)
+            else:
+                self._prepare_fast_path(p.index)
+                if p.where == "packed":
+                    self._stores[p.index] = self._parts(p.index, to_device=True)
+                    self._add(parts_bytes(self._stores[p.index]))
+                elif self.cuda:
+                    self._stores[p.index] = {k: _pin(v) for k, v in self.reader.read_parts(layer_file(p.index)).items()}
+                layer = sk.layers[p.index]
+                layer.register_forward_pre_hook(self._make_pre(p.index))
+                layer.register_forward_hook(self._make_post(p.index))
+
+    # -- accounting -----------------------------------------------------------------------------------
+    def _add(self, n: int) -> None:
+        with self._lock:
+            self._resident += n
+            self._peak = max(self._peak, self._resident)
+
+    def stats(self) -> RuntimeStats:
+        with self._lock:
+            return RuntimeStats(
+                mode=self.plan.mode, device=str(self.device), total_layers=len(self.plan.layers),
+                resident_layers=self.plan.count("dense") + self.plan.count("packed"),
+                layers_dense=self.plan.count("dense"), layers_packed=self.plan.count("packed"),
+                layers_streamed=self.plan.count("host"), resident_bytes=self._resident, peak_resident_bytes=self._peak,
+                bytes_transferred=self._transferred, prefetch_hits=self._hits, prefetch_misses=self._misses,
+                stall_seconds=self._stall, dequant_seconds=self._dequant)
+
+    def reset_peak(self) -> None:
+        with self._lock:
+            self._peak = self._resident
+
+    # -- weights --------------------------------------------------------------------------------------
+    def _attach_nonlayer(self) -> list[torch.Tensor]:
+        sd = self.reader.nonlayer_state_dict(self.sk.dtype, self.device)
+        self.sk.load(sd)
+        return list(sd.values())
+
+    def _parts(self, index: int, to_device: bool) -> Parts:
+        parts = self.reader.read_parts(layer_file(index))
+        return {k: v.to(self.device) for k, v in parts.items()} if to_device else parts
+
+    def _reconstruct(self, parts: Parts) -> dict[str, torch.Tensor]:
+        t0 = time.perf_counter()
+        out = {}
+        for name, p in parts.items():
+            if isinstance(p, qtensor.QuantizedTensor):
+                out[name] = qtensor.dequantize(p, self.sk.dtype)
+            else:
+                out[name] = p.to(self.sk.dtype) if p.is_floating_point() else p
+        with self._lock:
+            self._dequant += time.perf_counter() - t0
+        return out
+
+    def _materialize(self, index: int):
+        """Stored parts -> reconstructed tensors on the device. Runs on the prefetch thread or inline."""
+        where = self.plan.layers[index].where
+        if where == "packed":
+            return self._reconstruct(self._stores[index]), None
+        if not self.cuda:
+            parts = self._parts(index, to_device=False)  # mmap-backed; size/mtime re-checked on every read
+            with self._lock:
+                self._transferred += parts_bytes(parts)
+            return self._reconstruct(parts), None
+        with torch.cuda.stream(self._side):
+            host = self._stores[index]
+            dev = {k: v.to(self.device, non_blocking=True) for k, v in host.items()}
+            sd = self._reconstruct(dev)
+            event = torch.cuda.Event()
+            event.record(self._side)
+        with self._lock:
+            self._transferred += parts_bytes(host)
+        return sd, event
+
+    def _prepare_fast_path(self, index: int) -> None:
+        """Checkpoint names that are module parameters one to one are attached by assignment (fast);
+        layers whose weights transformers converts on load (fused MoE experts) go through the skeleton."""
+        names = self.reader.layer_tensor_names(index)
+        params = dict(self.sk.model.named_parameters())
+        if set(names) != {n for n in params if n.startswith(self.reader.manifest.layer_prefix + f"{index}.")}:
+            return
+        slots = {}
+        for n in names:
+            mod_name, _, attr = n.rpartition(".")
+            slots[n] = (self.sk.model.get_submodule(mod_name), attr, params[n])
+        self._meta[index] = slots
+
+    def _attach(self, index: int, sd: dict[str, torch.Tensor]) -> None:
+        slots = self._meta.get(index)
+        if slots is None:
+            self.sk.load(sd)
+        else:
+            for n, t in sd.items():
+                mod, attr, _ = slots[n]
+                mod._parameters[attr] = torch.nn.Parameter(t, requires_grad=False)
+        n = sum(_nbytes(t) for t in sd.values())
+        self._attached[index] = n
+        self._add(n)
+
+    def _detach(self, index: int) -> None:
+        slots = self._meta.get(index)
+        if slots is None:
+            self.sk.unload_layer(index)
+        else:
+            for mod, attr, meta in slots.values():
+                mod._parameters[attr] = meta
+        self._add(-self._attached.pop(index, 0))
+
+    # -- hooks ----------------------------------------------------------------------------------------
+    def _schedule(self, after: int) -> None:
+        if self._pool is None or not self._order:
+            return
+        pos = self._order.index(after) if after in self._order else -1
+        nxt = self._order[(pos + 1) % len(self._order)]
+        if nxt != after and nxt not in self._inflight and nxt not in self._attached:
+            self._inflight[nxt] = self._pool.submit(self._prefetch_job, nxt)
+
+    def _prefetch_job(self, index: int):
+        sd, event = self._materialize(index)
+        self._add(sum(_nbytes(t) for t in sd.values()))  # in flight: counted while it waits
+        return sd, event
+
+    def _make_pre(self, index: int):
+        def pre(module, args):
+            fut = self._inflight.pop(index, None)
+            t0 = time.perf_counter()
+            if fut is not None:
+                ready = fut.done()
+                sd, event = fut.result()
+                self._add(-sum(_nbytes(t) for t in sd.values()))  # re-counted by _attach
+                if event is not None:
+                    if not event.query():
+                        ready = False
+                        event.synchronize()
+                    stream = torch.cuda.current_stream(self.device)
+                    for t in sd.values():
+                        t.record_stream(stream)
+                with self._lock:
+                    self._hits += ready
+                    self._misses += not ready
+            else:
+                sd, event = self._materialize(index)
+                if event is not None:
+                    event.synchronize()
+                with self._lock:
+                    self._misses += 1
+            with self._lock:
+                self._stall += time.perf_counter() - t0
+            self._attach(index, sd)
+            self._schedule(index)
+        return pre
+
+    def _make_post(self, index: int):
+        def post(module, args, output):
+            self._detach(index)
+        return post
+
+    def close(self) -> None:
+        if self._pool is not None:
+            for fut in self._inflight.values():
+                fut.cancel()
+            self._pool.shutdown(wait=True)
+            self._inflight.clear()
+
+
+def _pin(p):
+    """Page-locked host copy (CUDA only) so copies to the device are asynchronous."""
+    if isinstance(p, qtensor.QuantizedTensor):
+        return p.apply(torch.Tensor.pin_memory)
+    return p.pin_memory()
