@@ -91,6 +91,12 @@ class SourceCheckpoint:
             self._handles[file] = self._open(file).__enter__()
         return self._handles[file]
 
+    def release(self) -> None:
+        """Unmap every open file: pages of tensors already read stop counting in this process's memory."""
+        for h in self._handles.values():
+            h.__exit__(None, None, None)
+        self._handles.clear()
+
     def get(self, name: str) -> torch.Tensor:
         return self._handle(self.weight_map[name]).get_tensor(name)
 

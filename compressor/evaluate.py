@@ -96,7 +96,7 @@ def wikitext_articles(text: str, spec: str) -> str:
 
 def make_windows(tokenizer, text: str, ctx: int, max_windows: int | None) -> torch.Tensor:
     """Non-overlapping windows [N, ctx]; each starts with BOS when the tokenizer adds one by default."""
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    ids = tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
     probe = tokenizer("a")["input_ids"]
     bos = tokenizer.bos_token_id if (tokenizer.bos_token_id is not None and probe[:1] == [tokenizer.bos_token_id]) else None
     step = ctx - 1 if bos is not None else ctx

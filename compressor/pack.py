@@ -36,6 +36,7 @@ class PackResult:
     layers_done: int
     layers_resumed: int
     peak_rss_bytes: int
+    baseline_rss_bytes: int  # peak RSS before the first weight was read (interpreter + libraries)
     peak_device_bytes: int | None
     stats: dict
     calib: dict | None = None  # what the calibrated pipeline did (CalibReport), when it ran
@@ -83,6 +84,7 @@ def pack(src: str | Path, dst: str | Path, cfg: PackConfig = PackConfig(), resum
         writer.write_tensors(rel, stored, entries)
 
     quantize_fn = is_quantized_layer_tensor
+    baseline_rss = _peak_rss()  # interpreter, torch and transformers; everything above it is the job's
     if not writer.has(NONLAYER_FILE):
         embeddings = lambda n, s, d: cfg.quantize_embeddings and len(s) == 2 and bool(EMBEDDING_RE.search(n))  # noqa: E731
         write(NONLAYER_FILE, {n: (plain(n) if embeddings(n, *ckpt.shape_dtype(n)) else ckpt.get(n)) for n in ckpt.nonlayer})
@@ -105,6 +107,7 @@ def pack(src: str | Path, dst: str | Path, cfg: PackConfig = PackConfig(), resum
             write(rel, calibrated.compress(i))
         else:
             write(rel, {n: plain(n) for n in ckpt.layers[i]})
+        ckpt.release()  # unmap what this layer touched, so resident memory stays about one layer
     bar.close()
 
     stats = pack_stats(writer.tensors, writer.files, ckpt.total_bytes())
@@ -124,8 +127,12 @@ def pack(src: str | Path, dst: str | Path, cfg: PackConfig = PackConfig(), resum
         report = calibrated.report.to_dict()
         shutil.rmtree(dst / WORK_DIR, ignore_errors=True)
     peak_dev = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
-    return PackResult(dst, time.perf_counter() - t0, ckpt.num_layers - resumed, resumed,
-                      resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, peak_dev, stats, report)
+    return PackResult(dst, time.perf_counter() - t0, ckpt.num_layers - resumed, resumed, _peak_rss(), baseline_rss,
+                      peak_dev, stats, report)
+
+
+def _peak_rss() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def encode(rel: str, name: str, t: ucformat.qtensor.QuantizedTensor | torch.Tensor, src_dtype: str,

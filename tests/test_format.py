@@ -160,3 +160,34 @@ def test_writer_refuses_finished_pack_and_foreign_dirs(tiny_llama, packed, tmp_p
     (other / "precious.txt").write_text("x")
     with pytest.raises(errors.PackError, match="not an unfinished pack"):
         pack(tiny_llama, other, PackConfig(bits=4), progress=False)
+
+
+def test_sharded_checkpoint_packs_like_single_file(tiny_llama, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    sd = load_file(str(tiny_llama / "model.safetensors"))
+    sharded = tmp_path / "sharded"
+    shutil.copytree(tiny_llama, sharded)
+    (sharded / "model.safetensors").unlink()
+    names = sorted(sd)
+    weight_map = {}
+    for k, chunk in enumerate((names[: len(names) // 2], names[len(names) // 2:])):
+        fname = f"model-0000{k + 1}-of-00002.safetensors"
+        save_file({n: sd[n] for n in chunk}, str(sharded / fname))
+        weight_map.update({n: fname for n in chunk})
+    (sharded / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    pack(tiny_llama, tmp_path / "a", PackConfig(bits=4), progress=False)
+    pack(sharded, tmp_path / "b", PackConfig(bits=4), progress=False)
+    a, b = PackReader(tmp_path / "a"), PackReader(tmp_path / "b")
+    assert {k: v.sha256 for k, v in a.manifest.files.items()} == {k: v.sha256 for k, v in b.manifest.files.items()}
+
+
+def test_architecture_without_layers_is_refused(tmp_path):
+    from safetensors.torch import save_file
+
+    from compressor.checkpoint import CheckpointError
+
+    (tmp_path / "config.json").write_text('{"model_type": "mystery"}')
+    save_file({"encoder.block.0.weight": torch.zeros(4, 4)}, str(tmp_path / "model.safetensors"))
+    with pytest.raises(CheckpointError, match="no decoder layers found .* 'mystery' is not supported"):
+        SourceCheckpoint(tmp_path)

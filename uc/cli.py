@@ -50,13 +50,15 @@ def cmd_pack(a) -> int:
     if a.json:
         print(json.dumps({"path": str(r.path), "seconds": r.seconds, "layers_done": r.layers_done,
                           "layers_resumed": r.layers_resumed, "peak_rss_bytes": r.peak_rss_bytes,
+                          "baseline_rss_bytes": r.baseline_rss_bytes,
                           "peak_device_bytes": r.peak_device_bytes, **s, "calib": r.calib}))
         return 0
     print(f"packed {a.src} -> {r.path} in {r.seconds:.1f}s ({r.layers_done} layers written, {r.layers_resumed} resumed)")
     print(f"  bpw_allin {s['bpw_allin']:.3f}  pack {_size(s['pack_bytes'])}  source {_size(s['source_bytes'])}  "
           f"ratio {s['ratio']:.2f}x")
     dev = f"  peak device memory {_size(r.peak_device_bytes)}" if r.peak_device_bytes is not None else ""
-    print(f"  peak process memory (RSS) {_size(r.peak_rss_bytes)}{dev}")
+    print(f"  peak process memory (RSS) {_size(r.peak_rss_bytes)}, of which {_size(r.peak_rss_bytes - r.baseline_rss_bytes)} "
+          f"above the {_size(r.baseline_rss_bytes)} of Python and libraries{dev}")
     return 0
 
 
