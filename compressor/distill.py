@@ -27,6 +27,7 @@ from .qweight import QWeight
 
 CHECK_SEQUENCES = 4  # sequences of the before/after check
 FINAL_LR = 0.1  # cosine decay to this share of the initial learning rate
+AUTOCAST = False
 
 
 @dataclass
@@ -126,9 +127,9 @@ def distill(layer: torch.nn.Module, index: int, qweights: dict[str, QWeight], x_
         frac = 0.5 * (1 + math.cos(math.pi * step / steps))
         for g, lr in zip(opt.param_groups, base_lr):
             g["lr"] = lr * (FINAL_LR + (1 - FINAL_LR) * frac)
-        with torch.enable_grad():
+        with torch.enable_grad(), torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=AUTOCAST):
             out = call_layer(layer, x, kwargs, {k: tr.weight() for k, tr in train.items()})
-            loss = (out - t).square().mean()
+            loss = (out.float() - t).square().mean()
             opt.zero_grad(set_to_none=True)
             loss.backward()
         opt.step()

@@ -188,7 +188,10 @@ class Engine:
         return bool(self.waiting or self.prefilling or self.running)
 
     def _loop(self) -> None:
-        torch.set_grad_enabled(False)
+        with torch.inference_mode():  # KV buffers, logits and sampling all live in inference mode
+            self._run()
+
+    def _run(self) -> None:
         while not self._stop.is_set():
             try:
                 self._drain_inbox(block=not self._has_work())

@@ -15,6 +15,9 @@ import torch
 
 # Above this nucleus size top-p falls back to a full sort of the row (exact either way).
 _TOP_P_CANDIDATES = 1024
+# Temperatures below this are greedy (as in vLLM): dividing by them would overflow.
+_GREEDY_EPS = 1e-5
+_BIG = 1e30  # +inf logits (from extreme penalties) are clamped here so softmax stays defined
 
 
 @dataclass(frozen=True)
@@ -40,7 +43,7 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0 or self.top_k == 1
+        return self.temperature < _GREEDY_EPS or self.top_k == 1
 
     @property
     def needs_penalties(self) -> bool:
@@ -123,7 +126,8 @@ class Sampler:
                 banned = [t for t in (*(() if p.ignore_eos else self.eos), *p.stop_token_ids) if t < self.vocab_size]
                 if banned:
                     logits[i, banned] = float("-inf")
-        return logits
+        # extreme penalties or biases can overflow: NaN never wins, +inf ties at a finite top
+        return torch.nan_to_num(logits, nan=float("-inf"), posinf=_BIG, neginf=float("-inf"))
 
     def _penalize(self, row: torch.Tensor, r: RowState) -> None:
         p = r.params
@@ -139,8 +143,12 @@ class Sampler:
     def _probs(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
         """[m, V] logits of sampled rows -> [m, V] probabilities after temperature, min_p, top_k, top_p."""
         temps = torch.tensor([p.temperature for p in params], dtype=logits.dtype).unsqueeze(1)
-        logits = logits / temps
+        logits = torch.nan_to_num(logits / temps, nan=float("-inf"), posinf=_BIG, neginf=float("-inf"))
         probs = torch.softmax(logits, dim=-1)
+        bad = ~torch.isfinite(probs).all(dim=-1) | (probs.sum(dim=-1) <= 0)
+        if bad.any():  # every logit -inf: fall back to the first token rather than fail the request
+            probs[bad] = 0.0
+            probs[bad, 0] = 1.0
         for j, p in enumerate(params):
             row = probs[j]
             if p.min_p > 0:

@@ -25,7 +25,10 @@ _PACKS: dict[str, Path] = {}
 
 
 def smol_pack_dir(smollm2: Path, root: Path) -> Path:
-    """SmolLM2 packed at 5 bits, once per test session (shared by every server test module)."""
+    """SmolLM2 packed at 5 bits, once per test session (shared by every server test module).
+    UC_TEST_PACK=DIR reuses an existing pack of it instead (for quick local runs)."""
+    if os.environ.get("UC_TEST_PACK"):
+        return Path(os.environ["UC_TEST_PACK"])
     if "smol" not in _PACKS:
         from compressor.config import PackConfig
         from compressor.pack import pack
@@ -373,10 +376,10 @@ def test_error_shapes(client):
     assert e.status_code == 400 and e.body["param"] == "messages"
     e = _err(lambda: client.completions.create(model="smol", prompt=PROMPT, stop=[""]))
     assert e.status_code == 400 and e.body["param"] == "stop"
-    r = httpx.post(client.base_url.join("completions"), content=b"{not json", headers={
+    r = httpx.post(str(client.base_url) + "completions", content=b"{not json", headers={
         "Authorization": f"Bearer {KEY}", "Content-Type": "application/json"})
     assert r.status_code == 400 and set(r.json()["error"]) == {"message", "type", "param", "code"}
-    r = httpx.get(client.base_url.join("nothing"))
+    r = httpx.get(str(client.base_url) + "nothing")
     assert r.status_code == 404 and "error" in r.json()
 
 
@@ -414,8 +417,8 @@ def test_timeout_is_an_error_mid_stream(client):
 
 
 def test_keepalive_comments_during_long_prefill(server, ref):
-    # ~3000 prompt tokens in 512-token chunks: seconds of prefill with nothing to send but keep-alives
-    prompt = " ".join(["The quick brown fox jumps over the lazy dog."] * 300)
+    # ~1500 prompt tokens in 512-token chunks: seconds of prefill with nothing to send but keep-alives
+    prompt = " ".join(["The quick brown fox jumps over the lazy dog."] * 150)
     with httpx.stream("POST", server.url + "/v1/chat/completions", headers={"Authorization": f"Bearer {KEY}"},
                       json={"messages": [{"role": "user", "content": prompt}], "max_tokens": 1, "stream": True},
                       timeout=120) as r:

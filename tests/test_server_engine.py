@@ -209,6 +209,9 @@ def test_sampling_seed_bias_and_penalties(tiny_model, tokenizer):
         assert len(set(rep)) > len(rep) // 2
         assert run(temperature=1.0, top_p=1e-6, seed=3) == run(temperature=0.0)  # nucleus of one token
         assert run(temperature=1.0, min_p=1.0, seed=4) == run(temperature=0.0)
+        # overflowing inputs (found by schemathesis) sample something instead of failing the request
+        assert len(run(temperature=1.0, repetition_penalty=5e-324, seed=1)) == 12
+        assert run(temperature=1e-300, seed=2) == run(temperature=0.0)
     finally:
         eng.shutdown()
 
