@@ -31,7 +31,7 @@ BITS = bitpack.WIDTHS
 RANKS = (8, 16, 32, 64, 128)  # ranks considered, up to the configured maximum
 OVERLAY_SHARES = (1 / 128, 1 / 64, 1 / 32, 1 / 16)  # row shares considered for tensors of <= 3 bits
 OVERLAY_MAX_BITS = 3
-SAMPLE_ROWS = 256  # rows profiled per tensor
+SAMPLE_ROWS = 128  # rows profiled per tensor
 PROFILE_GRID_SAMPLES = 1 << 14  # values the profile's k-means grids are fitted on
 
 
@@ -122,8 +122,9 @@ class Option:
     loss: float  # estimated calibration-loss increase
 
 
-def options(p: Profile, block_size: int, lowrank_dtype: str, ranks: list[int], overlay: bool) -> list[Option]:
-    """Every choice for one tensor with its exact cost and estimated loss."""
+def options(p: Profile, block_size: int, lowrank_dtype: str, ranks: list[int], overlay: bool,
+            zero_rank: bool = True) -> list[Option]:
+    """Every choice for one tensor with its exact cost and estimated loss (rank 0 among them if zero_rank)."""
     if p.fixed is not None:
         return [Option(p.fixed, stored_bits(p.shape, p.fixed, block_size, lowrank_dtype), 0.0)]
     rows, cols = p.shape[-2:]
@@ -140,9 +141,8 @@ def options(p: Profile, block_size: int, lowrank_dtype: str, ranks: list[int], o
             i = int(drop)
             rest = (tail[i].item() if i < m else 0.0) - (drop - i) * (weighted[i].item() if i < m else 0.0)
             base = (total if k == 0 else rest) * rows / m
-            for r in [0, *ranks]:
-                if r > min(rows, cols):
-                    continue
+            for r in ([0] if zero_rank else []) + list(ranks):
+                r = min(r, rows, cols)
                 share = p.captured.get(b, {}).get(r, 0.0) if r else 0.0
                 c = Choice(b, r, k)
                 out.append(Option(c, stored_bits(p.shape, c, block_size, lowrank_dtype), base * (1 - share)))

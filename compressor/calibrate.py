@@ -27,7 +27,10 @@ def calibration_ids(tokenizer, text: str, samples: int, seq_len: int, articles: 
     text = text.replace("\r\n", "\n")
     if articles:
         text = wikitext_articles(text, articles)
-    windows = make_windows(tokenizer, text, seq_len, None)
+    try:
+        windows = make_windows(tokenizer, text, seq_len, None)
+    except ValueError:  # not even one window
+        windows = torch.zeros(0, seq_len, dtype=torch.long)
     if len(windows) < samples:
         raise ValueError(f"calibration text has {len(windows)} windows of {seq_len} tokens; "
                          f"--calib-samples {samples} asks for more (use a longer text or a shorter --calib-len)")

@@ -144,16 +144,20 @@ class CalibratedLayers:
             for n, f in self.fisher.items():
                 profiles[n].fisher = f
         self.report.seconds["fisher"] = time.perf_counter() - t0
-        opts = {n: allocate.options(p, cfg.block_size, cfg.lowrank_dtype, self._ranks(), overlay=True)
-                for n, p in profiles.items()}
+        opts = {n: allocate.options(p, cfg.block_size, cfg.lowrank_dtype, self._ranks(), overlay=True,
+                                    zero_rank=not cfg.rank) for n, p in profiles.items()}
         numel = sum(p.numel for p in profiles.values())
         plan = allocate.allocate(opts, cfg.target_bpw * numel)
         self._save_plan(plan)
         return plan
 
     def _ranks(self) -> list[int]:
+        """Ranks the allocator may choose: the fixed --rank, else those up to --max-rank (0 stays allowed
+        only when no rank is fixed)."""
         cfg = self.cfg
-        return sorted({r for r in allocate.RANKS if r <= cfg.rank} | ({cfg.rank} if cfg.rank else set()))
+        if cfg.rank:
+            return [cfg.rank]
+        return [r for r in allocate.RANKS if r <= cfg.max_rank]
 
     def _profile(self) -> dict[str, allocate.Profile]:
         """Every quantized tensor at every code width (on the fp stream when there is data)."""

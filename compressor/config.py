@@ -19,14 +19,15 @@ INPUT_MODES = ("online", "teacher")
 class CalibConfig:
     file: str | None = None  # calibration text (UTF-8, CRLF normalised); None: data-free, no distillation
     articles: str | None = None  # keep only these WikiText articles, e.g. "1-16"
-    samples: int = 16  # calibration sequences
-    seq_len: int = 512  # tokens per sequence (BOS included where the tokenizer adds one)
+    samples: int = 32  # calibration sequences
+    seq_len: int = 256  # tokens per sequence (BOS included where the tokenizer adds one)
     inputs: str = "online"  # inputs of layer i: "online" (the compressed model's) or "teacher" (the fp model's)
     steps: int = 200  # Adam steps per decoder layer (one sequence each); 0: closed-form only
     lr: float = 1e-3  # Adam learning rate for grids, log-scales, and factors relative to their RMS
     refine_scales: bool = True  # distillation also trains the block scales
     refine_grid: bool = True  # ... and the grid
     gptq: bool = True  # choose codes by activation-aware error feedback (GPTQ-style), not nearest level
+    bf16: bool = True  # distillation steps under bfloat16 autocast where the hardware has it (checks stay fp32)
     fisher_samples: int = 4  # sequences whose loss gradients weight the allocation (0: activations only)
     spill_mb: int = 1024  # activations beyond this many MiB are written to safetensors files under DST
     seed: int = 0
@@ -47,7 +48,8 @@ class PackConfig:
     codec: str = "gsq"  # "gsq" (learned grid) or "uniform" (round-to-nearest baseline)
     device: str = "cpu"  # where quantization runs: "cpu" or "cuda"
     quantize_embeddings: bool = False  # also quantize token embeddings / lm_head (kept in source dtype by default)
-    rank: int = 0  # low-rank correction rank of every linear; with target_bpw, the largest rank considered
+    rank: int = 0  # low-rank correction rank of every linear (0: none, unless the allocator picks one)
+    max_rank: int = 32  # with target_bpw and rank 0: the allocator may give a linear any rank up to this
     lowrank_dtype: str = "int8"  # how factors are stored: "int8" (per-row fp16 scale) or "float16"
     target_bpw: float | None = None  # all-in bits-per-weight budget: allocate bits/ranks/overlays per tensor
     overlay: float = 0.0  # share of rows restored at 8 bits in tensors of <= 3 bits (without target_bpw)
@@ -62,8 +64,8 @@ class PackConfig:
             raise ValueError(f"--codec must be gsq or uniform, got {self.codec!r}")
         if self.device not in ("cpu", "cuda") and not self.device.startswith("cuda:"):
             raise ValueError(f"--device must be cpu or cuda, got {self.device!r}")
-        if not 0 <= self.rank <= 1024:
-            raise ValueError(f"--rank must be in 0..1024, got {self.rank}")
+        if not 0 <= self.rank <= 1024 or not 0 <= self.max_rank <= 1024:
+            raise ValueError(f"--rank and --max-rank must be in 0..1024, got {self.rank}, {self.max_rank}")
         if self.lowrank_dtype not in LOWRANK_DTYPES:
             raise ValueError(f"--lowrank-dtype must be one of {', '.join(LOWRANK_DTYPES)}, got {self.lowrank_dtype!r}")
         if self.target_bpw is not None and not 2.0 <= self.target_bpw <= 16.0:
@@ -83,7 +85,7 @@ class PackConfig:
         d = asdict(self)
         d.pop("device")
         if not self.calibrated:  # plain packs keep the foundation's journal settings
-            for k in ("rank", "lowrank_dtype", "target_bpw", "overlay", "calib"):
+            for k in ("rank", "max_rank", "lowrank_dtype", "target_bpw", "overlay", "calib"):
                 d.pop(k)
         else:
             d["calib"].pop("spill_mb")

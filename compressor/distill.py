@@ -27,7 +27,6 @@ from .qweight import QWeight
 
 CHECK_SEQUENCES = 4  # sequences of the before/after check
 FINAL_LR = 0.1  # cosine decay to this share of the initial learning rate
-AUTOCAST = False
 
 
 @dataclass
@@ -76,6 +75,16 @@ def _spacing(grid: torch.Tensor) -> float:
     return (grid.max() - grid.min()).item() / max(grid.numel() - 1, 1)
 
 
+def native_bf16(device: torch.device) -> bool:
+    """Whether bfloat16 matmuls are fast here (AMX/AVX512-BF16 on CPU, any CUDA device)."""
+    if device.type == "cuda":
+        return True
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
 def frozen_weights(qweights: dict[str, QWeight], device) -> dict[str, torch.Tensor]:
     """Local param name -> exactly what the pack will store, reconstructed (SPEC.md 2.2)."""
     return {k: dequantize(q.freeze(), torch.float32).to(device) for k, q in qweights.items()}
@@ -120,6 +129,7 @@ def distill(layer: torch.nn.Module, index: int, qweights: dict[str, QWeight], x_
     gen = torch.Generator().manual_seed(cfg.seed * 100003 + index)
     order = torch.randperm(len(index_of), generator=gen).tolist()
     kwargs = one.layer_kwargs[index]
+    autocast = cfg.bf16 and native_bf16(device)
     for step in range(steps):
         c, j = index_of[order[step % len(order)]]
         x = x_in.store[c][j:j + 1]
@@ -127,7 +137,7 @@ def distill(layer: torch.nn.Module, index: int, qweights: dict[str, QWeight], x_
         frac = 0.5 * (1 + math.cos(math.pi * step / steps))
         for g, lr in zip(opt.param_groups, base_lr):
             g["lr"] = lr * (FINAL_LR + (1 - FINAL_LR) * frac)
-        with torch.enable_grad(), torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=AUTOCAST):
+        with torch.enable_grad(), torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=autocast):
             out = call_layer(layer, x, kwargs, {k: tr.weight() for k, tr in train.items()})
             loss = (out.float() - t).square().mean()
             opt.zero_grad(set_to_none=True)

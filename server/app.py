@@ -51,6 +51,7 @@ class AppState:
     load_error: str | None = None
     created: int = 0
     on_load_failure: Callable[[], None] | None = None
+    on_ready: Callable[[], None] | None = None
     completions: CompletionServing | None = None
     chat: ChatServing | None = None
     model_names: list[str] = field(default_factory=list)
@@ -92,6 +93,8 @@ def load_in_background(state: AppState) -> threading.Thread:
             engine.warmup()
             state.attach(engine, info)
             log.info("ready: serving %s as %r", state.cfg.pack, state.cfg.model_name)
+            if state.on_ready:
+                state.on_ready()
         except Exception as exc:
             log.exception("loading %s failed", state.cfg.pack)
             state.load_error = f"{type(exc).__name__}: {exc}"

@@ -3,8 +3,10 @@ requests finish (up to --drain-timeout), then the process exits 0. A second sign
 
 from __future__ import annotations
 
+import json
 import logging
 import signal
+import sys
 import threading
 import time
 
@@ -41,6 +43,22 @@ class DrainingServer(uvicorn.Server):
         self.should_exit = True
 
 
+def examples(cfg: ServerConfig) -> str:
+    """A curl and an openai SDK command that work as printed against this server."""
+    host = "127.0.0.1" if cfg.host in ("0.0.0.0", "::", "") else cfg.host
+    base = f"http://{host}:{cfg.port}/v1"
+    auth_h = ' -H "Authorization: Bearer $UC_API_KEY"' if cfg.api_key else ""
+    key = 'os.environ["UC_API_KEY"]' if cfg.api_key else '"none"'
+    body = json.dumps({"model": cfg.model_name, "messages": [{"role": "user", "content": "What is the capital of "
+                       "France?"}], "max_tokens": 32})
+    py = (f"import os; from openai import OpenAI; c = OpenAI(base_url=\"{base}\", api_key={key}); "
+          f"r = c.chat.completions.create(model=\"{cfg.model_name}\", messages=[{{\"role\": \"user\", "
+          f"\"content\": \"Name three French cities.\"}}], max_tokens=32); print(r.choices[0].message.content)")
+    return (f"\nServing {cfg.model_name} at {base} (Ctrl-C to stop). Try, from another terminal:\n\n"
+            f"  curl -s {base}/chat/completions -H 'Content-Type: application/json'{auth_h} -d '{body}'\n\n"
+            f"  {sys.executable} -c '{py}'\n")
+
+
 def serve(cfg: ServerConfig) -> int:
     """Serve until stopped. Returns the process exit status (1 if the model failed to load)."""
     state = AppState(cfg)
@@ -53,6 +71,7 @@ def serve(cfg: ServerConfig) -> int:
         server.should_exit = True
 
     state.on_load_failure = failed
+    state.on_ready = lambda: print(examples(cfg), flush=True)
     server.run()
     if state.load_error:
         log.error("could not serve %s: %s", cfg.pack, state.load_error)

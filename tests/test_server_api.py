@@ -169,6 +169,23 @@ def test_health_version_models(server, client, smol_pack):
     assert client.models.list().data[0].max_model_len == 8192
 
 
+def test_printed_examples_work_as_printed(server):
+    """`uc serve` prints a curl and an openai SDK command once ready (what `make run` shows): run them."""
+    import shutil
+
+    lines = [ln.strip() for ln in server.log.read_text().splitlines()]
+    curl = next(ln for ln in lines if ln.startswith("curl "))
+    sdk = next(ln for ln in lines if " -c 'import os; from openai import OpenAI" in ln)
+    env = {**os.environ, "UC_API_KEY": KEY}
+    todo = [sdk] + ([curl] if shutil.which("curl") else [])
+    for cmd in todo:
+        r = subprocess.run(cmd, shell=True, env=env, capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0 and r.stdout.strip(), (cmd, r.stdout, r.stderr)
+    if shutil.which("curl"):
+        r = subprocess.run(curl, shell=True, env=env, capture_output=True, text=True, timeout=120)
+        assert json.loads(r.stdout)["choices"][0]["message"]["content"]
+
+
 def test_api_key(server):
     import openai
 

@@ -1,6 +1,6 @@
 """Schemathesis against /openapi.json of a real server: no generated input may produce a 5xx.
 
-The server runs with a tiny context (32 tokens) and queue so that every accepted request is cheap; the
+The server runs with a tiny context (48 tokens) and queue so that every accepted request is cheap; the
 number of generated cases is recorded in the test's output (and docs/SERVER.md quotes a run)."""
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ pytestmark = pytest.mark.slow
 
 
 def test_no_server_errors_from_generated_requests(smol_pack, tmp_path, record_property):  # noqa: F811
-    srv = ServerProcess(smol_pack, "--max-model-len", "32", "--max-num-seqs", "4", "--max-queue", "4",
+    srv = ServerProcess(smol_pack, "--max-model-len", "48", "--max-num-seqs", "4", "--max-queue", "4",
                         "--request-timeout", "15", "--log-level", "warning", log=tmp_path / "server.log")
     report = tmp_path / "schemathesis.json"
     try:

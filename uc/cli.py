@@ -40,10 +40,10 @@ def cmd_pack(a) -> int:
 
     cfg = build_config(
         a.preset, bits=a.bits, block_size=a.block_size, codec=a.codec, device=a.device,
-        quantize_embeddings=a.quantize_embeddings or None, target_bpw=a.target_bpw, rank=a.rank,
+        quantize_embeddings=a.quantize_embeddings or None, target_bpw=a.target_bpw, rank=a.rank, max_rank=a.max_rank,
         lowrank_dtype=a.lowrank_dtype, overlay=a.overlay, file=a.calib, articles=a.calib_articles,
         samples=a.calib_samples, seq_len=a.calib_len, inputs=a.inputs, steps=a.steps, lr=a.lr,
-        refine_scales=a.refine_scales, refine_grid=a.refine_grid, gptq=a.gptq, fisher_samples=a.fisher_samples,
+        refine_scales=a.refine_scales, refine_grid=a.refine_grid, gptq=a.gptq, bf16=a.bf16, fisher_samples=a.fisher_samples,
         spill_mb=a.spill_mb)
     r = pack(a.src, a.dst, cfg, resume=a.resume, progress=not a.quiet)
     s = r.stats
@@ -194,8 +194,9 @@ def build_parser() -> argparse.ArgumentParser:
         f"{k}: " + " ".join(f"{f}={v}" for f, v in d.items()) for k, d in PRESETS.items()))
     g.add_argument("--target-bpw", type=float, help="all-in bits-per-weight budget: bits, ranks and overlays are "
                    "chosen per tensor to minimise the estimated calibration loss (achieved bpw_allin <= this)")
-    g.add_argument("--rank", type=int, help=f"low-rank correction rank per linear; with --target-bpw the largest "
-                   f"considered (default {P.rank})")
+    g.add_argument("--rank", type=int, help=f"low-rank correction rank of every linear (default {P.rank})")
+    g.add_argument("--max-rank", type=int, help=f"with --target-bpw and no --rank: the largest rank the allocator "
+                   f"may give a linear, 0 = none (default {P.max_rank})")
     g.add_argument("--lowrank-dtype", choices=("int8", "float16"), help=f"factor storage (default {P.lowrank_dtype})")
     g.add_argument("--overlay", type=float, help=f"without --target-bpw: share of rows restored at 8 bits in "
                    f"tensors of <= 3 bits (default {P.overlay})")
@@ -215,6 +216,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="distillation keeps the grids")
     g.add_argument("--no-gptq", dest="gptq", action="store_const", const=False,
                    help="round to the nearest level instead of activation-aware error feedback")
+    g.add_argument("--no-bf16", dest="bf16", action="store_const", const=False,
+                   help="distillation steps in float32 even where bfloat16 matmuls are fast")
     g.add_argument("--fisher-samples", type=int, help=f"sequences whose loss gradients weight the allocation "
                    f"(default {C.fisher_samples})")
     g.add_argument("--spill-mb", type=int, help=f"activations kept in memory before spilling to disk "

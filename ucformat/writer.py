@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save as st_save
+from safetensors.torch import save_file as st_save_file
 
 from .errors import PackError
 from .manifest import (
@@ -88,8 +89,15 @@ class PackWriter:
     def write_tensors(self, rel: str, tensors: dict[str, torch.Tensor], entries: dict[str, TensorEntry]) -> None:
         """Write one safetensors file and record the source tensors it holds."""
         self._check_open()
-        data = st_save({k: v.contiguous() for k, v in tensors.items()})
-        self._commit(rel, data)
+        # Serialised straight into a temporary sibling (no second in-memory copy), then renamed.
+        path = self.dst / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        st_save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        self.files[rel] = FileEntry(bytes=path.stat().st_size, sha256=sha256_file(path))
         self.tensors.update(entries)
         self._save_journal()
 

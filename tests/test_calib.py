@@ -1,0 +1,186 @@
+"""Streamed calibration: data, bounded activations (spill to safetensors), distillation, resume, archs,
+and one run on the real SmolLM2."""
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from compressor import calibrate
+from compressor.activations import ActivationStore, SpillBudget
+from compressor.calibrated import WORK_DIR, CalibratedLayers
+from compressor.config import build_config
+from compressor.pack import pack
+from conftest import WIKITEXT, make_tiny
+from ucformat import PackReader
+from ucformat.inspect import verify
+from ucformat.manifest import PROGRESS_NAME
+
+
+def byte_tokenizer(path: Path) -> Path:
+    """A 256-token byte-level tokenizer saved next to a tiny checkpoint (whose vocabulary is 256)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {ch: i for i, ch in enumerate(sorted(alphabet))}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    PreTrainedTokenizerFast(tokenizer_object=tok).save_pretrained(str(path))
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """Tiny checkpoints with a tokenizer, built once per module."""
+    root = tmp_path_factory.mktemp("calib")
+    made = {}
+
+    def get(arch="llama", **kw):
+        key = (arch, tuple(sorted(kw.items())))
+        if key not in made:
+            made[key] = byte_tokenizer(make_tiny(root / f"{arch}-{len(made)}", arch, **kw))
+        return made[key]
+
+    return get
+
+
+CAL = dict(file=str(WIKITEXT), articles="1-16", samples=6, seq_len=32, steps=4, fisher_samples=4)
+
+
+def test_calibration_ids_are_spread_and_deterministic(tiny):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(tiny()))
+    text = WIKITEXT.read_text(encoding="utf-8")
+    a = calibrate.calibration_ids(tok, text, 5, 40, "1-16")
+    assert a.shape == (5, 40) and torch.equal(a, calibrate.calibration_ids(tok, text, 5, 40, "1-16"))
+    assert len({tuple(r.tolist()) for r in a}) == 5
+    with pytest.raises(ValueError, match="calib-samples"):
+        calibrate.calibration_ids(tok, "short text", 5, 40)
+
+
+def test_activation_store_spills_to_safetensors(tmp_path):
+    budget = SpillBudget(3 * 16 * 4, tmp_path / "spill")  # room for three [4, 4] float32 tensors
+    store = ActivationStore(budget, "x")
+    ts = [torch.randn(4, 4) for _ in range(5)]
+    for t in ts:
+        store.append(t)
+    assert store.spilled == 2 and budget.used == 3 * 64 and budget.spilled_bytes == 2 * 64
+    assert all(torch.equal(a, b) for a, b in zip(store, ts))
+    files = sorted((tmp_path / "spill").iterdir())
+    assert len(files) == 2
+    for f in files:  # safetensors: 8-byte little-endian header length, then a JSON header
+        raw = f.read_bytes()
+        n = int.from_bytes(raw[:8], "little")
+        assert json.loads(raw[8:8 + n])["x"]["dtype"] == "F32"
+    store.clear()
+    assert budget.used == 0 and not any((tmp_path / "spill").iterdir())
+
+
+def _files(dst):
+    return {k: v.sha256 for k, v in PackReader(dst).manifest.files.items()}
+
+
+def test_calibrated_pack_distils_and_verifies(tiny, tmp_path):
+    dst = tmp_path / "p"
+    r = pack(tiny(), dst, build_config(target_bpw=4.0, block_size=32, **CAL), progress=False)
+    assert r.stats["bpw_allin"] <= 4.0
+    assert all(e is None for _, e in verify(PackReader(dst), deep=True))
+    layers = r.calib["layers"]
+    assert len(layers) == 2 and all(row["loss_after"] <= row["loss_before"] for row in layers)
+    assert any(row["kept"] for row in layers)  # distillation improved at least one layer
+    assert set(r.calib["seconds"]) >= {"setup", "profile", "fisher"}
+    assert not (dst / WORK_DIR).exists()
+    manifest = PackReader(dst).manifest
+    assert manifest.quant["target_bpw"] == 4.0 and manifest.quant["calib"]["samples"] == 6
+
+
+def test_spilling_activations_changes_nothing(tiny, tmp_path):
+    a, b = tmp_path / "mem", tmp_path / "disk"
+    pack(tiny(), a, build_config(bits=3, block_size=32, **CAL), progress=False)
+    r = pack(tiny(), b, build_config(bits=3, block_size=32, **{**CAL, "spill_mb": 0}), progress=False)
+    assert r.calib["spilled_bytes"] > 0 and r.calib["activation_peak_bytes"] == 0
+    assert _files(a) == _files(b)
+
+
+def test_online_and_teacher_inputs_differ(tiny, tmp_path):
+    a, b = tmp_path / "online", tmp_path / "teacher"
+    pack(tiny(), a, build_config(bits=3, block_size=32, **CAL), progress=False)
+    pack(tiny(), b, build_config(bits=3, block_size=32, **{**CAL, "inputs": "teacher"}), progress=False)
+    fa, fb = _files(a), _files(b)
+    assert fa["layers/layer-00000.safetensors"] == fb["layers/layer-00000.safetensors"]  # same inputs at layer 0
+    assert fa["layers/layer-00001.safetensors"] != fb["layers/layer-00001.safetensors"]
+
+
+def test_resume_continues_exactly(tiny, tmp_path, monkeypatch):
+    src = tiny("llama", num_hidden_layers=4)
+    cfg = build_config(target_bpw=3.0, block_size=32, **CAL)
+    ref = tmp_path / "ref"
+    pack(src, ref, cfg, progress=False)
+    dst = tmp_path / "p"
+    real = CalibratedLayers.compress
+
+    def interrupted(self, i):
+        if i == 2:
+            raise KeyboardInterrupt
+        return real(self, i)
+
+    monkeypatch.setattr(CalibratedLayers, "compress", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        pack(src, dst, cfg, progress=False)
+    assert (dst / PROGRESS_NAME).exists() and (dst / WORK_DIR / "plan.json").exists()
+    monkeypatch.setattr(CalibratedLayers, "compress", real)
+    r = pack(src, dst, cfg, resume=True, progress=False)
+    assert r.layers_resumed == 2 and "profile" not in r.calib["seconds"]  # the saved plan was reused
+    assert _files(dst) == _files(ref)  # layers 2-3 saw exactly the streams of an uninterrupted run
+
+
+@pytest.mark.parametrize("arch", ["gemma3", "qwen3_moe"])
+def test_other_architectures(tiny, tmp_path, arch):
+    dst = tmp_path / "p"
+    r = pack(tiny(arch), dst, build_config(target_bpw=4.0, block_size=32, **CAL), progress=False)
+    assert r.stats["bpw_allin"] <= 4.0
+    assert all(e is None for _, e in verify(PackReader(dst), deep=True))
+    from ucformat.runtime import load
+
+    ids = torch.randint(0, 256, (1, 16), generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        assert torch.isfinite(load(dst)(ids).logits).all()
+
+
+def test_cli_flags_reach_the_config(tiny, tmp_path):
+    dst = tmp_path / "p"
+    out = subprocess.run([sys.executable, "-m", "uc", "pack", str(tiny()), str(dst), "--preset", "light-4",
+                          "--block-size", "32", "--calib", str(WIKITEXT), "--calib-articles", "1-16",
+                          "--calib-samples", "4", "--calib-len", "32", "--steps", "2", "--inputs", "teacher",
+                          "--json", "-q"], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    r = json.loads(out.stdout)
+    assert r["bpw_allin"] <= 4.0 and r["calib"]["allocation"]
+    q = PackReader(dst).manifest.quant
+    assert q["target_bpw"] == 4.0 and q["calib"]["inputs"] == "teacher" and q["calib"]["steps"] == 2
+    bad = subprocess.run([sys.executable, "-m", "uc", "pack", str(tiny()), str(tmp_path / "q"), "--calib",
+                          str(tmp_path / "missing.txt")], capture_output=True, text=True)
+    assert bad.returncode != 0 and "uc: error:" in bad.stderr and "missing.txt" in bad.stderr
+
+
+@pytest.mark.slow
+def test_smollm2_calibrated_beats_plain(smollm2, tmp_path):
+    """The real model, few samples and steps: calibration must help against the plain codec at 4 bits."""
+    from compressor.evaluate import EvalConfig, evaluate
+
+    text = WIKITEXT.read_text(encoding="utf-8")
+    ecfg = EvalConfig(ctx=256, max_windows=3, articles="17-62")
+    cal = pack(smollm2, tmp_path / "cal", build_config(bits=4, file=str(WIKITEXT), articles="1-16", samples=4,
+                                                         seq_len=128, steps=8), progress=False)
+    rc = evaluate(tmp_path / "cal", text, base=smollm2, cfg=ecfg, progress=False)
+    plain = pack(smollm2, tmp_path / "plain", build_config(bits=4), progress=False)
+    rp = evaluate(tmp_path / "plain", text, base=smollm2, cfg=ecfg, progress=False)
+    assert cal.stats["bpw_allin"] == plain.stats["bpw_allin"]
+    assert rc.ppl_ratio < rp.ppl_ratio and rc.top1_agreement > rp.top1_agreement
