@@ -1,5 +1,6 @@
 # Two entry points for a fresh machine: `make run` (set up, fetch the default model, compress, evaluate,
-# generate) and `make test` (set up, run the whole test suite). Everything else is a helper.
+# generate, then serve it with the OpenAI API until Ctrl-C) and `make test` (set up, run the whole test
+# suite). Everything else is a helper.
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -30,6 +31,7 @@ run: setup
 	$(BIN)/uc info $(PACK)
 	$(BIN)/uc eval $(PACK) --base $(SRC) --text $(TEXT) --articles 17-62 --max-windows 4
 	$(BIN)/uc generate $(PACK) "The capital of France is" --max-tokens 24
+	$(BIN)/uc serve $(PACK)
 
 test: setup
 	$(BIN)/python -m pytest -q

@@ -102,9 +102,10 @@ def profile(w: torch.Tensor, h: torch.Tensor | None, block_size: int, codec: str
     if ranks:
         scales, normed = codecs.block_scales(w, block_size)
         s = scales.float().repeat_interleave(block_size, 1)[:, :cols]
+        lower = lowrank.whitener(h, w.device)
         for b in bits_options:
             resid = w - grids[b][codecs.nearest(normed, grids[b])] * s
-            p.captured[b] = lowrank.captured(resid, ranks, h)
+            p.captured[b] = lowrank.captured(resid, ranks, lower=lower)
     return p
 
 
@@ -142,9 +143,8 @@ def options(p: Profile, block_size: int, lowrank_dtype: str, ranks: list[int], o
             rest = (tail[i].item() if i < m else 0.0) - (drop - i) * (weighted[i].item() if i < m else 0.0)
             base = (total if k == 0 else rest) * rows / m
             for r in ([0] if zero_rank else []) + list(ranks):
-                r = min(r, rows, cols)
                 share = p.captured.get(b, {}).get(r, 0.0) if r else 0.0
-                c = Choice(b, r, k)
+                c = Choice(b, min(r, rows, cols), k)
                 out.append(Option(c, stored_bits(p.shape, c, block_size, lowrank_dtype), base * (1 - share)))
     return out
 

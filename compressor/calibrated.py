@@ -39,6 +39,9 @@ log = logging.getLogger(__name__)
 
 WORK_DIR = ".uc-work"  # inside DST while a calibrated pack is unfinished: plan, Fisher weights, spills
 CHUNK = 4  # calibration sequences per forward
+OUT_KEY = "out_weight."  # fisher.safetensors: per-layer distillation weights, next to the linears' Fisher
+OUT_WEIGHT_FLOOR = 0.01  # no hidden dimension's weight falls below this share of the mean
+WEIGHTED_LOSS = True  # distillation loss weighted per hidden dimension by the loss gradient energy
 
 
 @dataclass
@@ -65,7 +68,8 @@ class CalibratedLayers:
         self.budget.cleanup()
         self.sk: Skeleton | None = None
         self.plan: dict[str, allocate.Choice] = {}
-        self.fisher: dict[str, torch.Tensor] = {}
+        self.fisher: dict[str, torch.Tensor] = {}  # linear -> [R] output-gradient energy
+        self.out_weight: dict[int, torch.Tensor] = {}  # layer -> [H] weights of its distillation loss
         self.x_fp = self.x_q = None
         self.one = None
 
@@ -113,41 +117,49 @@ class CalibratedLayers:
         state = json.loads(path.read_text())
         fisher = self.work / "fisher.safetensors"
         if fisher.is_file():
-            self.fisher = load_file(str(fisher))
+            for k, v in load_file(str(fisher)).items():
+                if k.startswith(OUT_KEY):
+                    self.out_weight[int(k[len(OUT_KEY):])] = v
+                else:
+                    self.fisher[k] = v
         log.info("resuming with the saved allocation %s", path)
         return {n: allocate.Choice(*c) for n, c in state["plan"].items()}
 
     def _save_plan(self, plan: dict) -> None:
         self.work.mkdir(parents=True, exist_ok=True)
-        if self.fisher:
-            save_file({k: v.contiguous().cpu() for k, v in self.fisher.items()}, str(self.work / "fisher.safetensors"))
+        if self.fisher or self.out_weight:
+            tensors = {**self.fisher, **{f"{OUT_KEY}{i}": w for i, w in self.out_weight.items()}}
+            save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, str(self.work / "fisher.safetensors"))
         atomic_write_bytes(self.work / "plan.json", json.dumps(
             {"plan": {n: [c.bits, c.rank, c.overlay_rows] for n, c in plan.items()}}).encode())
 
     def _make_plan(self) -> dict:
         cfg = self.cfg
-        names = [n for i in range(self.ckpt.num_layers) for n in self._names(i)]
+        fisher = self.has_data and cfg.calib.fisher_samples > 0
+        profiles = {}
+        if cfg.target_bpw is not None or fisher:
+            t0 = time.perf_counter()
+            profiles = self._stats_pass(profile=cfg.target_bpw is not None, keep_fisher_inputs=fisher)
+            self.report.seconds["profile"] = time.perf_counter() - t0
+        if fisher:
+            t0 = time.perf_counter()
+            self._fisher_pass()
+            self.report.seconds["fisher"] = time.perf_counter() - t0
         if cfg.target_bpw is None:
             plan = {}
-            for n in names:
-                rows = self.ckpt.shape_dtype(n)[0][-2]
-                k = round(cfg.overlay * rows) if cfg.bits <= allocate.OVERLAY_MAX_BITS else 0
-                plan[n] = allocate.Choice(cfg.bits, cfg.rank, k)
-            self._save_plan(plan)
-            return plan
-        t0 = time.perf_counter()
-        profiles = self._profile()
-        self.report.seconds["profile"] = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        if self.has_data and cfg.calib.fisher_samples > 0:
-            self._fisher_pass()
+            for i in range(self.ckpt.num_layers):
+                for n in self._names(i):
+                    rows = self.ckpt.shape_dtype(n)[0][-2]
+                    k = round(cfg.overlay * rows) if cfg.bits <= allocate.OVERLAY_MAX_BITS else 0
+                    plan[n] = allocate.Choice(cfg.bits, cfg.rank, k)
+        else:
             for n, f in self.fisher.items():
-                profiles[n].fisher = f
-        self.report.seconds["fisher"] = time.perf_counter() - t0
-        opts = {n: allocate.options(p, cfg.block_size, cfg.lowrank_dtype, self._ranks(), overlay=True,
-                                    zero_rank=not cfg.rank) for n, p in profiles.items()}
-        numel = sum(p.numel for p in profiles.values())
-        plan = allocate.allocate(opts, cfg.target_bpw * numel)
+                if n in profiles:
+                    profiles[n].fisher = f
+            opts = {n: allocate.options(p, cfg.block_size, cfg.lowrank_dtype, self._ranks(), overlay=True,
+                                        zero_rank=not cfg.rank) for n, p in profiles.items()}
+            numel = sum(p.numel for p in profiles.values())
+            plan = allocate.allocate(opts, cfg.target_bpw * numel)
         self._save_plan(plan)
         return plan
 
@@ -159,16 +171,18 @@ class CalibratedLayers:
             return [cfg.rank]
         return [r for r in allocate.RANKS if r <= cfg.max_rank]
 
-    def _profile(self) -> dict[str, allocate.Profile]:
-        """Every quantized tensor at every code width (on the fp stream when there is data)."""
+    def _stats_pass(self, profile: bool, keep_fisher_inputs: bool) -> dict[str, allocate.Profile]:
+        """One pass over the fp model: profile every quantized tensor at every code width (on the fp stream
+        when there is data), and keep the inputs of the first sequences for the backward pass."""
         cfg, c = self.cfg, self.cfg.calib
         profiles: dict[str, allocate.Profile] = {}
         stream = None
         if self.has_data:
             stream = calibrate.embed_stream(self.sk, self.ids, CHUNK, ActivationStore(self.budget, "profile"))
-            n_fisher = -(-c.fisher_samples // CHUNK)
+            n_fisher = -(-c.fisher_samples // CHUNK) if keep_fisher_inputs else 0
             self._fisher_inputs = []  # per layer: the inputs of the first chunks (for the backward pass)
-        bar = tqdm(range(self.ckpt.num_layers), desc="profile", unit="layer", disable=not self.progress)
+        bar = tqdm(range(self.ckpt.num_layers), desc="profile" if profile else "statistics", unit="layer",
+                   disable=not self.progress)
         for i in bar:
             names = self._names(i)
             grams = {}
@@ -181,13 +195,13 @@ class CalibratedLayers:
                 for k in range(min(n_fisher, len(stream.store))):
                     keep.append(stream.store[k].clone())
                 self._fisher_inputs.append(keep)
-                with calibrate.LinearStats(layer, lin) as st:
+                with calibrate.LinearStats(layer, lin if profile else {}) as st:
                     nxt = calibrate.forward_stream(layer, i, stream, ActivationStore(self.budget, "profile"))
-                grams = {n: st.mean_gram(n).to(self.device) for n in lin}
+                grams = {n: st.mean_gram(n).to(self.device) for n in lin} if profile else {}
                 stream.store.clear()
                 stream = nxt
                 self.sk.unload_layer(i)
-            for n in names:
+            for n in names if profile else []:
                 shape = self.ckpt.shape_dtype(n)[0]
                 if len(shape) != 2:
                     profiles[n] = allocate.Profile(shape=shape, fixed=self._fixed_choice(shape))
@@ -221,6 +235,10 @@ class CalibratedLayers:
         bar = tqdm(reversed(range(self.ckpt.num_layers)), total=self.ckpt.num_layers, desc="fisher", unit="layer",
                    disable=not self.progress)
         for i in bar:
+            # grads[k] is now dNLL/d(output of layer i): its energy per hidden dimension weighs that
+            # layer's distillation loss (errors in dimensions the loss ignores matter less)
+            energy = sum(g.float().square().sum((0, 1)) for g in grads)
+            self.out_weight[i] = (energy / energy.mean().clamp_min(1e-30)).clamp_min(OUT_WEIGHT_FLOOR).cpu()
             self.sk.load({n: self.ckpt.get(n) for n in self.ckpt.layers[i]})
             layer = self.sk.layers[i]
             for p in layer.parameters():
@@ -286,7 +304,8 @@ class CalibratedLayers:
                 self.sk.load(fixed)
             trainable = {n[len(prefix):]: q for n, q in qweights.items() if n in grams}
             x_in = self.x_q if self.x_q is not None else self.x_fp
-            r = distill.distill(layer, i, trainable, x_in, y, self.one, c)
+            r = distill.distill(layer, i, trainable, x_in, y, self.one, c,
+                                out_weight=self.out_weight.get(i) if WEIGHTED_LOSS else None)
             row.update(loss_before=r.loss_before, loss_after=r.loss_after, kept=r.kept, distill_s=r.seconds)
             log.info("layer %d: distillation loss %.4g -> %.4g%s", i, r.loss_before, r.loss_after,
                      "" if r.kept else " (not kept)")

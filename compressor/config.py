@@ -25,7 +25,7 @@ class CalibConfig:
     steps: int = 200  # Adam steps per decoder layer (one sequence each); 0: closed-form only
     lr: float = 1e-3  # Adam learning rate for grids, log-scales, and factors relative to their RMS
     refine_scales: bool = True  # distillation also trains the block scales
-    refine_grid: bool = True  # ... and the grid
+    refine_grid: bool = False  # ... and the grid (measured: no gain over scales alone, so off)
     gptq: bool = True  # choose codes by activation-aware error feedback (GPTQ-style), not nearest level
     bf16: bool = True  # distillation steps under bfloat16 autocast where the hardware has it (checks stay fp32)
     fisher_samples: int = 4  # sequences whose loss gradients weight the allocation (0: activations only)

@@ -27,6 +27,7 @@ from .qweight import QWeight
 
 CHECK_SEQUENCES = 4  # sequences of the before/after check
 FINAL_LR = 0.1  # cosine decay to this share of the initial learning rate
+GRID_LR = 0.05  # grid steps relative to the level spacing (one level moves every weight that uses it)
 
 
 @dataclass
@@ -53,7 +54,7 @@ class _Trainable:
         if self.log_s.requires_grad:
             out.append({"params": [self.log_s], "lr": lr})
         if self.grid.requires_grad:
-            out.append({"params": [self.grid], "lr": lr * 0.5 * _spacing(self.q.grid)})
+            out.append({"params": [self.grid], "lr": lr * GRID_LR * _spacing(self.q.grid)})
         for t in (self.u, self.v):
             if t is not None:
                 out.append({"params": [t], "lr": lr * max(t.detach().square().mean().sqrt().item(), 1e-8)})
@@ -90,23 +91,31 @@ def frozen_weights(qweights: dict[str, QWeight], device) -> dict[str, torch.Tens
     return {k: dequantize(q.freeze(), torch.float32).to(device) for k, q in qweights.items()}
 
 
+def _loss(out: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
+    err = (out - target).square()
+    return (err * weight).mean() if weight is not None else err.mean()
+
+
 @torch.no_grad()
-def check_loss(layer, index: int, x_in: Stream, y: ActivationStore, weights: dict, n_seq: int) -> float:
+def check_loss(layer, index: int, x_in: Stream, y: ActivationStore, weights: dict, n_seq: int,
+               weight: torch.Tensor | None = None) -> float:
     total, count = 0.0, 0
     for (h, b), t in zip(x_in.chunks(), y):
         take = min(n_seq - count, h.shape[0])
         if take <= 0:
             break
         out = call_layer(layer, h[:take], b.layer_kwargs[index], weights)
-        total += (out - t[:take]).float().square().mean().item() * take
+        total += _loss(out.float(), t[:take], weight).item() * take
         count += take
     return total / max(count, 1)
 
 
 def distill(layer: torch.nn.Module, index: int, qweights: dict[str, QWeight], x_in: Stream,
-            y: ActivationStore, one: "object", cfg: CalibConfig, steps: int | None = None) -> DistillResult:
+            y: ActivationStore, one: "object", cfg: CalibConfig, steps: int | None = None,
+            out_weight: torch.Tensor | None = None) -> DistillResult:
     """Refine qweights (local param name -> QWeight) in place. `one` is a Batch of one sequence (its
-    layer kwargs serve every step). Returns losses on the check sequences before and after."""
+    layer kwargs serve every step); `out_weight` [H] weighs the squared error of each output dimension
+    (mean 1; None: plain MSE). Returns the losses on the check sequences before and after."""
     t0 = time.perf_counter()
     steps = cfg.steps if steps is None else steps
     if not qweights:
@@ -114,7 +123,8 @@ def distill(layer: torch.nn.Module, index: int, qweights: dict[str, QWeight], x_
     for p in layer.parameters():
         p.requires_grad_(False)
     device = next(iter(qweights.values())).codes.device
-    before = check_loss(layer, index, x_in, y, frozen_weights(qweights, device), CHECK_SEQUENCES)
+    wt = None if out_weight is None else out_weight.float().to(device)
+    before = check_loss(layer, index, x_in, y, frozen_weights(qweights, device), CHECK_SEQUENCES, wt)
     if steps <= 0:
         return DistillResult(before, before, False, 0, time.perf_counter() - t0)
     saved = {k: (q.scales, q.grid, q.u, q.v) for k, q in qweights.items()}
@@ -139,13 +149,13 @@ def distill(layer: torch.nn.Module, index: int, qweights: dict[str, QWeight], x_
             g["lr"] = lr * (FINAL_LR + (1 - FINAL_LR) * frac)
         with torch.enable_grad(), torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=autocast):
             out = call_layer(layer, x, kwargs, {k: tr.weight() for k, tr in train.items()})
-            loss = (out.float() - t).square().mean()
+            loss = _loss(out.float(), t, wt)
             opt.zero_grad(set_to_none=True)
             loss.backward()
         opt.step()
     for tr in train.values():
         tr.commit()
-    after = check_loss(layer, index, x_in, y, frozen_weights(qweights, device), CHECK_SEQUENCES)
+    after = check_loss(layer, index, x_in, y, frozen_weights(qweights, device), CHECK_SEQUENCES, wt)
     kept = after < before
     if not kept:
         for k, q in qweights.items():

@@ -34,34 +34,44 @@ def inverse_cholesky(h: torch.Tensor, damp: float = DAMP) -> torch.Tensor:
 
 
 def round_gptq(w: torch.Tensor, h: torch.Tensor, grid: torch.Tensor, block_size: int,
-               hinv: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+               act_order: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """w float32 [R, C], h [C, C], sorted grid [L] (or one per row, [R, L]: several grids at once)
-    -> (codes uint8 [R, C], fp16 scales [R, ceil(C/B)])."""
+    -> (codes uint8 [R, C], fp16 scales [R, ceil(C/B)]).
+
+    act_order: round the columns with the largest input energy first (their errors are then spread over
+    the many columns still free); block scales are then fixed up front, from w, as they must not depend on
+    a column order that differs from the blocks'.
+    """
     if w.device.type != "cpu":
-        return _round_gptq(w, h, grid, block_size, hinv)
+        return _round_gptq(w, h, grid, block_size, act_order)
     # thousands of tiny ops: one thread avoids OpenMP barrier waits (up to 100x faster on a busy CPU)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        return _round_gptq(w, h, grid, block_size, hinv)
+        return _round_gptq(w, h, grid, block_size, act_order)
     finally:
         torch.set_num_threads(threads)
 
 
-def _round_gptq(w, h, grid, block_size, hinv):
+def _round_gptq(w, h, grid, block_size, act_order):
     w = w.float().clone()
     rows, cols = w.shape
     dead = torch.diagonal(h) <= 0
     w[:, dead] = 0.0
-    hinv = inverse_cholesky(h) if hinv is None else hinv
     grid = grid.float().to(w.device)
-    hinv = hinv.to(w.device)
     if grid.dim() == 1:
         nearest, level = (lambda x: codecs.nearest(x, grid)), (lambda c: grid[c])
     else:
         nearest, level = _row_grids(grid)
     nb = -(-cols // block_size)
-    scales = torch.zeros(rows, nb, dtype=torch.float16, device=w.device)
+    if act_order:
+        perm = torch.argsort(torch.diagonal(h), descending=True, stable=True).to(w.device)
+        scales = codecs.block_scales(w, block_size)[0]  # fp16 [R, nb], static
+        col_scale = scales.float()[:, perm // block_size]  # [R, C] in rounding order
+        w, h = w[:, perm], h[perm][:, perm]
+    else:
+        scales = torch.zeros(rows, nb, dtype=torch.float16, device=w.device)
+    hinv = inverse_cholesky(h).to(w.device)
     codes = torch.zeros(rows, cols, dtype=torch.uint8, device=w.device)
     lazy = block_size * max(1, LAZY // block_size)  # a scale block never straddles two lazy batches
     for i1 in range(0, cols, lazy):
@@ -72,9 +82,10 @@ def _round_gptq(w, h, grid, block_size, hinv):
         s = None
         for i in range(i2 - i1):
             j = i1 + i
-            if j % block_size == 0:
-                blk = w1[:, i:i + block_size]
-                s16 = blk.abs().amax(1).to(torch.float16)
+            if act_order:
+                s = col_scale[:, j]
+            elif j % block_size == 0:  # the block's scale from its columns as updated so far
+                s16 = w1[:, i:i + block_size].abs().amax(1).to(torch.float16)
                 scales[:, j // block_size] = s16
                 s = s16.float()
             col = w1[:, i]
@@ -85,6 +96,10 @@ def _round_gptq(w, h, grid, block_size, hinv):
             w1[:, i:] -= err.unsqueeze(1) * h1[i, i:].unsqueeze(0)
             err1[:, i] = err
         w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
+    if act_order:
+        out = torch.empty_like(codes)
+        out[:, perm] = codes
+        codes = out
     return codes, scales
 
 

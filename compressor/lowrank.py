@@ -54,11 +54,17 @@ def weighted_svd(resid: torch.Tensor, rank: int, h: torch.Tensor | None = None,
     return u.contiguous(), v.contiguous()
 
 
+def whitener(h: torch.Tensor | None, device="cpu") -> torch.Tensor | None:
+    """Lower Cholesky factor L of the damped H (None without activation statistics)."""
+    return _whiten(h, 0, device)
+
+
 def captured(resid: torch.Tensor, ranks: list[int], h: torch.Tensor | None = None,
-             f: torch.Tensor | None = None) -> dict[int, float]:
-    """Share of the weighted residual energy that the best rank-r correction removes, for each r."""
+             f: torch.Tensor | None = None, lower: torch.Tensor | None = None) -> dict[int, float]:
+    """Share of the weighted residual energy that the best rank-r correction removes, for each r.
+    `lower` (from `whitener(h)`) saves refactoring H when called for many residuals of one matrix."""
     e = resid.float()
-    lower = _whiten(h, e.shape[1], e.device)
+    lower = _whiten(h, e.shape[1], e.device) if lower is None else lower
     rw = _row_weights(f, e.shape[0], e.device)
     a = e if lower is None else e @ lower
     if rw is not None:

@@ -132,6 +132,14 @@ def pack(src: str | Path, dst: str | Path, cfg: PackConfig = PackConfig(), resum
 
 
 def _peak_rss() -> int:
+    """Peak resident memory of this process's own address space. /proc's VmHWM, not ru_maxrss: Linux carries
+    ru_maxrss across fork+exec, so a child started by a big parent would report the parent's size."""
+    try:
+        for line in open("/proc/self/status"):
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 

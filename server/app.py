@@ -144,7 +144,8 @@ def build_app(cfg: ServerConfig, engine=None, info=None, state: AppState | None 
 
     # -- errors -------------------------------------------------------------------------------------------
     def count(request: Request, exc: APIError) -> None:
-        if request.url.path in GENERATION_PATHS and state.completions is not None:
+        """Failures the engine never saw (refused requests); the engine counts the ones it ran."""
+        if request.url.path in GENERATION_PATHS and state.completions is not None and not exc.counted:
             state.completions.record_failure(exc)
 
     @app.exception_handler(APIError)

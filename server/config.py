@@ -30,7 +30,7 @@ class EngineConfig:
     residency: str = _opt("dense", "weight residency plan of the runtime: dense, packed or stream")
     vram_budget: str | None = _opt(None, "device bytes for weights under --residency stream, e.g. 24GiB or auto")
     max_num_seqs: int = _opt(32, "most sequences decoded together in one batch")
-    max_queue: int = _opt(256, "most sequences waiting for a batch slot; beyond it requests get 429")
+    max_queue: int = _opt(256, "most sequences waiting while the batch is full; beyond it requests get 429")
     max_model_len: int | None = _opt(None, "context length limit (default: the model's, capped by the KV budget)")
     kv_cache_memory: str = _opt("auto", "bytes for the KV cache, e.g. 4GiB; auto: what remains on the device "
                                         "after the weights (90%% on CUDA; 25%% of available RAM, at most 8GiB, on CPU)")

@@ -41,7 +41,8 @@ class EngineError(Exception):
 
 class QueueFull(EngineError):
     def __init__(self, queued: int, limit: int) -> None:
-        super().__init__(f"the server is at capacity ({queued} sequences waiting, --max-queue {limit}); retry later")
+        super().__init__(f"the server is at capacity (batch full and {queued} sequences waiting, --max-queue "
+                         f"{limit}); retry later")
 
 
 class EngineStopped(EngineError):
@@ -148,7 +149,9 @@ class Engine:
         if self._stop.is_set():
             raise EngineStopped("the engine is shut down")
         with self._lock:
-            if self._queued + req.n > self.max_queue:
+            # room: free batch slots (read racily from the engine thread: a bound, not a promise) + the queue
+            free = max(self.max_num_seqs - len(self.running) - len(self.prefilling), 0)
+            if self._queued + req.n > self.max_queue + free:
                 raise QueueFull(self._queued, self.max_queue)
             self._queued += req.n
             self._unfinished += req.n

@@ -13,6 +13,7 @@ class APIError(Exception):
     status = 500
     type = "internal_error"
     reason = "internal"  # stats.FAILURE_REASONS
+    counted = False  # True when the engine already recorded this failure in its stats
 
     def __init__(self, message: str, param: str | None = None, code: str | None = None,
                  headers: dict[str, str] | None = None) -> None:

@@ -98,8 +98,9 @@ class SlotKVCache:
         s = self.shape
         new_k, new_v = [], []
         for i in range(s.num_layers):
-            k = torch.empty(rows, s.kv_heads, cap, s.head_dim, dtype=s.dtype, device=s.device)
-            v = torch.empty_like(k)
+            # zeros, not empty: masked columns still meet a 0-weight multiply, and 0 * NaN garbage is NaN
+            k = torch.zeros(rows, s.kv_heads, cap, s.head_dim, dtype=s.dtype, device=s.device)
+            v = torch.zeros_like(k)
             if self.k and used_rows and used_cols:
                 k[:used_rows, :, :used_cols] = self.k[i][:used_rows, :, :used_cols]
                 v[:used_rows, :, :used_cols] = self.v[i][:used_rows, :, :used_cols]

@@ -34,11 +34,15 @@ def new_id(prefix: str) -> str:
 
 
 def failure_error(out: SequenceOutput) -> APIError:
+    """The API error for a sequence the engine failed (the engine already counted it in its stats)."""
     if out.error == "timeout":
-        return Timeout(out.error_message, code="request_timeout")
-    if out.error == "aborted":
-        return InternalError(out.error_message or "the request was aborted", code="aborted")
-    return InternalError(out.error_message or "internal error", code="internal_error")
+        exc = Timeout(out.error_message, code="request_timeout")
+    elif out.error == "aborted":
+        exc = InternalError(out.error_message or "the request was aborted", code="aborted")
+    else:
+        exc = InternalError(out.error_message or "internal error", code="internal_error")
+    exc.counted = True
+    return exc
 
 
 class ClientGone(Exception):
@@ -117,9 +121,10 @@ class Serving:
         """Submit every prompt (each with n choices); choice index = prompt index * n + i."""
         if self.state.draining:
             raise NotReady("the server is shutting down", code="draining", headers={"Retry-After": "5"})
-        if len(prompts) * n > self.engine.max_queue:
-            raise BadRequest(f"{len(prompts)} prompt(s) x n={n} choices is more than this server ever queues "
-                             f"({self.engine.max_queue}, --max-queue)", param="n")
+        most = self.engine.max_queue + self.engine.max_num_seqs
+        if len(prompts) * n > most:
+            raise BadRequest(f"{len(prompts)} prompt(s) x n={n} choices is more sequences than this server ever takes "
+                             f"at once ({most}: --max-num-seqs + --max-queue)", param="n")
         limit = self.state.cfg.engine.request_timeout or None
         timeout = min(t for t in (timeout, limit) if t) if (timeout or limit) else None
         stream = OutputStream(self.engine, asyncio.get_running_loop())

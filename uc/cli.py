@@ -212,8 +212,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--lr", type=float, help=f"distillation learning rate (default {C.lr})")
     g.add_argument("--no-refine-scales", dest="refine_scales", action="store_const", const=False,
                    help="distillation keeps the block scales")
-    g.add_argument("--no-refine-grid", dest="refine_grid", action="store_const", const=False,
-                   help="distillation keeps the grids")
+    g.add_argument("--refine-grid", dest="refine_grid", action="store_const", const=True,
+                   help="distillation also trains the grids")
     g.add_argument("--no-gptq", dest="gptq", action="store_const", const=False,
                    help="round to the nearest level instead of activation-aware error feedback")
     g.add_argument("--no-bf16", dest="bf16", action="store_const", const=False,

@@ -1,0 +1,257 @@
+"""Issue 5 ("Track A quality") benchmark: calibrated, budget-allocated packs against HQQ and GGUF.
+
+    python bench/quality_a.py                          # both models, every row, then the ablation
+    python bench/quality_a.py --models smollm2-135m --targets 4 5 --skip-baselines --windows 4 --no-doc
+
+Every row of a model is evaluated on the same WikiText-2 windows (test articles 17-62, ctx 1024) against
+the same base statistics. Each compression runs in its own process (its pack time and peak RSS are its
+own): ours and uniform through `uc pack`, HQQ and GGUF through this script's `--baseline` mode, which
+writes the dequantized weights as a sharded fp32 checkpoint (one file per layer) that is evaluated like
+a source model. Finished rows are kept in bench/results/quality_a.json, so an interrupted run continues
+(--fresh starts over). Writes the "quality-a" and "ablation" sections of docs/BENCHMARKS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from bench.report import machine, table, write_section  # noqa: E402
+
+TEXT = ROOT.parent / "shared" / "data" / "wikitext-2-raw-test.txt"
+RESULTS = ROOT / "bench" / "results" / "quality_a.json"
+CALIB = ["--calib", str(TEXT), "--calib-articles", "1-16"]
+HQQ_BITS = (3, 4, 5)
+GGUF_TYPES = ("Q4_0", "Q5_0", "Q8_0")
+UNIFORM_BITS = (3, 4, 5)
+# Ablation on SmolLM2 at 5 bpw: each row adds one thing to the one above (ranks are fixed per row).
+ABLATION = [
+    ("codec only (GSQ, data-free allocation)", ["--target-bpw", "5"]),
+    ("+ calibration: GPTQ rounding, Fisher-weighted allocation", ["--target-bpw", "5", *CALIB, "--steps", "0", "--max-rank", "0"]),
+    ("+ low-rank r=16, SVD init", ["--target-bpw", "5", *CALIB, "--steps", "0", "--rank", "16"]),
+    ("+ distillation (200 steps, online), r=16", ["--target-bpw", "5", *CALIB, "--rank", "16"]),
+    ("  same, teacher-forced inputs", ["--target-bpw", "5", *CALIB, "--rank", "16", "--inputs", "teacher"]),
+    ("  same (online), r=8", ["--target-bpw", "5", *CALIB, "--rank", "8"]),
+    ("  same (online), r=32", ["--target-bpw", "5", *CALIB, "--rank", "32"]),
+    ("  distillation, ranks chosen by the allocator (default)", ["--target-bpw", "5", *CALIB]),
+]
+
+
+# -- baselines (run in a child process) -------------------------------------------------------------------
+def hqq_roundtrip(w: torch.Tensor, bits: int) -> tuple[torch.Tensor, float]:
+    """HQQ (pure torch, CPU), group 64 along the input dimension (axis 1), scale and zero stored fp16."""
+    from hqq.core.quantize import Quantizer
+
+    wq, meta = Quantizer.quantize(w.float(), nbits=bits, group_size=64, axis=1, optimize=True, bitpack=False,
+                                  compute_dtype=torch.float32, device="cpu")
+    scale, zero = meta["scale"].half().float(), meta["zero"].half().float()
+    out = ((wq.float() - zero) * scale).reshape(meta["shape"])
+    return out, bits + 2 * 16 / 64
+
+
+def gguf_roundtrip(w: torch.Tensor, qtype: str) -> tuple[torch.Tensor, float]:
+    """GGUF block quantization with the gguf package's numpy reference quantizers."""
+    import numpy as np
+    from gguf import GGMLQuantizationType, quants
+
+    t = GGMLQuantizationType[qtype]
+    a = w.float().numpy()
+    q = quants.quantize(a, t)
+    out = torch.from_numpy(np.ascontiguousarray(quants.dequantize(q, t))).reshape(w.shape)
+    return out, q.nbytes * 8 / a.size
+
+
+def run_baseline(method: str, setting: str, src: Path, out: Path) -> dict:
+    """Quantize every linear of the decoder layers of src; write the dequantized model, one file per layer."""
+    import resource
+
+    from safetensors.torch import save_file
+
+    from compressor.checkpoint import SourceCheckpoint, nonlayer_state_dict
+    from compressor.pack import is_quantized_layer_tensor
+
+    ckpt = SourceCheckpoint(src)
+    out.mkdir(parents=True, exist_ok=True)
+    for f in ckpt.aux_files():
+        shutil.copy(f, out / f.name)
+    weight_map = {}
+    save_file({k: v.contiguous() for k, v in nonlayer_state_dict(ckpt).items()}, str(out / "nonlayer.safetensors"))
+    weight_map.update({n: "nonlayer.safetensors" for n in ckpt.nonlayer})
+    bits = numel = 0
+    seconds = 0.0
+    for i in range(ckpt.num_layers):
+        tensors = {}
+        for name in ckpt.layers[i]:
+            t = ckpt.get(name)
+            if is_quantized_layer_tensor(name, *ckpt.shape_dtype(name)):
+                t0 = time.perf_counter()
+                t, bpw = hqq_roundtrip(t, int(setting)) if method == "hqq" else gguf_roundtrip(t, setting)
+                seconds += time.perf_counter() - t0
+                bits += bpw * t.numel()
+                numel += t.numel()
+            tensors[name] = t.float().contiguous() if t.is_floating_point() else t
+        rel = f"layer-{i:05d}.safetensors"
+        save_file(tensors, str(out / rel))
+        weight_map.update({n: rel for n in tensors})
+    (out / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    return {"bpw_allin": bits / numel, "pack_seconds": seconds,
+            "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+
+
+# -- driver -------------------------------------------------------------------------------------------------
+def _pack(src: Path, dst: Path, args: list[str], env: dict) -> dict:
+    shutil.rmtree(dst, ignore_errors=True)
+    out = subprocess.run([sys.executable, "-m", "uc", "pack", str(src), str(dst), *args, "--json", "-q"],
+                         capture_output=True, text=True, env=env)
+    if out.returncode != 0:
+        raise SystemExit(f"uc pack {' '.join(args)} failed:\n{out.stderr[-3000:]}")
+    p = json.loads(out.stdout)
+    return {"bpw_allin": p["bpw_allin"], "pack_seconds": p["seconds"], "peak_rss_bytes": p["peak_rss_bytes"],
+            "pack_bytes": p["pack_bytes"], "calib": p.get("calib")}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", nargs="+", default=["smollm2-135m", "gemma3-270m"])
+    ap.add_argument("--targets", nargs="+", type=float, default=[2.8, 3.0, 4.0, 5.0, 6.0])
+    ap.add_argument("--windows", type=int, default=12)
+    ap.add_argument("--ctx", type=int, default=1024)
+    ap.add_argument("--skip-baselines", action="store_true")
+    ap.add_argument("--skip-ablation", action="store_true")
+    ap.add_argument("--fresh", action="store_true", help="forget finished rows")
+    ap.add_argument("--work", default=str(ROOT / "work" / "bench-a"))
+    ap.add_argument("--no-doc", action="store_true", help="do not rewrite docs/BENCHMARKS.md")
+    ap.add_argument("--baseline", nargs=4, metavar=("METHOD", "SETTING", "SRC", "OUT"), help=argparse.SUPPRESS)
+    a = ap.parse_args()
+    if a.baseline:
+        print(json.dumps(run_baseline(a.baseline[0], a.baseline[1], Path(a.baseline[2]), Path(a.baseline[3]))))
+        return
+
+    from compressor.checkpoint import SourceCheckpoint
+    from compressor.evaluate import CheckpointSource, EvalConfig, PackSource, compare, prepare_windows, token_stats
+    from compressor.fetch import fetch_model
+    from ucformat import PackReader
+    from ucformat.skeleton import Skeleton
+
+    cache = Path(os.environ.get("UC_CACHE", ROOT / ".uc-cache"))
+    work = Path(a.work)
+    env = {**os.environ, "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}
+    cfg = EvalConfig(ctx=a.ctx, max_windows=a.windows, articles="17-62")
+    done = {} if a.fresh or not RESULTS.exists() else {r["key"]: r for r in json.loads(RESULTS.read_text())}
+    rows: list[dict] = []
+
+    def save(row: dict) -> None:
+        done[row["key"]] = row
+        RESULTS.parent.mkdir(parents=True, exist_ok=True)
+        RESULTS.write_text(json.dumps(list(done.values()), indent=1))
+        print(json.dumps({k: v for k, v in row.items() if k != "calib"}), flush=True)
+
+    for model in a.models:
+        src = fetch_model(model, cache / "models" / model, cache_dir=cache)
+        windows = prepare_windows(src, TEXT.read_text(encoding="utf-8"), cfg)
+        sk = Skeleton(src)
+        base = None
+        jobs = [("ours", f"{t:g}", ["--target-bpw", f"{t:g}", *CALIB]) for t in a.targets]
+        if not a.skip_baselines:
+            jobs += [("uniform", str(b), ["--codec", "uniform", "--bits", str(b)]) for b in UNIFORM_BITS]
+            jobs += [("hqq", str(b), None) for b in HQQ_BITS] + [("gguf", q, None) for q in GGUF_TYPES]
+        if model == "smollm2-135m" and not a.skip_ablation:
+            jobs += [("ablation", name, args) for name, args in ABLATION]
+        for method, setting, args in jobs:
+            key = f"{model}|{method}|{setting}|{a.windows}|{a.ctx}"
+            if key in done:
+                rows.append(done[key])
+                continue
+            if base is None:
+                base = token_stats(sk, CheckpointSource(SourceCheckpoint(src)), windows, progress=False)
+            dst = work / f"{model}-{method}-{setting}".replace(" ", "_").replace(",", "").replace(":", "")[:120]
+            if args is not None:
+                p = _pack(src, dst, args, env)
+                source = PackSource(PackReader(dst))
+            else:
+                shutil.rmtree(dst, ignore_errors=True)
+                out = subprocess.run([sys.executable, __file__, "--baseline", method, setting, str(src), str(dst)],
+                                     capture_output=True, text=True, env=env)
+                if out.returncode != 0:
+                    raise SystemExit(f"baseline {method} {setting} failed:\n{out.stderr[-3000:]}")
+                p = json.loads(out.stdout.strip().splitlines()[-1])
+                source = CheckpointSource(SourceCheckpoint(dst))
+            t0 = time.perf_counter()
+            st = token_stats(sk, source, windows, progress=False)
+            r = compare(st, base, cfg.ctx, len(windows), time.perf_counter() - t0)
+            row = {"key": key, "model": model, "method": method, "setting": setting, "args": args, **p, **r.to_dict()}
+            save(row)
+            rows.append(row)
+            shutil.rmtree(dst, ignore_errors=True)
+    if not a.no_doc:
+        write_docs(rows, a)
+
+
+def _fmt(r: dict) -> list:
+    label = {"ours": f"ours, --target-bpw {r['setting']}", "uniform": f"uniform (round-to-nearest), {r['setting']}-bit",
+             "hqq": f"HQQ {r['setting']}-bit, group 64", "gguf": f"GGUF {r['setting']}"}.get(r["method"], r["setting"])
+    return [label, f"{r['bpw_allin']:.3f}", f"{r['ppl']:.3f}", f"{r['ppl_ratio']:.4f}", f"{r['top1_agreement']:.1%}",
+            f"{r['pack_seconds']:.0f}", f"{r['peak_rss_bytes'] / 2**20:.0f} MiB"]
+
+
+HEAD = ["method", "bpw_allin", "PPL", "ratio", "top-1", "pack s", "peak RSS"]
+GOALS = [(5.0, 1.02, 0.90), (4.0, 1.10, 0.80), (3.0, 1.5, None)]
+
+
+def write_docs(rows: list[dict], a) -> None:
+    order = {"ours": 0, "uniform": 1, "hqq": 2, "gguf": 3}
+    body = [
+        f"Command: `python bench/quality_a.py --windows {a.windows}` on {machine()}, "
+        f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'PASSIVE')}.",
+        f"WikiText-2 raw test, articles 17-62 (CRLF normalised to LF), {a.windows} non-overlapping windows of {a.ctx} "
+        "tokens, the same windows for every row of a model. Ours: `uc pack SRC DST --target-bpw X --calib "
+        "wikitext-2-raw-test.txt --calib-articles 1-16` (calibration on articles 1-16, no overlap with the "
+        "evaluation), every other setting at its default. bpw_allin counts every stored bit of the quantized "
+        "linears (codes, fp16 scales, grids, low-rank factors, overlay rows); HQQ counts its fp16 scale and zero "
+        "per 64 weights, GGUF its block bytes. Pack time and peak RSS are those of the compressing process "
+        "(HQQ/GGUF: quantization only; RSS includes Python, torch and transformers).",
+    ]
+    for model in dict.fromkeys(r["model"] for r in rows):
+        mine = sorted((r for r in rows if r["model"] == model and r["method"] in order),
+                      key=lambda r: (order[r["method"]], float(r["bpw_allin"])))
+        if not mine:
+            continue
+        body += ["", f"### {model} (base PPL {mine[0]['ppl_base']:.3f})", "", table(HEAD, [_fmt(r) for r in mine])]
+        ours = [r for r in mine if r["method"] == "ours"]
+        lines = []
+        for bpw, ratio, top1 in GOALS:
+            cand = [r for r in ours if r["bpw_allin"] <= bpw + 1e-9]
+            if not cand:
+                continue
+            best = min(cand, key=lambda r: r["ppl_ratio"])
+            ok = best["ppl_ratio"] <= ratio and (top1 is None or best["top1_agreement"] >= top1)
+            want = f"ratio <= {ratio}" + (f", top-1 >= {top1:.0%}" if top1 else "")
+            lines.append(f"- <= {bpw} bpw ({want}): {best['bpw_allin']:.3f} bpw gives ratio {best['ppl_ratio']:.4f}, "
+                         f"top-1 {best['top1_agreement']:.1%}: **{'met' if ok else 'missed'}**")
+        body += ["", "Goals:", *lines]
+    write_section("quality-a", "\n".join(body))
+    abl = [r for r in rows if r["method"] == "ablation"]
+    if abl:
+        body = [f"SmolLM2-135M at a 5.0 bpw all-in budget, same protocol and windows as above "
+                f"(`python bench/quality_a.py`). Each row's `uc pack` flags are listed.", "",
+                table(["variant", "flags", "bpw_allin", "PPL", "ratio", "top-1", "pack s"],
+                      [[r["setting"].strip(), "`" + " ".join(x if not x.endswith(".txt") else "TEXT" for x in r["args"]) + "`",
+                        f"{r['bpw_allin']:.3f}", f"{r['ppl']:.3f}", f"{r['ppl_ratio']:.4f}", f"{r['top1_agreement']:.1%}",
+                        f"{r['pack_seconds']:.0f}"] for r in abl])]
+        write_section("ablation", "\n".join(body))
+
+
+if __name__ == "__main__":
+    torch.set_grad_enabled(False)
+    main()
