@@ -18,11 +18,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import shlex
 import signal
 import socket
-import statistics
 import subprocess
 import sys
 import time
@@ -204,7 +202,10 @@ async def overload(server: Server, n: int, max_tokens: int, model: str | None, t
 def run_server(server: Server, args) -> dict:
     server.start()
     try:
-        asyncio.run(level(server, 2, 4, 8, args.model_for(server), args.timeout))  # warm-up, not reported
+        # warm-up at the highest concurrency (not reported), so that "before" already includes what a full
+        # batch allocates once (kernel workspaces, allocator pools): growth after that would be a leak
+        top = max(args.concurrency)
+        asyncio.run(level(server, top, 2 * top, args.max_tokens, args.model_for(server), args.timeout))
         levels = [asyncio.run(level(server, c, max(c * args.rounds, args.min_requests), args.max_tokens,
                                     args.model_for(server), args.timeout)).row() for c in args.concurrency]
         over = asyncio.run(overload(server, args.overload, args.max_tokens, args.model_for(server), args.timeout))
@@ -242,12 +243,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--uc-args", default="", help="extra `uc serve` flags, e.g. '--dtype float32'")
     p.add_argument("--gguf", help="the same model as GGUF for llama-server")
     p.add_argument("--llama-server", help="path of the llama-server binary")
-    p.add_argument("--llama-args", default="-np 16 -t 2 -c 8192", help="llama-server flags")
+    p.add_argument("--llama-args", action="append", help="llama-server flags (repeat to run several configurations; "
+                   "default: -np 16 -t 2 -c 8192)")
     p.add_argument("--concurrency", type=lambda s: [int(x) for x in s.split(",")], default=[1, 4, 16])
     p.add_argument("--rounds", type=int, default=2, help="requests per client per level")
     p.add_argument("--min-requests", type=int, default=4)
     p.add_argument("--max-tokens", type=int, default=64)
-    p.add_argument("--overload", type=int, default=64, help="concurrent requests of the overload burst")
+    p.add_argument("--overload", type=int, default=96, help="concurrent requests of the overload burst")
     p.add_argument("--timeout", type=float, default=600.0)
     p.add_argument("--json", help="also write the raw results here")
     p.add_argument("--write", action="store_true", help="write the table into docs/BENCHMARKS.md (section serving)")
@@ -265,10 +267,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.gguf:
         if not args.llama_server:
             p.error("--gguf needs --llama-server")
-        port = free_port()
-        cmd = [args.llama_server, "-m", args.gguf, "--host", "127.0.0.1", "--port", str(port),
-               *shlex.split(args.llama_args)]
-        servers.append(Server("llama-server", cmd, port, "/health", logdir / "llama-server.log"))
+        configs = args.llama_args or ["-np 16 -t 2 -c 8192"]
+        for i, extra in enumerate(configs):
+            port = free_port()
+            cmd = [args.llama_server, "-m", args.gguf, "--host", "127.0.0.1", "--port", str(port), *shlex.split(extra)]
+            name = "llama-server" if len(configs) == 1 else f"llama-server {extra}"
+            servers.append(Server(name, cmd, port, "/health", logdir / f"llama-server-{i}.log"))
     args.model_for = lambda s: None
     results = {}
     for s in servers:

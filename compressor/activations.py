@@ -51,10 +51,12 @@ class ActivationStore:
     def __init__(self, budget: SpillBudget, name: str) -> None:
         self.budget, self.name = budget, name
         self._items: list[torch.Tensor | Path] = []
+        self._devices: list[torch.device] = []  # a spilled tensor comes back where it was
 
     def append(self, t: torch.Tensor) -> None:
         t = t.detach()
         nbytes = t.numel() * t.element_size()
+        self._devices.append(t.device)
         if self.budget.take(nbytes):
             self._items.append(t)
             return
@@ -70,7 +72,7 @@ class ActivationStore:
         item = self._items[i]
         if isinstance(item, Path):
             with safe_open(str(item), framework="pt", device="cpu") as f:
-                return f.get_tensor("x")
+                return f.get_tensor("x").to(self._devices[i])
         return item
 
     def __iter__(self):
@@ -86,4 +88,4 @@ class ActivationStore:
                 item.unlink(missing_ok=True)
             else:
                 self.budget.give(item.numel() * item.element_size())
-        self._items = []
+        self._items, self._devices = [], []

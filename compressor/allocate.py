@@ -31,8 +31,9 @@ BITS = bitpack.WIDTHS
 RANKS = (8, 16, 32, 64, 128)  # ranks considered, up to the configured maximum
 OVERLAY_SHARES = (1 / 128, 1 / 64, 1 / 32, 1 / 16)  # row shares considered for tensors of <= 3 bits
 OVERLAY_MAX_BITS = 3
-SAMPLE_ROWS = 128  # rows profiled per tensor
+SAMPLE_ROWS = 64  # rows profiled per tensor
 PROFILE_GRID_SAMPLES = 1 << 14  # values the profile's k-means grids are fitted on
+RANK_PROBE_BITS = 4  # code width whose residual spectrum prices every rank option
 
 
 @dataclass(frozen=True)
@@ -100,12 +101,14 @@ def profile(w: torch.Tensor, h: torch.Tensor | None, block_size: int, codec: str
             deq = grids[b][codecs.nearest(normed, grids[b])] * s
             p.row_err[b] = _row_err(ws - deq, h)
     if ranks:
+        # The share a rank removes is measured once, on the residual at RANK_PROBE_BITS, and used for every
+        # width: the rounding noise has about the same spectrum at every width, only its level differs.
         scales, normed = codecs.block_scales(w, block_size)
         s = scales.float().repeat_interleave(block_size, 1)[:, :cols]
-        lower = lowrank.whitener(h, w.device)
-        for b in bits_options:
-            resid = w - grids[b][codecs.nearest(normed, grids[b])] * s
-            p.captured[b] = lowrank.captured(resid, ranks, lower=lower)
+        probe = RANK_PROBE_BITS if RANK_PROBE_BITS in grids else bits_options[len(bits_options) // 2]
+        resid = w - grids[probe][codecs.nearest(normed, grids[probe])] * s
+        shares = lowrank.captured(resid, ranks, h)
+        p.captured = {b: shares for b in bits_options}
     return p
 
 

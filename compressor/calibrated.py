@@ -51,6 +51,7 @@ class CalibReport:
     seconds: dict = field(default_factory=dict)  # phase -> seconds
     layers: list = field(default_factory=list)  # per compressed layer: distillation losses and time
     allocation: dict = field(default_factory=dict)  # bits -> number of tensors
+    plan: dict = field(default_factory=dict)  # tensor -> [bits, rank, overlay rows]
     activation_peak_bytes: int = 0
     spilled_bytes: int = 0
 
@@ -98,6 +99,7 @@ class CalibratedLayers:
         for ch in self.plan.values():
             alloc[ch.bits] = alloc.get(ch.bits, 0) + 1
         self.report.allocation = dict(sorted(alloc.items()))
+        self.report.plan = {n: [c.bits, c.rank, c.overlay_rows] for n, c in self.plan.items()}
         if self.has_data:
             self.x_fp = calibrate.embed_stream(self.sk, self.ids, CHUNK, ActivationStore(self.budget, "fp"))
             if self.cfg.calib.inputs == "online":

@@ -15,7 +15,7 @@ DAMP = 0.01  # relative diagonal damping of H before its Cholesky factor
 ROW_FLOOR = 1e-2  # row weights are clamped to this share of their mean (no row is ignored entirely)
 
 
-def _whiten(h: torch.Tensor | None, cols: int, device) -> torch.Tensor | None:
+def _whiten(h: torch.Tensor | None, device) -> torch.Tensor | None:
     if h is None:
         return None
     h = h.double().to(device).clone()
@@ -25,7 +25,7 @@ def _whiten(h: torch.Tensor | None, cols: int, device) -> torch.Tensor | None:
     return torch.linalg.cholesky(h).float()  # lower L [C, C]
 
 
-def _row_weights(f: torch.Tensor | None, rows: int, device) -> torch.Tensor | None:
+def _row_weights(f: torch.Tensor | None, device) -> torch.Tensor | None:
     if f is None:
         return None
     f = f.float().to(device)
@@ -38,8 +38,8 @@ def weighted_svd(resid: torch.Tensor, rank: int, h: torch.Tensor | None = None,
     e = resid.float()
     rows, cols = e.shape
     rank = min(rank, rows, cols)
-    lower = _whiten(h, cols, e.device)
-    rw = _row_weights(f, rows, e.device)
+    lower = _whiten(h, e.device)
+    rw = _row_weights(f, e.device)
     a = e if lower is None else e @ lower
     if rw is not None:
         a = a * rw.unsqueeze(1)
@@ -54,18 +54,12 @@ def weighted_svd(resid: torch.Tensor, rank: int, h: torch.Tensor | None = None,
     return u.contiguous(), v.contiguous()
 
 
-def whitener(h: torch.Tensor | None, device="cpu") -> torch.Tensor | None:
-    """Lower Cholesky factor L of the damped H (None without activation statistics)."""
-    return _whiten(h, 0, device)
-
-
 def captured(resid: torch.Tensor, ranks: list[int], h: torch.Tensor | None = None,
-             f: torch.Tensor | None = None, lower: torch.Tensor | None = None) -> dict[int, float]:
-    """Share of the weighted residual energy that the best rank-r correction removes, for each r.
-    `lower` (from `whitener(h)`) saves refactoring H when called for many residuals of one matrix."""
+             f: torch.Tensor | None = None) -> dict[int, float]:
+    """Share of the weighted residual energy that the best rank-r correction removes, for each r."""
     e = resid.float()
-    lower = _whiten(h, e.shape[1], e.device) if lower is None else lower
-    rw = _row_weights(f, e.shape[0], e.device)
+    lower = _whiten(h, e.device)
+    rw = _row_weights(f, e.device)
     a = e if lower is None else e @ lower
     if rw is not None:
         a = a * rw.unsqueeze(1)
@@ -73,9 +67,9 @@ def captured(resid: torch.Tensor, ranks: list[int], h: torch.Tensor | None = Non
     top = max(ranks)
     if total <= 0 or top <= 0:
         return {r: 0.0 for r in ranks}
-    q = min(top + 8, *a.shape)
-    with torch.random.fork_rng(devices=[]):  # svd_lowrank sketches with the global RNG: fix it, restore it
-        torch.manual_seed(0)
-        _, s, _ = torch.svd_lowrank(a, q=q, niter=2)
-    energy = s.square().cumsum(0)
-    return {r: (energy[min(r, len(energy)) - 1].item() / total if r > 0 else 0.0) for r in ranks}
+    # exact singular values from the smaller Gram matrix (an eigendecomposition of at most C x C is cheaper
+    # and steadier than a randomized SVD's QR steps on a busy CPU)
+    g = a @ a.T if a.shape[0] <= a.shape[1] else a.T @ a
+    ev = torch.linalg.eigvalsh(g.double()).flip(0).clamp_min(0)
+    energy = ev.cumsum(0)
+    return {r: (min(energy[min(r, len(energy)) - 1].item() / total, 1.0) if r > 0 else 0.0) for r in ranks}

@@ -38,6 +38,7 @@ class QWeight:
     ov_q: torch.Tensor | None = None
     ov_s: torch.Tensor | None = None
     _flat: torch.Tensor | None = field(default=None, repr=False)  # codes as int64 [R*C], cached
+    _levels: tuple | None = field(default=None, repr=False)  # (grid, grid[codes]) for a fixed grid
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -54,7 +55,12 @@ class QWeight:
         rows, cols = self.shape
         if self._flat is None or self._flat.device != self.codes.device:
             self._flat = self.codes.reshape(-1).long()
-        levels = _Lookup.apply(grid, self._flat).reshape(rows, cols)
+        if grid.requires_grad:
+            levels = _Lookup.apply(grid, self._flat).reshape(rows, cols)
+        else:  # a fixed grid: the levels are computed once and kept while the grid object is the same
+            if self._levels is None or self._levels[0] is not grid:
+                self._levels = (grid, torch.index_select(grid, 0, self._flat).reshape(rows, cols))
+            levels = self._levels[1]
         nb, bs = scales.shape[1], self.block_size
         if nb * bs != cols:
             levels = torch.nn.functional.pad(levels, (0, nb * bs - cols))

@@ -21,15 +21,14 @@ import queue
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
 
-from .detokenizer import IncrementalDetokenizer, StopMatcher
 from .kv_cache import SlotKVCache
 from .runner import ModelRunner
-from .sampling import RowState, Sampler, SamplingParams, TokenLogprob, logprob_entries, make_generator
+from .sampling import Sampler, SamplingParams, TokenLogprob, logprob_entries
+from .sequence import DONE, PREFILL, RUNNING, WAITING, EngineRequest, Sequence, SequenceOutput
 from .stats import IterationStats, RequestRecord, SchedulerStats
 
 log = logging.getLogger(__name__)
@@ -49,66 +48,6 @@ class EngineStopped(EngineError):
     pass
 
 
-@dataclass(frozen=True)
-class SequenceOutput:
-    """New output of one sequence (choice `index` of request `request_id`) since its previous output."""
-    request_id: str
-    index: int
-    token_ids: tuple[int, ...] = ()
-    text: str = ""
-    logprobs: tuple[TokenLogprob, ...] = ()
-    prompt_logprobs: tuple[TokenLogprob | None, ...] | None = None  # once, first output, when asked
-    finish_reason: str | None = None  # "stop" | "length"
-    error: str | None = None  # "aborted" | "timeout" | "internal"
-    error_message: str = ""
-    num_prompt_tokens: int = 0
-    num_output_tokens: int = 0
-
-    @property
-    def finished(self) -> bool:
-        return self.finish_reason is not None or self.error is not None
-
-
-@dataclass
-class EngineRequest:
-    request_id: str
-    prompt_ids: list[int]
-    params: SamplingParams
-    sink: Callable[[SequenceOutput], None]
-    n: int = 1
-    timeout: float | None = None  # seconds from arrival
-    arrival: float = field(default_factory=time.monotonic)
-    internal: bool = False  # warm-up: no stats
-
-
-WAITING, PREFILL, RUNNING, DONE = "waiting", "prefill", "running", "done"
-
-
-class Sequence:
-    def __init__(self, req: EngineRequest, index: int, tokenizer) -> None:
-        p = req.params
-        self.req, self.index, self.params = req, index, p
-        self.all_ids = list(req.prompt_ids)
-        self.num_prompt = len(req.prompt_ids)
-        seed = None if p.seed is None else p.seed + index
-        self.rows = RowState(p, make_generator(seed), self.all_ids[: self.num_prompt], [])
-        self.detok = IncrementalDetokenizer(tokenizer, self.all_ids, p.skip_special_tokens)
-        self.stopper = StopMatcher(p.stop, p.include_stop_str_in_output)
-        self.state = WAITING
-        self.row: int | None = None
-        self.cached = 0
-        self.deadline = req.arrival + req.timeout if req.timeout else None
-        self.t_admitted: float | None = None
-        self.t_first: float | None = None
-        self.t_last: float | None = None
-        self.prompt_logprobs: list[TokenLogprob | None] | None = [None] if p.prompt_logprobs is not None else None
-        self.prompt_logprobs_sent = False
-
-    @property
-    def num_output(self) -> int:
-        return len(self.all_ids) - self.num_prompt
-
-
 class Engine:
     def __init__(self, model, tokenizer, kv: SlotKVCache, *, max_num_seqs: int = 32, max_queue: int = 256,
                  max_model_len: int, prefill_chunk: int = 512, eos_token_ids: tuple[int, ...] = (),
@@ -118,7 +57,8 @@ class Engine:
         self.max_num_seqs, self.max_queue = max_num_seqs, max_queue
         self.max_model_len, self.prefill_chunk = max_model_len, prefill_chunk
         self.eos = tuple(eos_token_ids)
-        vocab = model.get_output_embeddings().weight.shape[0]
+        head = model.get_output_embeddings()
+        vocab = getattr(head, "out_features", None) or head.weight.shape[0]
         self.sampler = Sampler(min(vocab, len(tokenizer)), self.eos)
         self.vocab_size = self.sampler.vocab_size
         self.stats_sink = stats_sink or (lambda rec: None)
@@ -411,26 +351,7 @@ class Engine:
 
     # -- tokens and outputs -----------------------------------------------------------------------------------
     def _append(self, seq: Sequence, tok: int, lp: TokenLogprob | None, now: float) -> None:
-        p = seq.params
-        seq.all_ids.append(tok)
-        seq.rows.output_ids.append(tok)
-        finish, text, hit = None, "", False
-        if tok in self.eos and not p.ignore_eos:
-            finish = "stop"
-        elif tok in p.stop_token_ids:
-            finish = "stop"
-            if p.include_stop_str_in_output:
-                text = seq.detok.add(tok)
-        else:
-            text, hit = seq.stopper.feed(seq.detok.add(tok))
-            if hit:
-                finish = "stop"
-        if finish is None and (seq.num_output >= p.max_tokens or len(seq.all_ids) >= self.max_model_len):
-            finish = "length"
-        if finish is not None and not hit:
-            tail, hit = seq.stopper.feed(seq.detok.flush())
-            text += tail + ("" if hit else seq.stopper.flush())
-            finish = "stop" if hit else finish
+        text, finish = seq.append(tok, self.eos, self.max_model_len)
         self._emit(seq, text, (tok,), (lp,) if lp is not None else (), finish, now)
 
     def _emit(self, seq: Sequence, text: str, toks: tuple, lps: tuple, finish: str | None, now: float) -> None:

@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from .config import EngineConfig, LoadError, parse_size
+from .cpu_linear import prepack
 from .engine import Engine
 from .kv_cache import SlotKVCache, KVShape
 from .memory import available_bytes, weight_bytes
@@ -81,6 +82,12 @@ def build_engine(pack: str, cfg: EngineConfig, name: str, stats_sink=None) -> tu
     config_dtype = reader.config_dict().get("dtype") or reader.config_dict().get("torch_dtype")
     dtype = resolve_dtype(cfg.dtype, cfg.device, config_dtype)
     model = load_model(pack, cfg, dtype)
+    if cfg.cpu_prepack not in ("auto", "off"):
+        raise LoadError(f"--cpu-prepack {cfg.cpu_prepack}: auto or off")
+    if cfg.cpu_prepack == "auto" and cfg.residency == "dense":
+        n = prepack(model, batch_hint=min(cfg.max_num_seqs, 16))
+        if n:
+            log.info("prepacked %d linear weights for oneDNN", n)
     tokenizer = AutoTokenizer.from_pretrained(pack)
     shape = KVShape.of(model.config, dtype, cfg.device)
     kv = SlotKVCache(shape, kv_budget(cfg, cfg.device), cfg.max_num_seqs)

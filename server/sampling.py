@@ -90,7 +90,8 @@ class Sampler:
 
     def __call__(self, logits: torch.Tensor, rows: list[RowState]) -> tuple[list[int], list[TokenLogprob | None]]:
         """logits: [n, V'] for n rows (V' >= vocab_size is cut). Returns chosen ids and logprob entries."""
-        logits = logits[:, : self.vocab_size].float()
+        # on the CPU: per-request generators are CPU generators, and a [rows, vocab] copy is cheap
+        logits = logits[:, : self.vocab_size].float().cpu()
         want = [r.params.logprobs for r in rows]
         raw_lp = torch.log_softmax(logits, dim=-1) if any(k is not None for k in want) else None
         logits = self._adjust(logits, rows)

@@ -107,13 +107,15 @@ class Serving:
         if bad is not None:
             raise BadRequest(f"token id {bad} is outside the vocabulary [0, {vocab})", param=param)
 
-    def max_tokens(self, prompt_len: int, requested: int | None, param: str) -> int:
-        limit = self.engine.max_model_len
-        if prompt_len == 0:
+    def max_tokens(self, prompt_ids: list[int], requested: int | None, param: str) -> int:
+        """Check a prompt against the vocabulary and the context; the max_tokens to use (default: the rest)."""
+        limit, n = self.engine.max_model_len, len(prompt_ids)
+        if n == 0:
             raise BadRequest("the prompt is empty", param=param)
-        if prompt_len >= limit or prompt_len + (requested or 0) > limit:
-            raise ContextLengthExceeded(prompt_len, requested, limit, param)
-        return requested if requested is not None else limit - prompt_len
+        self.check_token_ids(prompt_ids, param)
+        if n >= limit or n + (requested or 0) > limit:
+            raise ContextLengthExceeded(n, requested, limit, param)
+        return requested if requested is not None else limit - n
 
     # -- submission -----------------------------------------------------------------------------------------
     async def submit(self, prompts: list[Prompt], params: list[SamplingParams], n: int, timeout: float | None,

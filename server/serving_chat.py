@@ -38,8 +38,7 @@ class ChatServing(Serving):
     async def create(self, req: ChatCompletionRequest, raw_request) -> ChatCompletionResponse | AsyncIterator[str]:
         self.check_model(req.model)
         prompt = self.prompt(req.messages, req.add_generation_prompt is not False, req.chat_template_kwargs)
-        param = "max_completion_tokens" if req.max_completion_tokens is not None else "messages"
-        max_tokens = self.max_tokens(len(prompt.ids), req.requested_max_tokens, param)
+        max_tokens = self.max_tokens(prompt.ids, req.requested_max_tokens, "messages")
         params = req.sampling_params(max_tokens, self.engine.vocab_size)
         request_id = new_id("chatcmpl")
         stream = await self.submit([prompt], [params], req.n, req.timeout, request_id)

@@ -24,7 +24,7 @@ class CompletionServing(Serving):
             raise BadRequest("best_of is not supported (use n)", param="best_of")
         prompts = self.prompts(req)
         vocab = self.engine.vocab_size
-        params = [req.sampling_params(self.max_tokens(len(p.ids), req.max_tokens, "prompt"), vocab) for p in prompts]
+        params = [req.sampling_params(self.max_tokens(p.ids, req.max_tokens, "prompt"), vocab) for p in prompts]
         request_id = new_id("cmpl")
         stream = await self.submit(prompts, params, req.n, req.timeout, request_id)
         if req.stream:
@@ -63,7 +63,7 @@ class CompletionServing(Serving):
                 ids = self.tokenizer(item, add_special_tokens=req.add_special_tokens is not False).input_ids
                 out.append(Prompt(ids, item))
             else:
-                self.check_token_ids(item, "prompt")
+                self.check_token_ids(item, "prompt")  # before decoding them for echo
                 out.append(Prompt(list(item), self.tokenizer.decode(item) if req.echo else None))
         return out
 

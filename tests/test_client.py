@@ -22,7 +22,7 @@ PROMPT = "The capital of France is"
 
 @pytest.fixture(scope="module")
 def local(smol_pack):  # noqa: F811
-    with LocalServer(str(smol_pack), dtype="float32") as srv, Client(srv.url) as c:
+    with LocalServer(str(smol_pack), dtype="float32", threads=1) as srv, Client(srv.url) as c:
         c.wait_ready(300)
         yield srv
 

@@ -63,13 +63,18 @@ class ServerProcess:
                                      env={**os.environ, **(env or {})})
 
     def wait_ready(self, timeout: float = 300) -> None:
+        """Poll until ready, noting what the server answered while it was still loading."""
+        self.while_loading: list[tuple[int, int, dict, str | None]] = []  # (live, ready, ready body, Retry-After)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"server exited {self.proc.returncode}:\n{self.log.read_text()[-3000:]}")
             try:
-                if httpx.get(self.url + "/health/ready", timeout=2).status_code == 200:
+                r = httpx.get(self.url + "/health/ready", timeout=2)
+                if r.status_code == 200:
                     return
+                live = httpx.get(self.url + "/health/live", timeout=2).status_code
+                self.while_loading.append((live, r.status_code, r.json(), r.headers.get("retry-after")))
             except httpx.TransportError:
                 pass
             time.sleep(0.2)
@@ -482,6 +487,14 @@ def _wait_metric(server, name, want, timeout=20, **labels):
             return
         time.sleep(0.1)
     assert server.metric(name, **labels) == want
+
+
+def test_not_ready_while_loading(small):
+    """Up (live) at once; ready only after the weights loaded and the warm-up token passed."""
+    assert small.while_loading, "the server was never seen loading"
+    live, ready, body, retry = small.while_loading[-1]
+    assert (live, ready) == (200, 503) and retry == "5"
+    assert body["error"]["code"] == "not_ready" and "loading" in body["error"]["message"]
 
 
 def test_overload_gets_429_and_nothing_is_lost(small):

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import threading
 import time
-from pathlib import Path
 
 import pytest
 import torch
@@ -20,6 +19,7 @@ from server.engine import Engine, EngineRequest, QueueFull
 from server.kv_cache import KVShape, SlotKVCache
 from server.sampling import SamplingParams
 from server.stats import IterationStats, RequestRecord
+from test_server_api import smol_pack  # noqa: F401  (the real pack, packed once per session)
 
 PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time, in a land far away, there lived",
            "1, 2, 3, 4,", "Water boils at"]
@@ -43,8 +43,9 @@ def tiny_model(tmp_path_factory):
 
 def make_engine(model, tokenizer, budget=64 << 20, max_len=512, records=None, **kw) -> Engine:
     dtype = next(model.parameters()).dtype
-    kv = SlotKVCache(KVShape.of(model.config, dtype, "cpu"), budget, kw.pop("max_num_seqs", 8))
-    eng = Engine(model, tokenizer, kv, max_model_len=min(max_len, kv.max_len), eos_token_ids=(2,),
+    seqs = kw.pop("max_num_seqs", 8)
+    kv = SlotKVCache(KVShape.of(model.config, dtype, "cpu"), budget, seqs)
+    eng = Engine(model, tokenizer, kv, max_num_seqs=seqs, max_model_len=min(max_len, kv.max_len), eos_token_ids=(2,),
                  stats_sink=records.append if records is not None else None, **kw)
     eng.start()
     return eng
@@ -131,7 +132,7 @@ def test_chunked_prefill_and_preemption_keep_outputs(tiny_model, tokenizer):
 
 
 @pytest.mark.slow
-def test_batched_greedy_equals_generate_smollm2(smol_pack, tokenizer):
+def test_batched_greedy_equals_generate_smollm2(smol_pack, tokenizer):  # noqa: F811
     """The real model at float32: token-identical to transformers' generate, alone and in a busy batch."""
     from ucformat.runtime import load
 
@@ -147,6 +148,59 @@ def test_batched_greedy_equals_generate_smollm2(smol_pack, tokenizer):
         eng.shutdown()
     assert alone == refs[:2]
     assert busy == refs
+
+
+@pytest.mark.slow
+def test_packed_residency_through_the_loader(smol_pack):  # noqa: F811
+    """The loader passes the residency plan to the runtime: packed gives dense's tokens, and its stats."""
+    from server.config import EngineConfig
+    from server.loader import build_engine
+
+    outs = {}
+    for mode in ("dense", "packed"):
+        eng, info = build_engine(str(smol_pack), EngineConfig(dtype="float32", residency=mode,
+                                                              kv_cache_memory="64MiB"), "smol")
+        eng.start()
+        try:
+            c = submit(eng, eng.tokenizer, PROMPTS[0], SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True))
+            assert c.done.wait(300)
+            outs[mode] = c.tokens
+            runtime = getattr(eng.model, "uc_runtime", None)
+            if runtime is not None:
+                assert runtime.stats().mode == mode
+            assert info.residency == mode
+        finally:
+            eng.shutdown()
+    assert outs["packed"] == outs["dense"] and len(outs["dense"]) == 6
+
+
+@pytest.mark.gpu
+def test_cuda_engine_matches_generate(tiny_model, tokenizer):
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    model = tiny_model.to("cuda")
+    try:
+        refs = [reference_on(model, tokenizer, p, 12, "cuda") for p in PROMPTS]
+        dtype = next(model.parameters()).dtype
+        kv = SlotKVCache(KVShape.of(model.config, dtype, "cuda"), 64 << 20, 8)
+        eng = Engine(model, tokenizer, kv, max_num_seqs=8, max_model_len=512, eos_token_ids=(2,))
+        eng.start()
+        try:
+            got = [c.tokens for c in generate_all(eng, tokenizer, PROMPTS, SamplingParams(max_tokens=12,
+                                                                                          temperature=0.0,
+                                                                                          ignore_eos=True))]
+        finally:
+            eng.shutdown()
+        assert got == refs
+    finally:
+        tiny_model.to("cpu")
+
+
+def reference_on(model, tokenizer, prompt, n, device) -> list[int]:
+    ids = tokenizer(prompt, return_tensors="pt").input_ids.to(device)
+    with torch.inference_mode():
+        out = model.generate(ids, max_new_tokens=n, do_sample=False, pad_token_id=2, eos_token_id=None)
+    return out[0, ids.shape[1]:].tolist()
 
 
 def test_stop_string_spanning_tokens_is_never_emitted(tiny_model, tokenizer):
@@ -260,13 +314,14 @@ def test_timeout_queue_full_and_internal_error(tiny_model, tokenizer):
         slow = SamplingParams(max_tokens=400, temperature=0.0, ignore_eos=True)
         t = submit(eng, tokenizer, PROMPTS[0], slow, timeout=0.3)
         q = submit(eng, tokenizer, PROMPTS[1], SamplingParams(max_tokens=2, temperature=0.0))
+        # one running + max_queue waiting: the batch and the queue fill within a few more submissions
         with pytest.raises(QueueFull):
-            for _ in range(3):
-                submit(eng, tokenizer, PROMPTS[2], slow)
+            for i in range(5):
+                submit(eng, tokenizer, PROMPTS[2], slow, rid=f"slow{i}")
         assert t.done.wait(30) and t.last.error == "timeout"
         assert q.done.wait(30) and q.last.finish_reason == "length"
-        for c in list(eng.waiting):
-            eng.abort(c.req.request_id)
+        for i in range(5):
+            eng.abort(f"slow{i}")
         # a forward that raises fails the sequences in it, and the engine keeps serving
         real = eng.runner.decode
         eng.runner.decode = lambda *a: (_ for _ in ()).throw(RuntimeError("boom"))
@@ -311,6 +366,3 @@ def test_gemma3_sliding_window_parity(tmp_path, tokenizer):
         eng.shutdown()
     assert got == refs
 
-
-# the real pack, shared with the API tests (packed once per session)
-from test_server_api import smol_pack  # noqa: E402,F401

@@ -59,6 +59,14 @@ def cmd_pack(a) -> int:
     dev = f"  peak device memory {_size(r.peak_device_bytes)}" if r.peak_device_bytes is not None else ""
     print(f"  peak process memory (RSS) {_size(r.peak_rss_bytes)}, of which {_size(r.peak_rss_bytes - r.baseline_rss_bytes)} "
           f"above the {_size(r.baseline_rss_bytes)} of Python and libraries{dev}")
+    if r.calib:
+        c = r.calib
+        phases = "  ".join(f"{k} {v:.0f}s" for k, v in c["seconds"].items())
+        print(f"  allocation (bits: tensors) {c['allocation']}  {phases}")
+        if c["layers"] and "loss_before" in c["layers"][0]:
+            kept = sum(row["kept"] for row in c["layers"])
+            print(f"  distillation kept in {kept}/{len(c['layers'])} layers; calibration activations peak "
+                  f"{_size(c['activation_peak_bytes'])} in memory, {_size(c['spilled_bytes'])} spilled to disk")
     return 0
 
 
