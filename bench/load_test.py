@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import shlex
 import signal
 import socket
@@ -200,6 +201,7 @@ async def overload(server: Server, n: int, max_tokens: int, model: str | None, t
 
 
 def run_server(server: Server, args) -> dict:
+    load_before = os.getloadavg()[0]  # what else the machine was doing, reported beside the numbers
     server.start()
     try:
         # warm-up at the highest concurrency (not reported), so that "before" already includes what a full
@@ -209,7 +211,7 @@ def run_server(server: Server, args) -> dict:
         levels = [asyncio.run(level(server, c, max(c * args.rounds, args.min_requests), args.max_tokens,
                                     args.model_for(server), args.timeout)).row() for c in args.concurrency]
         over = asyncio.run(overload(server, args.overload, args.max_tokens, args.model_for(server), args.timeout))
-        return {"levels": levels, "overload": over}
+        return {"levels": levels, "overload": over, "loadavg_before": load_before, "loadavg_after": os.getloadavg()[0]}
     finally:
         server.stop()
 
@@ -294,8 +296,11 @@ def write(results: dict, servers: list[Server], args) -> None:
 
     cmd = "python bench/load_test.py " + " ".join(shlex.quote(a) for a in sys.argv[1:] if a != "--write")
     lines = ["## Serving: `uc serve` vs llama.cpp `llama-server`", "",
-             f"Machine: {machine()}. Both servers ran on this machine one after the other in the same run, "
-             f"with the load-generating client on the same 2 cores. Each level: closed-loop clients sending "
+             f"Machine: {machine()}. The servers ran on this machine one after the other in the same run, "
+             f"with the load-generating client on the same cores. 1-minute load average when each server "
+             f"started / finished (other jobs on the machine included): "
+             + ", ".join(f"{n} {r['loadavg_before']:.1f} / {r['loadavg_after']:.1f}" for n, r in results.items())
+             + f". Each level: closed-loop clients sending "
              f"streaming {args.max_tokens}-token completions (greedy, `ignore_eos`), "
              f"{args.rounds} requests per client (at least {args.min_requests}); TTFT and inter-token latency "
              "measured by the client from the SSE stream; tok/s = generated tokens / wall time of the level; "

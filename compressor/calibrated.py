@@ -39,9 +39,6 @@ log = logging.getLogger(__name__)
 
 WORK_DIR = ".uc-work"  # inside DST while a calibrated pack is unfinished: plan, Fisher weights, spills
 CHUNK = 4  # calibration sequences per forward
-OUT_KEY = "out_weight."  # fisher.safetensors: per-layer distillation weights, next to the linears' Fisher
-OUT_WEIGHT_FLOOR = 0.01  # no hidden dimension's weight falls below this share of the mean
-WEIGHTED_LOSS = True  # distillation loss weighted per hidden dimension by the loss gradient energy
 
 
 @dataclass
@@ -70,7 +67,6 @@ class CalibratedLayers:
         self.sk: Skeleton | None = None
         self.plan: dict[str, allocate.Choice] = {}
         self.fisher: dict[str, torch.Tensor] = {}  # linear -> [R] output-gradient energy
-        self.out_weight: dict[int, torch.Tensor] = {}  # layer -> [H] weights of its distillation loss
         self.x_fp = self.x_q = None
         self.one = None
 
@@ -119,19 +115,14 @@ class CalibratedLayers:
         state = json.loads(path.read_text())
         fisher = self.work / "fisher.safetensors"
         if fisher.is_file():
-            for k, v in load_file(str(fisher)).items():
-                if k.startswith(OUT_KEY):
-                    self.out_weight[int(k[len(OUT_KEY):])] = v
-                else:
-                    self.fisher[k] = v
+            self.fisher = load_file(str(fisher))
         log.info("resuming with the saved allocation %s", path)
         return {n: allocate.Choice(*c) for n, c in state["plan"].items()}
 
     def _save_plan(self, plan: dict) -> None:
         self.work.mkdir(parents=True, exist_ok=True)
-        if self.fisher or self.out_weight:
-            tensors = {**self.fisher, **{f"{OUT_KEY}{i}": w for i, w in self.out_weight.items()}}
-            save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, str(self.work / "fisher.safetensors"))
+        if self.fisher:
+            save_file({k: v.contiguous().cpu() for k, v in self.fisher.items()}, str(self.work / "fisher.safetensors"))
         atomic_write_bytes(self.work / "plan.json", json.dumps(
             {"plan": {n: [c.bits, c.rank, c.overlay_rows] for n, c in plan.items()}}).encode())
 
@@ -210,7 +201,7 @@ class CalibratedLayers:
                     continue
                 w = self.ckpt.get(n).to(self.device)
                 profiles[n] = allocate.profile(w, grams.get(n), cfg.block_size, cfg.codec, c.gptq and n in grams,
-                                               self._ranks(), seed=c.seed)
+                                               self._ranks(), allocate.widths(cfg.target_bpw), seed=c.seed)
         bar.close()
         if stream is not None:
             self._last_hidden = stream
@@ -237,10 +228,6 @@ class CalibratedLayers:
         bar = tqdm(reversed(range(self.ckpt.num_layers)), total=self.ckpt.num_layers, desc="fisher", unit="layer",
                    disable=not self.progress)
         for i in bar:
-            # grads[k] is now dNLL/d(output of layer i): its energy per hidden dimension weighs that
-            # layer's distillation loss (errors in dimensions the loss ignores matter less)
-            energy = sum(g.float().square().sum((0, 1)) for g in grads)
-            self.out_weight[i] = (energy / energy.mean().clamp_min(1e-30)).clamp_min(OUT_WEIGHT_FLOOR).cpu()
             self.sk.load({n: self.ckpt.get(n) for n in self.ckpt.layers[i]})
             layer = self.sk.layers[i]
             for p in layer.parameters():
@@ -306,8 +293,7 @@ class CalibratedLayers:
                 self.sk.load(fixed)
             trainable = {n[len(prefix):]: q for n, q in qweights.items() if n in grams}
             x_in = self.x_q if self.x_q is not None else self.x_fp
-            r = distill.distill(layer, i, trainable, x_in, y, self.one, c,
-                                out_weight=self.out_weight.get(i) if WEIGHTED_LOSS else None)
+            r = distill.distill(layer, i, trainable, x_in, y, self.one, c)
             row.update(loss_before=r.loss_before, loss_after=r.loss_after, kept=r.kept, distill_s=r.seconds)
             log.info("layer %d: distillation loss %.4g -> %.4g%s", i, r.loss_before, r.loss_after,
                      "" if r.kept else " (not kept)")

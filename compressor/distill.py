@@ -91,31 +91,23 @@ def frozen_weights(qweights: dict[str, QWeight], device) -> dict[str, torch.Tens
     return {k: dequantize(q.freeze(), torch.float32).to(device) for k, q in qweights.items()}
 
 
-def _loss(out: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
-    err = (out - target).square()
-    return (err * weight).mean() if weight is not None else err.mean()
-
-
 @torch.no_grad()
-def check_loss(layer, index: int, x_in: Stream, y: ActivationStore, weights: dict, n_seq: int,
-               weight: torch.Tensor | None = None) -> float:
+def check_loss(layer, index: int, x_in: Stream, y: ActivationStore, weights: dict, n_seq: int) -> float:
     total, count = 0.0, 0
     for (h, b), t in zip(x_in.chunks(), y):
         take = min(n_seq - count, h.shape[0])
         if take <= 0:
             break
         out = call_layer(layer, h[:take], b.layer_kwargs[index], weights)
-        total += _loss(out.float(), t[:take], weight).item() * take
+        total += (out.float() - t[:take]).square().mean().item() * take
         count += take
     return total / max(count, 1)
 
 
 def distill(layer: torch.nn.Module, index: int, qweights: dict[str, QWeight], x_in: Stream,
-            y: ActivationStore, one: "object", cfg: CalibConfig, steps: int | None = None,
-            out_weight: torch.Tensor | None = None) -> DistillResult:
+            y: ActivationStore, one: "object", cfg: CalibConfig, steps: int | None = None) -> DistillResult:
     """Refine qweights (local param name -> QWeight) in place. `one` is a Batch of one sequence (its
-    layer kwargs serve every step); `out_weight` [H] weighs the squared error of each output dimension
-    (mean 1; None: plain MSE). Returns the losses on the check sequences before and after."""
+    layer kwargs serve every step). Returns the losses on the check sequences before and after."""
     t0 = time.perf_counter()
     steps = cfg.steps if steps is None else steps
     if not qweights:
@@ -123,8 +115,7 @@ def distill(layer: torch.nn.Module, index: int, qweights: dict[str, QWeight], x_
     for p in layer.parameters():
         p.requires_grad_(False)
     device = next(iter(qweights.values())).codes.device
-    wt = None if out_weight is None else out_weight.float().to(device)
-    before = check_loss(layer, index, x_in, y, frozen_weights(qweights, device), CHECK_SEQUENCES, wt)
+    before = check_loss(layer, index, x_in, y, frozen_weights(qweights, device), CHECK_SEQUENCES)
     if steps <= 0:
         return DistillResult(before, before, False, 0, time.perf_counter() - t0)
     saved = {k: (q.scales, q.grid, q.u, q.v) for k, q in qweights.items()}
@@ -149,13 +140,13 @@ def distill(layer: torch.nn.Module, index: int, qweights: dict[str, QWeight], x_
             g["lr"] = lr * (FINAL_LR + (1 - FINAL_LR) * frac)
         with torch.enable_grad(), torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=autocast):
             out = call_layer(layer, x, kwargs, {k: tr.weight() for k, tr in train.items()})
-            loss = _loss(out.float(), t, wt)
+            loss = (out.float() - t).square().mean()
             opt.zero_grad(set_to_none=True)
             loss.backward()
         opt.step()
     for tr in train.values():
         tr.commit()
-    after = check_loss(layer, index, x_in, y, frozen_weights(qweights, device), CHECK_SEQUENCES, wt)
+    after = check_loss(layer, index, x_in, y, frozen_weights(qweights, device), CHECK_SEQUENCES)
     kept = after < before
     if not kept:
         for k, q in qweights.items():

@@ -26,6 +26,7 @@ from typing import Callable
 import torch
 
 from .kv_cache import SlotKVCache
+from .memory import trim_heap
 from .runner import ModelRunner
 from .sampling import Sampler, SamplingParams, TokenLogprob, logprob_entries
 from .sequence import DONE, PREFILL, RUNNING, WAITING, EngineRequest, Sequence, SequenceOutput
@@ -151,6 +152,7 @@ class Engine:
         if block:
             if self.kv.rows:
                 self.kv.release()  # idle: give the KV memory back
+                trim_heap()
             timeout = 1.0
         while True:
             try:

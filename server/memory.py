@@ -23,6 +23,17 @@ def _meminfo() -> dict[str, int]:
     return out
 
 
+def trim_heap() -> None:
+    """Hand freed heap pages back to the OS (glibc keeps them for reuse otherwise), so that an idle
+    server's RSS shows what it holds, not the high-water mark of its last busy batch."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
+
+
 def rss_bytes() -> int | None:
     try:
         pages = int(Path("/proc/self/statm").read_text().split()[1])
