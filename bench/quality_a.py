@@ -127,11 +127,12 @@ def main() -> None:
     ap.add_argument("--targets", nargs="+", type=float, default=[2.8, 3.0, 4.0, 5.0, 6.0])
     ap.add_argument("--windows", type=int, default=12)
     ap.add_argument("--ctx", type=int, default=1024)
-    ap.add_argument("--skip-baselines", action="store_true")
-    ap.add_argument("--skip-ablation", action="store_true")
+    ap.add_argument("--methods", nargs="+", default=["ours", "uniform", "hqq", "gguf", "ablation"],
+                    help="rows to compute (finished rows of the others are still reported)")
     ap.add_argument("--fresh", action="store_true", help="forget finished rows")
     ap.add_argument("--work", default=str(ROOT / "work" / "bench-a"))
     ap.add_argument("--no-doc", action="store_true", help="do not rewrite docs/BENCHMARKS.md")
+    ap.add_argument("--results", default=str(RESULTS), help="finished rows (JSON), read and extended")
     ap.add_argument("--baseline", nargs=4, metavar=("METHOD", "SETTING", "SRC", "OUT"), help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.baseline:
@@ -148,13 +149,18 @@ def main() -> None:
     work = Path(a.work)
     env = {**os.environ, "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}
     cfg = EvalConfig(ctx=a.ctx, max_windows=a.windows, articles="17-62")
-    done = {} if a.fresh or not RESULTS.exists() else {r["key"]: r for r in json.loads(RESULTS.read_text())}
+    results = Path(a.results)
+    done = {} if a.fresh or not results.exists() else {r["key"]: r for r in json.loads(results.read_text())}
     rows: list[dict] = []
 
     def save(row: dict) -> None:
         done[row["key"]] = row
-        RESULTS.parent.mkdir(parents=True, exist_ok=True)
-        RESULTS.write_text(json.dumps(list(done.values()), indent=1))
+        if results.exists():  # keep rows another run added meanwhile
+            done.update({r["key"]: r for r in json.loads(results.read_text()) if r["key"] not in done})
+        results.parent.mkdir(parents=True, exist_ok=True)
+        tmp = results.with_suffix(".tmp")
+        tmp.write_text(json.dumps(list(done.values()), indent=1))
+        tmp.replace(results)
         print(json.dumps({k: v for k, v in row.items() if k != "calib"}), flush=True)
 
     for model in a.models:
@@ -163,15 +169,22 @@ def main() -> None:
         sk = Skeleton(src)
         base = None
         jobs = [("ours", f"{t:g}", ["--target-bpw", f"{t:g}", *CALIB]) for t in a.targets]
-        if not a.skip_baselines:
-            jobs += [("uniform", str(b), ["--codec", "uniform", "--bits", str(b)]) for b in UNIFORM_BITS]
-            jobs += [("hqq", str(b), None) for b in HQQ_BITS] + [("gguf", q, None) for q in GGUF_TYPES]
-        if model == "smollm2-135m" and not a.skip_ablation:
+        jobs += [("uniform", str(b), ["--codec", "uniform", "--bits", str(b)]) for b in UNIFORM_BITS]
+        jobs += [("hqq", str(b), None) for b in HQQ_BITS] + [("gguf", q, None) for q in GGUF_TYPES]
+        if model == "smollm2-135m":
             jobs += [("ablation", name, args) for name, args in ABLATION]
-        for method, setting, args in jobs:
-            key = f"{model}|{method}|{setting}|{a.windows}|{a.ctx}"
+        keys = [f"{model}|{m}|{st}|{a.windows}|{a.ctx}" for m, st, _ in jobs]
+        for key, (method, setting, args) in zip(keys, jobs):
             if key in done:
                 rows.append(done[key])
+                continue
+            if method not in a.methods:
+                continue
+            same = next((k for k, (m, st, ar) in zip(keys, jobs) if m == "ours" and ar == args and k in done), None)
+            if method == "ablation" and same:  # the default recipe is the "ours" row: measured once
+                row = {**done[same], "key": key, "method": method, "setting": setting}
+                save(row)
+                rows.append(row)
                 continue
             if base is None:
                 base = token_stats(sk, CheckpointSource(SourceCheckpoint(src)), windows, progress=False)

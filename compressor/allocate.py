@@ -28,10 +28,10 @@ from .overlay import row_bits
 from .qweight import fit_grid
 
 BITS = bitpack.WIDTHS
-# 2-bit codes are offered only to budgets below this. The quadratic loss model underrates them: at a
-# 4.0 bpw budget it chose ~25 two-bit tensors and the pack came out worse (SmolLM2 ppl ratio 1.22-1.25)
-# than with 3 bits as the floor (1.18), so above it the floor is 3 bits.
-TWO_BIT_BELOW = 3.5
+# 2-bit codes are offered only to budgets less than this many bits above all-3-bit codes (with their
+# scales). The quadratic loss model underrates them: at a 4.0 bpw budget it chose ~25 two-bit tensors
+# and the pack came out worse (SmolLM2 ppl ratio 1.22-1.25) than with 3 bits as the floor (1.17-1.18).
+TWO_BIT_MARGIN = 0.25
 RANKS = (8, 16, 32, 64, 128)  # ranks considered, up to the configured maximum
 OVERLAY_SHARES = (1 / 128, 1 / 64, 1 / 32, 1 / 16)  # row shares considered for tensors of <= 3 bits
 OVERLAY_MAX_BITS = 3
@@ -53,7 +53,8 @@ class Profile:
 
     shape: tuple[int, ...]
     rows: torch.Tensor | None = None  # [m] sampled row indices
-    row_err: dict[int, torch.Tensor] = field(default_factory=dict)  # bits -> [m] e_r H e_r^T
+    row_err: dict[int, torch.Tensor] = field(default_factory=dict)  # bits -> [m] e_r H e_r^T (as rounded)
+    row_err_all: dict[int, torch.Tensor] = field(default_factory=dict)  # bits <= 3 -> [R], nearest rounding
     captured: dict[int, dict[int, float]] = field(default_factory=dict)  # bits -> rank -> share removed
     fisher: torch.Tensor | None = None  # [R] output sensitivities (None: 1)
     fixed: Choice | None = None  # tensors without a profile (3-D stacks) get this choice
@@ -78,42 +79,62 @@ def stored_bits(shape: tuple[int, ...], c: Choice, block_size: int, lowrank_dtyp
 def profile(w: torch.Tensor, h: torch.Tensor | None, block_size: int, codec: str, use_gptq: bool,
             ranks: list[int], bits_options=BITS, seed: int = 0) -> Profile:
     """Measure one matrix w [R, C] (h: its mean input Gram [C, C] or None) at every code width."""
-    w = w.float()
-    rows, cols = w.shape
-    g = torch.Generator().manual_seed(seed)
-    m = min(rows, SAMPLE_ROWS)
-    sample = torch.sort(torch.randperm(rows, generator=g)[:m]).values.to(w.device)
-    ws = w[sample]
+    return profile_group({"": w}, h, block_size, codec, use_gptq, ranks, bits_options, seed)[""]
+
+
+def profile_group(ws: dict[str, torch.Tensor], h: torch.Tensor | None, block_size: int, codec: str,
+                  use_gptq: bool, ranks: list[int], bits_options=BITS, seed: int = 0) -> dict[str, Profile]:
+    """Profiles of matrices that share one input (and h): their GPTQ roundings run as one pass."""
     col = torch.diagonal(h).clamp_min(0) if h is not None else None
-    grids = {b: fit_grid(w, b, block_size, codec, col, samples=PROFILE_GRID_SAMPLES) for b in bits_options}
-    p = Profile(shape=(rows, cols), rows=sample)
-    if h is not None and use_gptq:
-        # every width at once: the sampled rows stacked once per width, each block with its own grid
-        width = max(2**b for b in bits_options)
-        stacked = torch.cat([ws] * len(bits_options))
-        pad = torch.cat([torch.nn.functional.pad(grids[b], (0, width - 2**b), value=math.inf).expand(m, width)
-                         for b in bits_options])
-        codes, scales = gptq.round_gptq(stacked, h, pad, block_size)
-        levels = pad.gather(1, codes.long())
-        deq = levels * scales.float().repeat_interleave(block_size, 1)[:, :cols]
-        for k, b in enumerate(bits_options):
-            p.row_err[b] = _row_err(ws - deq[k * m:(k + 1) * m], h)
-    else:
-        scales, normed = codecs.block_scales(ws, block_size)
-        s = scales.float().repeat_interleave(block_size, 1)[:, :cols]
-        for b in bits_options:
-            deq = grids[b][codecs.nearest(normed, grids[b])] * s
-            p.row_err[b] = _row_err(ws - deq, h)
-    if ranks:
-        # The share a rank removes is measured once, on the residual at RANK_PROBE_BITS, and used for every
-        # width: the rounding noise has about the same spectrum at every width, only its level differs.
-        scales, normed = codecs.block_scales(w, block_size)
-        s = scales.float().repeat_interleave(block_size, 1)[:, :cols]
-        probe = RANK_PROBE_BITS if RANK_PROBE_BITS in grids else bits_options[len(bits_options) // 2]
-        resid = w - grids[probe][codecs.nearest(normed, grids[probe])] * s
-        shares = lowrank.captured(resid, ranks, h)
-        p.captured = {b: shares for b in bits_options}
-    return p
+    probe = RANK_PROBE_BITS if RANK_PROBE_BITS in bits_options else bits_options[len(bits_options) // 2]
+    profiles, grids, samples, jobs, owners = {}, {}, {}, [], []
+    for name, w in ws.items():
+        w = ws[name] = w.float()
+        rows, cols = w.shape
+        g = torch.Generator().manual_seed(seed)
+        m = min(rows, SAMPLE_ROWS)
+        sample = torch.sort(torch.randperm(rows, generator=g)[:m]).values.to(w.device)
+        samples[name] = w[sample]
+        grids[name] = {b: fit_grid(w, b, block_size, codec, col, samples=PROFILE_GRID_SAMPLES) for b in bits_options}
+        profiles[name] = Profile(shape=(rows, cols), rows=sample.cpu())
+        # The sampled rows at every width; with ranks to price, also every row at RANK_PROBE_BITS: the
+        # share a rank removes is measured on that residual (as the pack will round it) and used for
+        # every width, the rounding noise having about the same spectrum at each, only its level differing.
+        jobs += [(samples[name], grids[name][b]) for b in bits_options] + ([(w, grids[name][probe])] if ranks else [])
+        owners += [(name, b) for b in bits_options] + ([(name, None)] if ranks else [])
+    deq = _round_all(jobs, h if use_gptq else None, block_size)
+    for (name, b), d in zip(owners, deq):
+        p = profiles[name]
+        if b is not None:
+            p.row_err[b] = _row_err(samples[name] - d, h)
+        else:
+            shares = lowrank.captured(ws[name] - d, ranks, h)
+            p.captured = {bb: shares for bb in bits_options}
+    # Which rows an overlay would take, and how much of the error they hold, needs every row: nearest
+    # rounding (cheap) gives the shape of that distribution; the sampled rows give its level.
+    low = [b for b in bits_options if b <= OVERLAY_MAX_BITS]
+    for name, w in ws.items():
+        for b, d in zip(low, _round_all([(w, grids[name][b]) for b in low], None, block_size)):
+            profiles[name].row_err_all[b] = _row_err(w - d, h)
+    return profiles
+
+
+def _round_all(jobs: list[tuple[torch.Tensor, torch.Tensor]], h: torch.Tensor | None,
+               block_size: int) -> list[torch.Tensor]:
+    """Dequantized roundings of each (rows [n, C], grid): GPTQ in one pass with h, else nearest level."""
+    out = []
+    if h is None:
+        for x, grid in jobs:
+            scales, normed = codecs.block_scales(x, block_size)
+            out.append(grid[codecs.nearest(normed, grid)] * _expand(scales, block_size, x.shape[1]))
+        return out
+    for (x, grid), (codes, scales) in zip(jobs, gptq.round_many(jobs, h, block_size)):
+        out.append(grid[codes.long()] * _expand(scales, block_size, x.shape[1]))
+    return out
+
+
+def _expand(scales: torch.Tensor, block_size: int, cols: int) -> torch.Tensor:
+    return scales.float().repeat_interleave(block_size, 1)[:, :cols]
 
 
 def _row_err(e: torch.Tensor, h: torch.Tensor | None) -> torch.Tensor:
@@ -140,15 +161,15 @@ def options(p: Profile, block_size: int, lowrank_dtype: str, ranks: list[int], o
     f = p.fisher[p.rows].float() if p.fisher is not None else torch.ones(m)
     out = []
     for b, err in p.row_err.items():
-        weighted = torch.sort(err.float() * f, descending=True).values
-        tail = weighted.flip(0).cumsum(0).flip(0)  # tail[i] = sum of all but the i largest
-        total = weighted.sum().item()
-        overlays = [0] + ([max(1, round(s * rows)) for s in OVERLAY_SHARES] if overlay and b <= OVERLAY_MAX_BITS else [])
+        total = (err.float() * f).sum().item() * rows / m  # estimated over all rows
+        overlays = [0]
+        if overlay and b in p.row_err_all:
+            overlays += [max(1, round(s * rows)) for s in OVERLAY_SHARES]
+            every = p.row_err_all[b].float() * (p.fisher.float() if p.fisher is not None else 1.0)
+            top = torch.sort(every, descending=True).values.cumsum(0)
+            all_sum = max(top[-1].item(), 1e-30)
         for k in overlays:
-            drop = k * m / rows  # sampled rows the overlay removes (fractional: interpolate)
-            i = int(drop)
-            rest = (tail[i].item() if i < m else 0.0) - (drop - i) * (weighted[i].item() if i < m else 0.0)
-            base = (total if k == 0 else rest) * rows / m
+            base = total * (1 - top[k - 1].item() / all_sum) if k else total
             for r in ([0] if zero_rank else []) + list(ranks):
                 share = p.captured.get(b, {}).get(r, 0.0) if r else 0.0
                 c = Choice(b, min(r, rows, cols), k)
@@ -156,9 +177,11 @@ def options(p: Profile, block_size: int, lowrank_dtype: str, ranks: list[int], o
     return out
 
 
-def widths(target_bpw: float) -> tuple[int, ...]:
-    """Code widths the allocator may use under this budget."""
-    return BITS if target_bpw < TWO_BIT_BELOW else tuple(b for b in BITS if b > 2)
+def widths(target_bpw: float, block_size: int) -> tuple[int, ...]:
+    """Code widths the allocator may use under this budget (3.5 bpw and up at block 64: no 2-bit)."""
+    if target_bpw < 3 + 16 / block_size + TWO_BIT_MARGIN:
+        return BITS
+    return tuple(b for b in BITS if b > 2)
 
 
 class BudgetError(ValueError):

@@ -127,7 +127,8 @@ class LinearStats:
         self.fisher: dict[str, torch.Tensor] = {}
         self.tokens: dict[str, int] = {}
         self._handles = []
-        self._last: tuple | None = None  # (x, x^T x): q/k/v (gate/up) get the same input object in a row
+        self._last: tuple | None = None  # (x, x^T x, first module): q/k/v (gate/up) get one input object
+        self.leader: dict[str, str] = {}  # module -> the first module that saw the same input
 
     def __enter__(self) -> "LinearStats":
         for name, path in self.modules.items():
@@ -149,8 +150,9 @@ class LinearStats:
             if self.want_gram:
                 if self._last is None or self._last[0] is not x:
                     xf = x2.float()
-                    self._last = (x, (xf.T @ xf).double())
+                    self._last = (x, (xf.T @ xf).double(), name)
                 xtx = self._last[1]
+                self.leader[name] = self._last[2]
                 acc = self.gram.get(name)
                 self.gram[name] = xtx.clone() if acc is None else acc.add_(xtx)
             if self.want_fisher and output.requires_grad:
@@ -160,6 +162,13 @@ class LinearStats:
                     self.fisher[name] = e if acc is None else acc.add_(e)
                 output.register_hook(grad_hook)
         return hook
+
+    def groups(self) -> dict[str, list[str]]:
+        """Modules by shared input: first module -> all of them (one Gram matrix serves the group)."""
+        out: dict[str, list[str]] = {}
+        for name, lead in self.leader.items():
+            out.setdefault(lead, []).append(name)
+        return out
 
     def mean_gram(self, name: str) -> torch.Tensor:
         return (self.gram[name] / max(self.tokens.get(name, 1), 1)).float()

@@ -1,9 +1,10 @@
 """The calibrated `uc pack` pipeline: streamed activations, allocation, GPTQ rounding, overlays, low-rank
 factors and per-layer distillation, one decoder layer at a time.
 
-  prepare   (only with a bit budget) profile every linear at every code width on the fp stream, weigh
-            it by loss gradients from one streamed backward pass, allocate; the plan is saved under
-            DST/.uc-work so a resumed run keeps it.
+  prepare   one pass over the fp model: with a bit budget, profile every linear at every code width
+            (GPTQ rounding on a sample of rows); with calibration data, one streamed backward pass
+            for the loss gradients that weigh each output (allocation, overlay rows, SVD init); then
+            allocate. Plan and gradients are saved under DST/.uc-work so a resumed run keeps them.
   compress  per layer i: teacher output y = fp_layer_i(x_fp); Gram matrices of the inputs the
             compressed layer will see (x_q online, x_fp teacher-forced); quantize each linear under
             its plan; distill the layer; the online stream continues with exactly the stored weights.
@@ -33,7 +34,7 @@ from . import allocate, calibrate, codecs, distill, lowrank, overlay
 from .activations import ActivationStore, SpillBudget
 from .checkpoint import SourceCheckpoint, nonlayer_state_dict
 from .config import PackConfig
-from .qweight import QWeight, quantize_matrix
+from .qweight import QWeight, quantize_group
 
 log = logging.getLogger(__name__)
 
@@ -178,7 +179,7 @@ class CalibratedLayers:
                    disable=not self.progress)
         for i in bar:
             names = self._names(i)
-            grams = {}
+            grams, st = {}, None
             if stream is not None:
                 fp = {n: self.ckpt.get(n) for n in self.ckpt.layers[i]}
                 self.sk.load(fp)
@@ -194,14 +195,20 @@ class CalibratedLayers:
                 stream.store.clear()
                 stream = nxt
                 self.sk.unload_layer(i)
-            for n in names if profile else []:
-                shape = self.ckpt.shape_dtype(n)[0]
-                if len(shape) != 2:
-                    profiles[n] = allocate.Profile(shape=shape, fixed=self._fixed_choice(shape))
-                    continue
-                w = self.ckpt.get(n).to(self.device)
-                profiles[n] = allocate.profile(w, grams.get(n), cfg.block_size, cfg.codec, c.gptq and n in grams,
-                                               self._ranks(), allocate.widths(cfg.target_bpw), seed=c.seed)
+            for group in _groups(names, st if stream is not None and profile else None) if profile else []:
+                two = []
+                for n in group:
+                    shape = self.ckpt.shape_dtype(n)[0]
+                    if len(shape) != 2:
+                        profiles[n] = allocate.Profile(shape=shape, fixed=self._fixed_choice(shape))
+                    else:
+                        two.append(n)
+                if two:
+                    h = grams.get(two[0])
+                    profiles.update(allocate.profile_group(
+                        {n: self.ckpt.get(n).to(self.device) for n in two}, h, cfg.block_size, cfg.codec,
+                        c.gptq and h is not None, self._ranks(), allocate.widths(cfg.target_bpw, cfg.block_size),
+                        seed=c.seed))
         bar.close()
         if stream is not None:
             self._last_hidden = stream
@@ -254,7 +261,7 @@ class CalibratedLayers:
         src = {n: self.ckpt.get(n) for n in self.ckpt.layers[i]}
         names = self._names(i)
         prefix = f"{self.ckpt.layer_prefix}{i}."
-        grams, y = {}, None
+        grams, y, st = {}, None, None
         layer = None
         if self.has_data:
             self.sk.load(src)
@@ -271,19 +278,26 @@ class CalibratedLayers:
             grams = {n: st.mean_gram(n).to(self.device) for n in lin}
         out: dict[str, qtensor.QuantizedTensor | torch.Tensor] = {}
         qweights: dict[str, QWeight] = {}
-        for n in names:
-            ch = self.plan[n]
-            w = src[n].to(self.device)
-            if w.dim() != 2:
-                out[n] = codecs.quantize(w, ch.bits, cfg.block_size, cfg.codec)
+        for group in _groups(names, st):
+            two = []
+            for n in group:
+                if src[n].dim() != 2:  # fused expert stacks: the plain codec at the planned width
+                    out[n] = codecs.quantize(src[n].to(self.device), self.plan[n].bits, cfg.block_size, cfg.codec)
+                else:
+                    two.append(n)
+            if not two:
                 continue
-            h, f = grams.get(n), self.fisher.get(n)
-            q = quantize_matrix(w, ch.bits, cfg.block_size, cfg.codec, h, c.gptq, cfg.lowrank_dtype)
-            if ch.overlay_rows:
-                overlay.add_overlay(q, w, ch.overlay_rows, h, f)
-            if ch.rank:
-                q.u, q.v = lowrank.weighted_svd(w.float() - q.base(), ch.rank, h, f)
-            qweights[n] = q
+            h = grams.get(two[0])
+            ws = {n: src[n].to(self.device) for n in two}
+            qs = quantize_group(ws, {n: self.plan[n].bits for n in two}, cfg.block_size, cfg.codec, h, c.gptq,
+                                cfg.lowrank_dtype)
+            for n, q in qs.items():
+                ch, f = self.plan[n], self.fisher.get(n)
+                if ch.overlay_rows:
+                    overlay.add_overlay(q, ws[n], ch.overlay_rows, h, f)
+                if ch.rank:
+                    q.u, q.v = lowrank.weighted_svd(ws[n].float() - q.base(), ch.rank, h, f)
+                qweights[n] = q
         row = {"layer": i}
         if self.has_data and c.steps > 0:
             # tensors distillation cannot train (3-D stacks, non-Linear weights) sit at their stored values
@@ -333,6 +347,20 @@ class CalibratedLayers:
 
     def close(self) -> None:
         self.budget.cleanup()
+
+
+def _groups(names: list[str], stats: calibrate.LinearStats | None) -> list[list[str]]:
+    """names grouped by shared input (one Gram matrix, one GPTQ pass), in order of first appearance."""
+    members = stats.groups() if stats is not None else {}
+    leader = stats.leader if stats is not None else {}
+    out, seen = [], set()
+    for n in names:
+        if n in seen:
+            continue
+        group = [m for m in members.get(leader.get(n), [n]) if m in names] if n in leader else [n]
+        seen.update(group)
+        out.append(group)
+    return out
 
 
 class _Discard:

@@ -1,13 +1,19 @@
 """Per-layer distillation: refine a decoder layer's quantized linears so that the *whole layer* matches
 the teacher.
 
-Codes stay fixed. Trained, with Adam, for `steps` steps of one calibration sequence each:
+Codes stay fixed. Trained, with Adam (cosine-decayed learning rate), for `steps` steps of one
+calibration sequence each:
   u, v      low-rank factors (learning rate relative to their RMS at init)
-  log-scale a multiplier exp(a) on every block scale            (refine_scales)
-  grid      the levels                                           (refine_grid)
+  log-scale a multiplier exp(a) on every block scale            (refine_scales, default on)
+  grid      the levels                                           (refine_grid, default off)
 to minimise  MSE( layer_q(x_in), y_teacher )  where x_in is the layer's calibration input (online or
-teacher-forced) and y_teacher the fp layer's output on the fp stream. A held-out check on a few
-sequences, with every part rounded to its stored dtype, keeps the refinement only if it helped.
+teacher-forced) and y_teacher the fp layer's output on the fp stream. A check on the first few
+calibration sequences, with every part rounded to its stored dtype, keeps the refinement only if it
+lowered that loss.
+
+Measured on SmolLM2 layer 5 (teacher-forced, 4-bit, 200 steps): scales alone cut the layer loss by
+27%; training the grid as well, at any step size tried, added nothing or undid the gain (the grid is
+shared by every weight of the matrix), hence off by default.
 """
 
 from __future__ import annotations
@@ -60,8 +66,8 @@ class _Trainable:
                 out.append({"params": [t], "lr": lr * max(t.detach().square().mean().sqrt().item(), 1e-8)})
         return out
 
-    def weight(self) -> torch.Tensor:
-        return self.q.weight(self.q.scales * torch.exp(self.log_s), self.grid, self.u, self.v)
+    def weight(self, dtype: torch.dtype) -> torch.Tensor:
+        return self.q.weight(self.q.scales * torch.exp(self.log_s), self.grid, self.u, self.v, dtype)
 
     def commit(self) -> None:
         with torch.no_grad():
@@ -123,7 +129,7 @@ def distill(layer: torch.nn.Module, index: int, qweights: dict[str, QWeight], x_
     groups = [g for t in train.values() for g in t.groups(cfg.lr)]
     if not groups:
         return DistillResult(before, before, False, 0, time.perf_counter() - t0)
-    opt = torch.optim.Adam(groups)
+    opt = torch.optim.Adam(groups, foreach=True)
     base_lr = [g["lr"] for g in opt.param_groups]
     # sequence order: a fixed permutation per layer, cycled
     index_of = [(c, j) for c in range(len(x_in.batches)) for j in range(x_in.batches[c].input_ids.shape[0])]
@@ -139,7 +145,8 @@ def distill(layer: torch.nn.Module, index: int, qweights: dict[str, QWeight], x_
         for g, lr in zip(opt.param_groups, base_lr):
             g["lr"] = lr * (FINAL_LR + (1 - FINAL_LR) * frac)
         with torch.enable_grad(), torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=autocast):
-            out = call_layer(layer, x, kwargs, {k: tr.weight() for k, tr in train.items()})
+            dtype = torch.bfloat16 if autocast else torch.float32
+            out = call_layer(layer, x, kwargs, {k: tr.weight(dtype) for k, tr in train.items()})
             loss = (out.float() - t).square().mean()
             opt.zero_grad(set_to_none=True)
             loss.backward()

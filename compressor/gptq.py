@@ -9,6 +9,8 @@ from the already-updated weights, then rounded to fp16 as stored. Rows are indep
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from . import codecs
@@ -51,6 +53,21 @@ def round_gptq(w: torch.Tensor, h: torch.Tensor, grid: torch.Tensor, block_size:
         return _round_gptq(w, h, grid, block_size, act_order)
     finally:
         torch.set_num_threads(threads)
+
+
+def round_many(jobs: list[tuple[torch.Tensor, torch.Tensor]], h: torch.Tensor, block_size: int,
+               act_order: bool = True) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Several matrices sharing one input (q/k/v, gate/up, or one matrix at several widths) rounded in
+    one pass: jobs of (rows [n, C], sorted grid [L]); their rows are stacked, each with its own grid
+    padded by +inf levels that are never nearest. Same result as one call per job, a fraction of the
+    per-column overhead. Returns (codes uint8 [n, C], fp16 scales [n, nb]) per job."""
+    width = max(g.numel() for _, g in jobs)
+    stacked = torch.cat([x.float() for x, _ in jobs])
+    grids = torch.cat([torch.nn.functional.pad(g.float(), (0, width - g.numel()), value=math.inf).expand(len(x), width)
+                       for x, g in jobs])
+    codes, scales = round_gptq(stacked, h, grids, block_size, act_order)
+    sizes = [len(x) for x, _ in jobs]
+    return list(zip(codes.split(sizes), scales.split(sizes)))
 
 
 def _round_gptq(w, h, grid, block_size, act_order):

@@ -48,33 +48,35 @@ class QWeight:
     def rank(self) -> int:
         return 0 if self.u is None else int(self.u.shape[1])
 
-    def base(self, scales: torch.Tensor | None = None, grid: torch.Tensor | None = None) -> torch.Tensor:
-        """grid[code] * scale (then the overlay rows), float32 [R, C]."""
+    def base(self, scales: torch.Tensor | None = None, grid: torch.Tensor | None = None,
+             dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """grid[code] * scale (then the overlay rows), [R, C] in `dtype` (bfloat16: what autocast would
+        make of it anyway, without a float32 copy)."""
         scales = self.scales if scales is None else scales
         grid = self.grid if grid is None else grid
         rows, cols = self.shape
         if self._flat is None or self._flat.device != self.codes.device:
             self._flat = self.codes.reshape(-1).long()
         if grid.requires_grad:
-            levels = _Lookup.apply(grid, self._flat).reshape(rows, cols)
+            levels = _Lookup.apply(grid, self._flat).reshape(rows, cols).to(dtype)
         else:  # a fixed grid: the levels are computed once and kept while the grid object is the same
-            if self._levels is None or self._levels[0] is not grid:
-                self._levels = (grid, torch.index_select(grid, 0, self._flat).reshape(rows, cols))
+            if self._levels is None or self._levels[0] is not grid or self._levels[1].dtype != dtype:
+                self._levels = (grid, torch.index_select(grid, 0, self._flat).reshape(rows, cols).to(dtype))
             levels = self._levels[1]
         nb, bs = scales.shape[1], self.block_size
         if nb * bs != cols:
             levels = torch.nn.functional.pad(levels, (0, nb * bs - cols))
-        w = (levels.reshape(rows, nb, bs) * scales.unsqueeze(-1)).reshape(rows, nb * bs)[:, :cols]
+        w = (levels.reshape(rows, nb, bs) * scales.to(dtype).unsqueeze(-1)).reshape(rows, nb * bs)[:, :cols]
         if self.ov_rows is not None:
             w = w.index_copy(0, self.ov_rows, overlay_values(self.ov_q, self.ov_s).to(w.dtype))
         return w
 
-    def weight(self, scales=None, grid=None, u=None, v=None) -> torch.Tensor:
-        w = self.base(scales, grid)
+    def weight(self, scales=None, grid=None, u=None, v=None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        w = self.base(scales, grid, dtype)
         u = self.u if u is None else u
         v = self.v if v is None else v
         if u is not None:
-            w = w + u @ v
+            w = w + (u @ v).to(dtype)
         return w
 
     def freeze(self) -> QuantizedTensor:
@@ -137,13 +139,22 @@ def fit_grid(w: torch.Tensor, bits: int, block_size: int, codec: str, col_weight
 def quantize_matrix(w: torch.Tensor, bits: int, block_size: int, codec: str, h: torch.Tensor | None = None,
                     use_gptq: bool = True, lowrank_dtype: str = "int8") -> QWeight:
     """w [R, C] -> QWeight: grid fitted with activation weights, codes by GPTQ rounding when h is known."""
-    w = w.float()
+    return quantize_group({"": w}, {"": bits}, block_size, codec, h, use_gptq, lowrank_dtype)[""]
+
+
+def quantize_group(ws: dict[str, torch.Tensor], bits: dict[str, int], block_size: int, codec: str,
+                   h: torch.Tensor | None = None, use_gptq: bool = True, lowrank_dtype: str = "int8") -> dict[str, QWeight]:
+    """Matrices sharing one input Gram matrix h (q/k/v, gate/up), each at its own width; with h, their
+    GPTQ rounding runs as one pass."""
     col = torch.diagonal(h).clamp_min(0) if h is not None else None
-    grid = fit_grid(w, bits, block_size, codec, col)
+    ws = {n: w.float() for n, w in ws.items()}
+    grids = {n: fit_grid(w, bits[n], block_size, codec, col) for n, w in ws.items()}
     if h is not None and use_gptq:
-        codes, scales = gptq.round_gptq(w, h, grid, block_size)
+        rounded = dict(zip(ws, gptq.round_many([(ws[n], grids[n]) for n in ws], h, block_size)))
     else:
-        scales, normed = codecs.block_scales(w, block_size)
-        codes = codecs.nearest(normed, grid).to(torch.uint8)
-    return QWeight(bits=bits, block_size=block_size, codes=codes, scales=scales.float(), grid=grid.float(),
-                   lowrank_dtype=lowrank_dtype)
+        rounded = {}
+        for n, w in ws.items():
+            scales, normed = codecs.block_scales(w, block_size)
+            rounded[n] = (codecs.nearest(normed, grids[n]).to(torch.uint8), scales)
+    return {n: QWeight(bits=bits[n], block_size=block_size, codes=rounded[n][0], scales=rounded[n][1].float(),
+                       grid=grids[n].float(), lowrank_dtype=lowrank_dtype) for n in ws}

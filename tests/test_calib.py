@@ -184,3 +184,21 @@ def test_smollm2_calibrated_beats_plain(smollm2, tmp_path):
     rp = evaluate(tmp_path / "plain", text, base=smollm2, cfg=ecfg, progress=False)
     assert cal.stats["bpw_allin"] == plain.stats["bpw_allin"]
     assert rc.ppl_ratio < rp.ppl_ratio and rc.top1_agreement > rp.top1_agreement
+
+
+def test_gptq_beats_nearest_and_grouping_changes_nothing():
+    from compressor import gptq
+    from compressor.qweight import fit_grid, quantize_group
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(512, 8, generator=g) @ torch.randn(8, 48, generator=g) + 0.1 * torch.randn(512, 48, generator=g)
+    h = x.T @ x / 512
+    ws = {"a": torch.randn(20, 48, generator=g), "b": torch.randn(12, 48, generator=g)}
+    bits = {"a": 3, "b": 4}
+    grouped = quantize_group(ws, bits, 16, "gsq", h)
+    for n, w in ws.items():
+        codes, scales = gptq.round_gptq(w, h, fit_grid(w, bits[n], 16, "gsq", torch.diagonal(h)), 16)
+        assert torch.equal(codes, grouped[n].codes) and torch.equal(scales, grouped[n].scales.half())
+        near = quantize_group({n: w}, bits, 16, "gsq", h, use_gptq=False)[n]
+        out_err = lambda q: ((w - q.base()) @ x.T).square().mean()  # noqa: E731
+        assert out_err(grouped[n]) < 0.8 * out_err(near)
