@@ -9,6 +9,7 @@ from __future__ import annotations
 import hmac
 import json
 import logging
+import re
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -71,6 +72,37 @@ class AppState:
                                                    engine.kv.allocated_bytes),
                               (lambda: runtime.stats()) if runtime is not None and hasattr(runtime, "stats") else lambda: None)
         self.ready = True
+
+
+def validation_param(errs: list[dict]) -> tuple[str | None, str]:
+    """(param, message) for pydantic's errors about a request body, naming the field of the first error.
+
+    A value that fits no member of a union (`prompt`: str | list[str] | list[int] | list[list[int]]) gives
+    one error per member, with the member's type as an extra location part (`prompt.str`,
+    `prompt.list[str].1`); the parameter is the field itself (the locations' common prefix) and the
+    message says how each member failed."""
+    if not errs:
+        return None, "invalid request"
+    locs = [tuple(str(p) for p in e.get("loc", ()) if p != "body") for e in errs]
+    same = [(loc, e) for loc, e in zip(locs, errs) if loc[:1] == locs[0][:1]]
+    n = 0
+    while all(len(loc) > n and loc[n] == locs[0][n] for loc, _ in same):
+        n += 1
+    param = ".".join(locs[0][:n]) or None
+    if len(same) == 1:
+        return param, errs[0].get("msg", "invalid request")
+    first_per_branch: dict[str, str] = {}  # keyed by the union member (or list index) each error is under
+    for loc, e in same:
+        rest, msg = _readable_type(".".join(loc[n:])), e.get("msg")
+        first_per_branch.setdefault(loc[n] if len(loc) > n else "", f"{rest}: {msg}" if rest else msg)
+    parts = list(first_per_branch.values())
+    return param, "; ".join(parts[:4]) + ("; ..." if len(parts) > 4 else "")
+
+
+def _readable_type(tag: str) -> str:
+    """pydantic's union member tags without validator internals: list[constrained-int] -> list[int]."""
+    tag = re.sub(r"function-\w+\[[^,\[\]]*,\s*(\w+)\]", r"\1", tag)
+    return tag.replace("constrained-", "")
 
 
 def _config_max_len(pack: str) -> int:
@@ -161,11 +193,10 @@ def build_app(cfg: ServerConfig, engine=None, info=None, state: AppState | None 
     async def validation_error(request: Request, exc: RequestValidationError):
         errs = exc.errors()
         first = errs[0] if errs else {}
-        loc = [str(p) for p in first.get("loc", ()) if p != "body"]
-        param = ".".join(loc) or None
-        msg = first.get("msg", "invalid request")
         if first.get("type") == "json_invalid":
-            msg, param = f"the body is not valid JSON: {first.get('ctx', {}).get('error', msg)}", None
+            msg = f"the body is not valid JSON: {first.get('ctx', {}).get('error', first.get('msg'))}"
+            return await api_error(request, BadRequest(msg, param=None))
+        param, msg = validation_param(errs)
         return await api_error(request, BadRequest(f"{param}: {msg}" if param else msg, param=param))
 
     @app.exception_handler(StarletteHTTPException)

@@ -98,8 +98,10 @@ class Engine:
             self._unfinished += req.n
         self._inbox.put(("add", req))
 
-    def abort(self, request_id: str) -> None:
-        self._inbox.put(("abort", request_id))
+    def abort(self, request_id: str, record: bool = True) -> None:
+        """End the request's sequences as aborted and free their slots at the next step. record=False: the
+        caller counts the failure itself (under its own reason), so the engine records no outcome."""
+        self._inbox.put(("abort", (request_id, record)))
 
     def num_unfinished(self) -> int:
         return self._unfinished
@@ -164,9 +166,10 @@ class Engine:
                 for i in range(item.n):
                     self.waiting.append(Sequence(item, i, self.tokenizer))
             elif kind == "abort":
+                rid, record = item
                 for seq in [*self.waiting, *self.prefilling, *self.running]:
-                    if seq.req.request_id == item:
-                        self._finish(seq, error="aborted", message="the client went away")
+                    if seq.req.request_id == rid:
+                        self._finish(seq, error="aborted", message="the client went away", record=record)
 
     def _step(self) -> None:
         now = time.monotonic()
@@ -375,7 +378,7 @@ class Engine:
         except Exception:  # a broken consumer must not take the engine down
             log.exception("output sink of %s failed", seq.req.request_id)
 
-    def _finish(self, seq: Sequence, error: str, message: str) -> None:
+    def _finish(self, seq: Sequence, error: str, message: str, record: bool = True) -> None:
         """End a sequence with a failure (aborted, timeout, internal)."""
         if seq.state == DONE:
             return
@@ -388,15 +391,15 @@ class Engine:
                 self._preempted_waiting -= 1
         self._send(seq, SequenceOutput(seq.req.request_id, seq.index, error=error, error_message=message,
                                        num_prompt_tokens=seq.num_prompt, num_output_tokens=seq.num_output))
-        self._done(seq, error, time.monotonic())
+        self._done(seq, error, time.monotonic(), record)
 
-    def _done(self, seq: Sequence, outcome: str, now: float) -> None:
+    def _done(self, seq: Sequence, outcome: str, now: float, record: bool = True) -> None:
         if seq.state in (RUNNING, PREFILL):
             self._release_row(seq)
         seq.state = DONE
         with self._lock:
             self._unfinished -= 1
-        if seq.req.internal:
+        if seq.req.internal or not record:
             return
         arr = seq.req.arrival
         self._record(RequestRecord(

@@ -70,10 +70,11 @@ class OutputStream:
             self.pending -= 1
         return item
 
-    def close(self) -> None:
+    def close(self, record: bool = True) -> None:
+        """Abort what has not finished; record=False when the caller counts the failure itself."""
         if self.pending > 0:
             for rid in self.request_ids:
-                self.engine.abort(rid)
+                self.engine.abort(rid, record)
             self.pending = 0
 
 
@@ -152,6 +153,16 @@ class Serving:
     def record_failure(self, exc: APIError) -> None:
         if self.state.metrics is not None:
             self.state.metrics.record(RequestRecord(outcome=exc.reason))
+
+    def stream_failed(self, exc: Exception, stream: OutputStream, request_id: str) -> str:
+        """The error event ending a stream that raised `exc` (a bug: the status line is long sent, so the
+        client learns of it from an event, not a 500). Logged with its traceback; the engine work still
+        running is aborted without being counted, and the request counts once as an internal failure."""
+        log.error("streaming %s failed", request_id, exc_info=exc)
+        stream.close(record=False)
+        err = InternalError(f"internal error while streaming: {type(exc).__name__}", code="internal_error")
+        self.record_failure(err)
+        return sse(err.body())
 
     # -- consuming ------------------------------------------------------------------------------------------
     async def collect(self, stream: OutputStream, raw_request, num_choices: int) -> dict[int, list[SequenceOutput]]:

@@ -105,5 +105,8 @@ class ChatServing(Serving):
                            "choices": [], "usage": UsageInfo(prompt_tokens=n, completion_tokens=completion_tokens,
                                                              total_tokens=n + completion_tokens).model_dump()})
             yield DONE
+        except Exception as exc:  # cancellation (a client gone) is a BaseException and passes through
+            yield self.stream_failed(exc, stream, request_id)
+            yield DONE
         finally:
             stream.close()

@@ -134,5 +134,8 @@ class CompletionServing(Serving):
                                                              completion_tokens=completion_tokens,
                                                              total_tokens=prompt_tokens + completion_tokens).model_dump()})
             yield DONE
+        except Exception as exc:  # cancellation (a client gone) is a BaseException and passes through
+            yield self.stream_failed(exc, stream, request_id)
+            yield DONE
         finally:
             stream.close()

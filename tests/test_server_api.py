@@ -254,6 +254,19 @@ def test_token_id_prompts_list_and_n(client, ref):
     assert r.usage.prompt_tokens == len(a) + len(b) and r.usage.completion_tokens == 16
 
 
+def test_list_of_string_prompts(client, ref):
+    prompts = [PROMPT, "Water boils at"]
+    ids = [ref.tokenizer(p).input_ids for p in prompts]
+    expected = ["".join(ref.deltas(ref.generate(i, 4)[0])) for i in ids]
+    r = client.completions.create(model="smol", prompt=prompts, max_tokens=4, temperature=0)
+    assert [(c.index, c.text) for c in r.choices] == list(enumerate(expected))
+    assert r.usage.prompt_tokens == sum(map(len, ids)) and r.usage.completion_tokens == 8
+    streamed = {0: "", 1: ""}
+    for c in client.completions.create(model="smol", prompt=prompts, max_tokens=4, temperature=0, stream=True):
+        streamed[c.choices[0].index] += c.choices[0].text
+    assert [streamed[0], streamed[1]] == expected
+
+
 def test_echo_and_prompt_logprobs(client, ref):
     ids = ref.tokenizer(PROMPT).input_ids
     r = client.completions.create(model="smol", prompt=PROMPT, max_tokens=0, echo=True, logprobs=1)
@@ -337,6 +350,29 @@ def test_async_concurrent_equals_alone(server, ref):
     assert asyncio.run(main()) == expected
 
 
+def test_async_chat_stream_and_not(server, ref):
+    import openai
+
+    expected = "".join(ref.deltas(ref.generate(ref.chat_ids(CHAT), 8)[0]))
+
+    async def main():
+        c = openai.AsyncOpenAI(base_url=server.url + "/v1", api_key=KEY, max_retries=0)
+
+        async def streamed():
+            chunks = [ch async for ch in await c.chat.completions.create(model="smol", messages=CHAT, max_tokens=8,
+                                                                          temperature=0, stream=True)]
+            assert chunks[0].choices[0].delta.role == "assistant"
+            return "".join(ch.choices[0].delta.content or "" for ch in chunks), chunks[-1].choices[0].finish_reason
+
+        whole, (text, finish) = await asyncio.gather(
+            c.chat.completions.create(model="smol", messages=CHAT, max_tokens=8, temperature=0), streamed())
+        return whole, text, finish
+
+    whole, text, finish = asyncio.run(main())
+    assert whole.choices[0].message.content == expected and text == expected
+    assert finish == whole.choices[0].finish_reason
+
+
 # -- stop strings, seeds --------------------------------------------------------------------------------------
 def test_stop_string_across_tokens(client, ref):
     ids = ref.tokenizer(PROMPT).input_ids
@@ -366,6 +402,32 @@ def test_seed_determinism(client):
     chat = [client.chat.completions.create(model="smol", messages=CHAT, max_tokens=8, seed=3, top_p=0.9)
             .choices[0].message.content for _ in range(2)]
     assert chat[0] == chat[1]
+
+
+def test_stop_token_ids(client, ref):
+    ids = ref.tokenizer(PROMPT).input_ids
+    gen, _ = ref.generate(ids, 10)
+    i = next(i for i in range(2, len(gen)) if gen[i] not in gen[:i])  # its first occurrence is at i
+    kw = dict(model="smol", prompt=PROMPT, max_tokens=10, temperature=0, extra_body={"stop_token_ids": [gen[i]]})
+    r = client.completions.create(**kw)
+    # the stop token ends the choice: counted, its text not sent
+    assert r.choices[0].text == "".join(ref.deltas(gen[:i])) and r.choices[0].finish_reason == "stop"
+    assert r.usage.completion_tokens == i + 1
+    chunks = list(client.completions.create(**kw, stream=True))
+    assert "".join(c.choices[0].text for c in chunks) == r.choices[0].text
+    assert chunks[-1].choices[0].finish_reason == "stop"
+
+
+def test_presence_penalty_changes_the_output(client):
+    """Greedy, so only the penalty can change the tokens: every token already generated loses 2 logits."""
+    def tokens(**kw):
+        r = client.completions.create(model="smol", prompt="Once upon a time", max_tokens=12, temperature=0,
+                                      logprobs=0, **kw)
+        return r.choices[0].logprobs.tokens
+
+    plain, penalised = tokens(), tokens(presence_penalty=2.0)
+    assert plain != penalised
+    assert len(set(penalised)) > len(set(plain))  # fewer repeats (8 and 12 distinct of 12 when written)
 
 
 # -- errors -----------------------------------------------------------------------------------------------
@@ -398,11 +460,35 @@ def test_error_shapes(client):
     assert e.status_code == 400 and e.body["param"] == "messages"
     e = _err(lambda: client.completions.create(model="smol", prompt=PROMPT, stop=[""]))
     assert e.status_code == 400 and e.body["param"] == "stop"
+    # a value matching no member of a union names the field, not pydantic's member (prompt.str, prompt.list[str])
+    for bad in (123, ["a", 5], [[1], "x"]):
+        e = _err(lambda: client.completions.create(model="smol", prompt=bad))
+        assert e.status_code == 400 and e.body["param"] == "prompt", e.body
+        assert e.body["message"].startswith("prompt: str: ") and "list[int]" in e.body["message"]
+    e = _err(lambda: client.completions.create(model="smol", prompt=PROMPT, stop=5))
+    assert e.status_code == 400 and e.body["param"] == "stop"
+    e = _err(lambda: client.chat.completions.create(model="smol", messages=[{"role": "user", "content": 5}]))
+    assert e.status_code == 400 and e.body["param"] == "messages.0.content"
     r = httpx.post(str(client.base_url) + "completions", content=b"{not json", headers={
         "Authorization": f"Bearer {KEY}", "Content-Type": "application/json"})
     assert r.status_code == 400 and set(r.json()["error"]) == {"message", "type", "param", "code"}
     r = httpx.get(str(client.base_url) + "nothing")
     assert r.status_code == 404 and "error" in r.json()
+
+
+def test_context_length_exceeded_is_a_400_before_streaming(server, client):
+    """With stream=true too: a plain JSON error, never an SSE stream."""
+    import openai
+
+    h = {"Authorization": f"Bearer {KEY}"}
+    for path, body in (("/v1/completions", {"prompt": PROMPT, "max_tokens": 10 ** 6}),
+                       ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x " * 9000}]})):
+        r = httpx.post(server.url + path, json={**body, "stream": True}, headers=h, timeout=60)
+        assert r.status_code == 400 and r.headers["content-type"] == "application/json"
+        assert r.json()["error"]["code"] == "context_length_exceeded"
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model="smol", prompt=PROMPT, max_tokens=10 ** 6, stream=True)
+    assert e.value.body["code"] == "context_length_exceeded" and e.value.body["param"] == "prompt"
 
 
 def test_unknown_fields_are_ignored(client, server):
@@ -468,6 +554,26 @@ def test_metrics_after_traffic(server):
     assert 'bits="5"' in info and 'codec="gsq"' in info and 'dtype="float32"' in info and 'residency="dense"' in info
 
 
+def test_stream_residency_matches_dense(smol_pack, ref, tmp_path):
+    """--residency stream under a budget of 30% of the dense weights: dense's tokens, and /metrics shows
+    that most layers stay off the device and are streamed in."""
+    s = ServerProcess(smol_pack, "--residency", "stream", "--vram-budget", "30%", "--dtype", "float32",
+                      "--kv-cache-memory", "64MiB", log=tmp_path / "server.log")
+    try:
+        s.wait_ready()
+        ids = ref.tokenizer(PROMPT).input_ids
+        gen, finish = ref.generate(ids, 4)
+        r = httpx.post(s.url + "/v1/completions", json={"prompt": PROMPT, "max_tokens": 4, "temperature": 0},
+                       timeout=120).json()
+        assert r["choices"][0]["text"] == "".join(ref.deltas(gen)) and r["choices"][0]["finish_reason"] == finish
+        resident, total = s.metric("uc:resident_layers", mode="stream"), s.metric("uc:total_layers", mode="stream")
+        assert total == 30 and resident < total
+        assert s.metric("uc:weight_bytes_transferred_total", mode="stream") > 0
+        assert 'residency="stream"' in httpx.get(s.url + "/metrics").text
+    finally:
+        s.stop()
+
+
 # -- a small server: overload, cancellation, drain ----------------------------------------------------------------
 @pytest.fixture(scope="module")
 def small(smol_pack, tmp_path_factory):
@@ -523,12 +629,14 @@ def test_disconnects_abort_and_free_slots(small):
         with httpx.stream("POST", small.url + "/v1/completions", json={**body, "stream": True}) as r:
             for i, _line in enumerate(r.iter_lines()):
                 if i > 4:
-                    break
+                    assert small.metric("uc:kv_cache_usage_perc") > 0  # its tokens are cached meanwhile
+                    break  # closing the line iterator closes the connection
     # non-streaming: the client gives up while the server generates
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(small.url + "/v1/completions", json=body, timeout=httpx.Timeout(5, read=1.5))
     _wait_metric(small, "uc:num_requests_running", 0)
     _wait_metric(small, "uc:num_requests_waiting", 0)
+    _wait_metric(small, "uc:kv_cache_usage_perc", 0)
     assert small.metric("uc:request_failure_total", reason="aborted") == before + 3
 
 

@@ -270,6 +270,25 @@ def test_sampling_seed_bias_and_penalties(tiny_model, tokenizer):
         eng.shutdown()
 
 
+def test_top_k_samples_only_the_k_most_likely(tiny_model, tokenizer):
+    """The random model's distribution is nearly flat, so unrestricted draws almost never hit its top 2;
+    with top_k=2 every draw is one of the two (per the raw logprobs reported beside it), both occur."""
+    eng = make_engine(tiny_model, tokenizer)
+    try:
+        def ranks(seed, **kw):
+            p = SamplingParams(max_tokens=16, ignore_eos=True, temperature=1.0, seed=seed, logprobs=2, **kw)
+            c = generate_all(eng, tokenizer, [PROMPTS[1]], p)[0]
+            return [[t for t, _ in e.top].index(e.token_id) if e.token_id in [t for t, _ in e.top] else None
+                    for o in c.outs for e in o.logprobs]
+
+        top2 = [r for seed in (1, 2, 3) for r in ranks(seed, top_k=2)]
+        free = ranks(1)
+    finally:
+        eng.shutdown()
+    assert len(top2) == 48 and set(top2) == {0, 1}
+    assert free.count(None) > len(free) // 2
+
+
 def test_logprobs_and_prompt_logprobs(tiny_model, tokenizer):
     eng = make_engine(tiny_model, tokenizer)
     try:
