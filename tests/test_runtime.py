@@ -118,6 +118,12 @@ def test_plan_and_bench_run_cli(packs):
         assert set(r[mode]) >= {"prefill_tok_s", "decode_tok_s_b1", "decode_tok_s_b8", "peak_resident_bytes"}
         assert r[mode]["decode_tok_s_b8"] > 0
     assert r["packed"]["peak_resident_bytes"] < r["dense"]["peak_resident_bytes"]
+    out = subprocess.run([sys.executable, "-m", "uc", "bench-run", p, "--json", "--prefill-tokens", "16",
+                          "--decode-steps", "2", "--vram-budget", "40%", "--modes", "stream", "--cold"],
+                         capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    cold = json.loads(out.stdout)["stream"]
+    assert cold["bytes_transferred"] > 0 and cold["prefetch_hits"] + cold["prefetch_misses"] > 0
     out = subprocess.run([sys.executable, "-m", "uc", "plan", p, "--vram-budget", "1kB"], capture_output=True, text=True)
     assert out.returncode == 2 and out.stderr.startswith("uc: error: --vram-budget") and "Traceback" not in out.stderr
 

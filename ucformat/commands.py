@@ -45,7 +45,8 @@ def cmd_bench_run(a) -> int:
     results = {}
     for mode in a.modes:
         r = measure(a.pack, mode, device=a.device, vram_budget=a.vram_budget if mode == "stream" else None,
-                    prefetch=not a.no_prefetch, prefill_tokens=a.prefill_tokens, decode_steps=a.decode_steps)
+                    prefetch=not a.no_prefetch, prefill_tokens=a.prefill_tokens, decode_steps=a.decode_steps,
+                    cold=a.cold)
         results[mode] = r.to_dict()
         if not a.json:
             print(f"{mode:7s} prefill {r.prefill_tok_s:8.1f} tok/s  decode b1 {r.decode_tok_s_b1:7.2f} tok/s  "
@@ -90,6 +91,9 @@ def register(sub) -> None:
     _runtime_flags(s)
     s.set_defaults(vram_budget="25%")
     s.add_argument("--no-prefetch", action="store_true", help="stream without prefetching (for comparison)")
+    s.add_argument("--cold", action="store_true",
+                   help="drop the pack's layer files from the page cache before every forward pass (Linux): "
+                        "streamed layers come from disk, as on a host that cannot cache the pack")
     s.add_argument("--prefill-tokens", type=int, default=256)
     s.add_argument("--decode-steps", type=int, default=16)
     s.add_argument("--json", action="store_true", help="one JSON object: {mode: {prefill_tok_s, decode_tok_s_b1, ...}}")

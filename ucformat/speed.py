@@ -1,17 +1,22 @@
 """Throughput of a loaded pack: prefill tokens/s and decode tokens/s at batch 1 and 8 (`uc bench-run`).
 
 Random token ids (fixed seed), greedy, KV cache on; the first pass is a warm-up and is not timed.
+`cold=True` drops the pack's layer files from the page cache before every forward pass, so streamed
+layers are read from disk each time: what a host whose RAM cannot cache the pack sees (Linux only).
 """
 
 from __future__ import annotations
 
 import gc
+import os
 import time
 from dataclasses import asdict, dataclass
 
 import torch
 from transformers import DynamicCache
 
+from .manifest import layer_file
+from .reader import PackReader
 from .runtime import load
 
 
@@ -64,9 +69,28 @@ def _prefill_tok_s(model, tokens: int, vocab: int, device, repeats: int = 2) -> 
     return best
 
 
+def _evict_page_cache(pack):
+    """A forward pre-hook dropping every layer file of `pack` from the page cache."""
+    root = PackReader(pack, check_hashes=False)
+    files = [root.path / layer_file(i) for i in range(root.num_layers)]
+    if not hasattr(os, "posix_fadvise"):
+        raise OSError("cold measurements need posix_fadvise (Linux)")
+
+    def hook(module, args):
+        for f in files:
+            fd = os.open(f, os.O_RDONLY)
+            try:
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            finally:
+                os.close(fd)
+    return hook
+
+
 def measure(pack, residency: str, device: str = "cpu", vram_budget=None, prefetch: bool = True,
-            prefill_tokens: int = 256, decode_steps: int = 16, prompt: int = 32) -> SpeedResult:
+            prefill_tokens: int = 256, decode_steps: int = 16, prompt: int = 32, cold: bool = False) -> SpeedResult:
     model = load(pack, device=device, residency=residency, vram_budget=vram_budget, prefetch=prefetch)
+    if cold:
+        model.register_forward_pre_hook(_evict_page_cache(pack))
     rt = model.uc_runtime
     dev = torch.device(device)
     vocab = model.config.get_text_config().vocab_size
