@@ -18,6 +18,7 @@ from transformers import DynamicCache
 from .manifest import layer_file
 from .reader import PackReader
 from .runtime import load
+from .streaming import fadvise
 
 
 @dataclass
@@ -78,11 +79,7 @@ def _evict_page_cache(pack):
 
     def hook(module, args):
         for f in files:
-            fd = os.open(f, os.O_RDONLY)
-            try:
-                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-            finally:
-                os.close(fd)
+            fadvise(f, "DONTNEED")
     return hook
 
 

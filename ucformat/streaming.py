@@ -1,10 +1,10 @@
 """The runtime behind a loaded pack: puts each decoder layer's weights in place just before it runs.
 
 Dense layers are attached once. For every other layer a forward pre-hook attaches its reconstructed
-weights (waiting for the prefetch if it is still in flight) and a forward hook drops them again. A
-worker thread prefetches the next non-dense layer while the current one computes:
+weights (waiting for the prefetch if it is still in flight) and a forward hook drops them again. The
+next non-dense layer is prefetched while the current one computes:
 
-- on CUDA it enqueues the host-to-device copy from pinned memory and the reconstruction on a side
+- on CUDA a worker thread enqueues the host-to-device copy from pinned memory and the reconstruction on a side
   stream and records an event the compute stream waits on: copy and reconstruction overlap compute;
 - on CPU there is no worker: the next streamed layer's file is handed to the kernel's read-ahead
   (posix_fadvise WILLNEED), so a disk read overlaps compute without taking a core, and the layer is
@@ -150,21 +150,15 @@ class Runtime:
 
     def _read_host(self, index: int) -> Parts:
         """CPU: a streamed layer's stored parts, memory-mapped from its file (size and mtime re-checked)."""
-        parts = self.reader.read_parts(layer_file(index))
+        parts = self._parts(index, to_device=False)
         with self._lock:
             self._transferred += parts_bytes(parts)
         return parts
 
     def _readahead(self, index: int) -> None:
         """CPU: ask the kernel to bring the layer's file into the page cache in the background."""
-        if not hasattr(os, "posix_fadvise"):
-            return
-        fd = os.open(self.reader.path / layer_file(index), os.O_RDONLY)
-        try:
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
-        finally:
-            os.close(fd)
-        self._ahead.add(index)
+        if fadvise(self.reader.path / layer_file(index), "WILLNEED"):
+            self._ahead.add(index)
 
     def _materialize(self, index: int):
         """Stored parts -> reconstructed tensors on the device. Runs on the prefetch thread (CUDA) or inline."""
@@ -233,7 +227,7 @@ class Runtime:
     def _prefetch_job(self, index: int):
         """CUDA: copy and reconstruct on the side stream; (tensors, event)."""
         sd, event = self._materialize(index)
-        self._add(sum(_nbytes(t) for t in sd.values()))
+        self._add(sum(_nbytes(t) for t in sd.values()))  # in flight: counted while it waits
         return sd, event
 
     def _make_pre(self, index: int):
@@ -280,6 +274,18 @@ class Runtime:
                 fut.cancel()
             self._pool.shutdown(wait=True)
             self._inflight.clear()
+
+
+def fadvise(path, advice: str) -> bool:
+    """posix_fadvise(POSIX_FADV_<advice>) over the whole file; False where the OS has no fadvise."""
+    if not hasattr(os, "posix_fadvise"):
+        return False
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, getattr(os, f"POSIX_FADV_{advice}"))
+    finally:
+        os.close(fd)
+    return True
 
 
 def _pin(p):
