@@ -216,6 +216,20 @@ def run_server(server: Server, args) -> dict:
         server.stop()
 
 
+def combine(runs: list[dict]) -> dict:
+    """Several runs of one server -> one result: per level, the run with the lower-median tok/s (the same
+    rule for every server), with every run's tok/s beside it; overload bursts summed."""
+    levels = []
+    for i in range(len(runs[0]["levels"])):
+        rows = sorted((r["levels"][i] for r in runs), key=lambda row: row["tok_s"])
+        levels.append({**rows[(len(rows) - 1) // 2], "tok_s_runs": [r["levels"][i]["tok_s"] for r in runs],
+                       "errors": sum(row["errors"] for row in rows)})
+    over = {k: sum(r["overload"][k] for r in runs) for k in ("requests", "full", "refused_429", "lost")}
+    over["lost_detail"] = sorted({d for r in runs for d in r["overload"]["lost_detail"]})[:3]
+    return {"levels": levels, "overload": over, "loadavg_before": runs[0]["loadavg_before"],
+            "loadavg_after": runs[-1]["loadavg_after"], "runs": runs}
+
+
 def fmt(v, kind: str) -> str:
     if v is None:
         return "-"
@@ -232,10 +246,13 @@ def table(results: dict[str, dict]) -> str:
     rows = []
     for name, res in results.items():
         for r in res["levels"]:
+            runs = r.get("tok_s_runs") or [r["tok_s"]]
             rows.append([name, r["concurrency"], r["requests"], r["errors"], fmt(r["tok_s"], "f"),
+                         " / ".join(fmt(v, "f") for v in runs),
                          fmt(r["ttft_p50"], "ms"), fmt(r["ttft_p95"], "ms"), fmt(r["itl_p50"], "ms"),
                          fmt(r["itl_p95"], "ms"), f"{fmt(r['rss_before'], 'mib')} -> {fmt(r['rss_after'], 'mib')}"])
-    return md(["server", "concurrency", "requests", "errors", "tok/s (aggregate)", "TTFT p50 ms", "TTFT p95 ms",
+    return md(["server", "concurrency", "requests", "errors", "tok/s (aggregate, median run)", "tok/s of each run",
+               "TTFT p50 ms", "TTFT p95 ms",
                "ITL p50 ms", "ITL p95 ms", "RSS MiB before -> after"], rows)
 
 
@@ -253,6 +270,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--overload", type=int, default=96, help="concurrent requests of the overload burst")
     p.add_argument("--timeout", type=float, default=600.0)
+    p.add_argument("--repeat", type=int, default=1, help="run every server this many times, alternating "
+                   "(uc, llama, uc, llama, ...), so that a machine whose speed drifts favours no one; the "
+                   "table shows each level's median run")
     p.add_argument("--json", help="also write the raw results here")
     p.add_argument("--write", action="store_true", help="write the table into docs/BENCHMARKS.md (section serving)")
     args = p.parse_args(argv)
@@ -276,13 +296,18 @@ def main(argv: list[str] | None = None) -> int:
             name = "llama-server" if len(configs) == 1 else f"llama-server {extra}"
             servers.append(Server(name, cmd, port, "/health", logdir / f"llama-server-{i}.log"))
     args.model_for = lambda s: None
-    results = {}
-    for s in servers:
-        print(f"== {s.name}: {' '.join(s.cmd)}", flush=True)
-        results[s.name] = run_server(s, args)
-        for r in results[s.name]["levels"]:
-            print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()}), flush=True)
-        print("overload:", json.dumps(results[s.name]["overload"]), flush=True)
+    if args.repeat < 1:
+        p.error("--repeat must be at least 1")
+    runs: dict[str, list[dict]] = {s.name: [] for s in servers}
+    for rep in range(args.repeat):
+        for s in servers:
+            print(f"== {s.name} (run {rep + 1}/{args.repeat}): {' '.join(s.cmd)}", flush=True)
+            res = run_server(s, args)
+            runs[s.name].append(res)
+            for r in res["levels"]:
+                print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()}), flush=True)
+            print("overload:", json.dumps(res["overload"]), flush=True)
+    results = {name: combine(rs) for name, rs in runs.items()}
     print(table(results))
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))

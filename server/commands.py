@@ -57,15 +57,31 @@ def check(cfg: ServerConfig) -> None:
         raise LoadError(f"--log-level {cfg.log_level}: one of debug, info, warning, error")
 
 
-def _passive_openmp() -> None:
-    """Re-exec with OMP_WAIT_POLICY=PASSIVE unless the user chose a policy. OpenMP threads that spin at
-    barriers collapse when anything else wants the cores (the HTTP loop, a client, a neighbour): measured
-    10-20x slower steps on a busy 2-core machine. libgomp reads the policy only at load, and torch is
-    loaded by now, hence the re-exec (same PID, same arguments)."""
-    if "OMP_WAIT_POLICY" in os.environ or "serve" not in sys.argv[1:]:
+# Process environment for `uc serve` on the CPU; each is set only where the user has not set it.
+SERVE_ENV = {
+    # OpenMP workers spin about half a millisecond at a barrier before they sleep: long enough to catch the
+    # next matmul of the same decode step, short enough not to starve the HTTP loop or a neighbour.
+    # OMP_WAIT_POLICY=PASSIVE (sleep at once) made every matmul wait for a futex wake-up: a third less
+    # throughput. Unbounded spinning (ACTIVE) collapses when the cores are shared.
+    "GOMP_SPINCOUNT": "20000",
+    # torch's CPU allocator: 2 MiB-aligned large buffers advised as transparent huge pages (KV cache,
+    # embeddings, packed weights), fewer TLB misses while a decode step streams the weights.
+    "THP_MEM_ALLOC_ENABLE": "1",
+}
+
+
+def _serve_environment() -> None:
+    """Re-exec `uc serve` with SERVE_ENV (docs/SERVER.md, "CPU threads"). libgomp and the allocator read
+    these only at load, and torch is loaded by now, hence the re-exec (same PID, same arguments). A user
+    who set OMP_WAIT_POLICY chose the OpenMP policy: GOMP_SPINCOUNT is then left alone too."""
+    if "serve" not in sys.argv[1:] or os.environ.get("UC_SERVE_ENV_SET"):
         return
-    os.execve(sys.executable, [sys.executable, "-m", "uc", *sys.argv[1:]],
-              {**os.environ, "OMP_WAIT_POLICY": "PASSIVE"})
+    env = {**os.environ, "UC_SERVE_ENV_SET": "1"}
+    for key, value in SERVE_ENV.items():
+        if key == "GOMP_SPINCOUNT" and "OMP_WAIT_POLICY" in os.environ:
+            continue
+        env.setdefault(key, value)
+    os.execve(sys.executable, [sys.executable, "-m", "uc", *sys.argv[1:]], env)
 
 
 def cmd_serve(a) -> int:
@@ -74,7 +90,7 @@ def cmd_serve(a) -> int:
     from .launch import serve
 
     cfg = config_from_args(a)
-    _passive_openmp()
+    _serve_environment()
     logging.getLogger().setLevel(cfg.log_level.upper())
     logging.getLogger("server").setLevel(cfg.log_level.upper())
     return serve(dataclasses.replace(cfg))

@@ -1,11 +1,21 @@
-"""Prepacked linear weights for oneDNN on the CPU.
+"""Prepacked (and fused) linear weights for oneDNN on the CPU.
 
 `F.linear` on a bf16 CPU tensor hands oneDNN a plain row-major weight, which its AMX/AVX-512 matmul
 reorders into its blocked layout on every call: for decode-sized inputs (a few rows) that reorder costs
 more than the product. Packing each weight once at load (what torch.compile's CPU freezing does) gives the
-same results, bit for bit (checked at load on every packed layer; on a mismatch nothing is packed), and
-a faster step. Only plain `nn.Linear` modules with real CPU weights are replaced, so it is applied only to
-the dense residency plan, whose weights never change after load.
+same results and a faster step.
+
+Sibling projections that read the same input (q/k/v of an attention, gate/up of an MLP) are also packed
+as one weight and computed in one matmul: fewer, wider matmuls (k and v are 192 columns wide in SmolLM2),
+so fewer OpenMP fork/joins per step. `bench/cpu_step.py` (docs/BENCHMARKS.md, "CPU decode step"): with
+the OpenMP spin `uc serve` sets, fused and one-by-one packing are within a few percent of each other;
+where workers sleep at once (OMP_WAIT_POLICY=PASSIVE) fusing saves 12-18% of the step. The stock model
+code still calls q_proj, k_proj and v_proj one after the other; the first call computes the fused
+product and the others take their columns of it.
+
+Every packed or fused module is checked at load against `F.linear` on a probe, bit for bit; a group that
+differs stays unfused and a weight that differs stays unpacked. Only plain `nn.Linear` modules with real
+CPU weights are replaced, so this applies to the dense residency plan, whose weights never change.
 """
 
 from __future__ import annotations
@@ -16,6 +26,15 @@ import torch
 
 log = logging.getLogger(__name__)
 
+# Sibling projections computed as one matmul when a module has all of them (data, not code paths).
+FUSE_GROUPS: tuple[tuple[str, ...], ...] = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+
+
+def _linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None, out_features: int) -> torch.Tensor:
+    flat = x.reshape(-1, x.shape[-1])
+    y = torch.ops.mkldnn._linear_pointwise(flat, packed, bias, "none", [], "")
+    return y.reshape(*x.shape[:-1], out_features)
+
 
 class PackedLinear(torch.nn.Module):
     def __init__(self, linear: torch.nn.Linear, batch_hint: int) -> None:
@@ -25,11 +44,47 @@ class PackedLinear(torch.nn.Module):
         self.register_buffer("packed", torch.ops.mkldnn._reorder_linear_weight(w, batch_hint), persistent=False)
         self.bias = linear.bias
 
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [..., in] -> [..., out]
+        return _linear(x, self.packed, self.bias, self.out_features)
+
+
+class FusedLinears(torch.nn.Module):
+    """Several linears over the same input as one packed weight. Not called directly: its members are."""
+
+    def __init__(self, linears: list[torch.nn.Linear], batch_hint: int) -> None:
+        super().__init__()
+        self.splits = [lin.out_features for lin in linears]
+        self.out_features = sum(self.splits)
+        w = torch.cat([lin.weight.detach() for lin in linears])
+        self.register_buffer("packed", torch.ops.mkldnn._reorder_linear_weight(w, batch_hint), persistent=False)
+        bias = None if linears[0].bias is None else torch.cat([lin.bias.detach() for lin in linears])
+        self.register_buffer("bias", bias, persistent=False)
+        self._input: torch.Tensor | None = None
+        self._parts: tuple[torch.Tensor, ...] = ()
+        self._pending: set[int] = set()
+
+    def part(self, index: int, x: torch.Tensor) -> torch.Tensor:
+        # the same input object as the sibling call before: take its columns of the product computed then
+        if x is not self._input or index not in self._pending:
+            y = _linear(x, self.packed, self.bias, self.out_features)
+            self._input, self._parts, self._pending = x, y.split(self.splits, dim=-1), set(range(len(self.splits)))
+        out = self._parts[index]
+        self._pending.discard(index)
+        if not self._pending:  # every member served: drop the references
+            self._input, self._parts = None, ()
+        return out
+
+
+class FusedMember(torch.nn.Module):
+    """Stands in for one linear of a FusedLinears group (same call signature as nn.Linear)."""
+
+    def __init__(self, group: FusedLinears, index: int, in_features: int) -> None:
+        super().__init__()
+        self.index, self.in_features, self.out_features = index, in_features, group.splits[index]
+        object.__setattr__(self, "group", group)  # not a submodule: the parent holds it once
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # x: [..., in] -> [..., out]
-        flat = x.reshape(-1, self.in_features)
-        y = torch.ops.mkldnn._linear_pointwise(flat, self.packed, self.bias, "none", [], "")
-        return y.reshape(*x.shape[:-1], self.out_features)
+        return self.group.part(self.index, x)
 
 
 def supported(model) -> bool:
@@ -38,29 +93,63 @@ def supported(model) -> bool:
             and torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight"))
 
 
+def _plain(mod) -> bool:
+    return type(mod) is torch.nn.Linear and mod.weight.device.type == "cpu"
+
+
+def _probe(in_features: int) -> torch.Tensor:
+    return (torch.linspace(-1, 1, 3, dtype=torch.bfloat16).unsqueeze(1)
+            * torch.linspace(-1, 1, in_features, dtype=torch.bfloat16))
+
+
+def _fusable(linears: list[torch.nn.Linear]) -> bool:
+    first = linears[0]
+    return (all(_plain(lin) for lin in linears) and len({lin.in_features for lin in linears}) == 1
+            and len({lin.bias is None for lin in linears}) == 1 and len({lin.weight.dtype for lin in linears}) == 1
+            and first.weight.dtype == torch.bfloat16)
+
+
 @torch.inference_mode()
-def prepack(model, batch_hint: int = 16) -> int:
-    """Replace every CPU bf16 nn.Linear by a PackedLinear; returns how many (0 if unsupported)."""
+def prepack(model, batch_hint: int = 16, fuse: bool = True) -> int:
+    """Replace CPU bf16 nn.Linear modules by packed ones, fusing FUSE_GROUPS where every member exists.
+    Returns how many linears now run packed (0 if unsupported)."""
     if not supported(model):
         return 0
-    swaps = []
-    for parent in model.modules():
-        for name, child in parent.named_children():
-            if type(child) is torch.nn.Linear and child.weight.device.type == "cpu":
-                swaps.append((parent, name, child))
-    probe = torch.randn(3, 1, dtype=torch.bfloat16)
-    packed = []
+    swaps: list[tuple[torch.nn.Module, str, torch.nn.Module]] = []
     try:
-        for parent, name, child in swaps:
-            new = PackedLinear(child, batch_hint)
-            x = probe.expand(3, child.in_features).contiguous() * torch.linspace(-1, 1, child.in_features,
-                                                                                   dtype=torch.bfloat16)
-            if not torch.equal(new(x), torch.nn.functional.linear(x, child.weight, child.bias)):
-                raise ValueError(f"packed {name} differs from F.linear")
-            packed.append((parent, name, new))
+        grouped: set[int] = set()
+        parents = list(model.modules())
+        for parent in parents:
+            for names in FUSE_GROUPS if fuse else ():
+                linears = [getattr(parent, n, None) for n in names]
+                if any(lin is None for lin in linears) or not _fusable(linears):
+                    continue
+                group = FusedLinears(linears, batch_hint)
+                x = _probe(linears[0].in_features)
+                expect = [torch.nn.functional.linear(x, lin.weight, lin.bias) for lin in linears]
+                got = [group.part(i, x) for i in range(len(linears))]
+                if not all(torch.equal(a, b) for a, b in zip(got, expect)):
+                    log.warning("fused %s of %s differ from F.linear; packing them one by one", "/".join(names),
+                                type(parent).__name__)
+                    continue
+                parent.register_module("uc_fused_" + "_".join(names), group)
+                for i, (n, lin) in enumerate(zip(names, linears)):
+                    swaps.append((parent, n, FusedMember(group, i, lin.in_features)))
+                    grouped.add(id(lin))
+        for parent in parents:
+            for name, child in parent.named_children():
+                if _plain(child) and id(child) not in grouped:
+                    new = PackedLinear(child, batch_hint)
+                    x = _probe(child.in_features)
+                    if not torch.equal(new(x), torch.nn.functional.linear(x, child.weight, child.bias)):
+                        raise ValueError(f"packed {name} differs from F.linear")
+                    swaps.append((parent, name, new))
     except Exception as exc:  # an op missing from this torch build, or a kernel that disagrees
         log.warning("not prepacking linear weights: %s", exc)
+        for parent in model.modules():  # undo registered groups; no linear was replaced yet
+            for n in [n for n, _ in parent.named_children() if n.startswith("uc_fused_")]:
+                delattr(parent, n)
         return 0
-    for parent, name, new in packed:
+    for parent, name, new in swaps:
         setattr(parent, name, new)
-    return len(packed)
+    return len(swaps)

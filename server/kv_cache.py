@@ -150,14 +150,19 @@ class DecodeView(_View):
         self.n = len(lens)
         self.width = max(lens) + 1
         dev = cache.shape.device
-        self.rows_idx = torch.arange(self.n, device=dev)
         self.lens = torch.tensor(lens, device=dev)
+        # flat row of (r, h, lens[r]) in a [rows * kv_heads * cap, head_dim] view of a layer's buffer: one
+        # index_copy_ per layer writes every new key (advanced-index assignment is ~10x slower on the CPU)
+        heads, cap = cache.shape.kv_heads, cache.cap
+        rh = torch.arange(self.n, device=dev).unsqueeze(1) * heads + torch.arange(heads, device=dev)
+        self.flat = (rh * cap + self.lens.unsqueeze(1)).reshape(-1)
 
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
         # key_states: [R, kv_heads, 1, head_dim]
         k, v = self.cache.k[layer_idx], self.cache.v[layer_idx]
-        k[self.rows_idx, :, self.lens] = key_states[:, :, 0]
-        v[self.rows_idx, :, self.lens] = value_states[:, :, 0]
+        d = k.shape[-1]
+        k.view(-1, d).index_copy_(0, self.flat, key_states.reshape(-1, d))
+        v.view(-1, d).index_copy_(0, self.flat, value_states.reshape(-1, d))
         return k[: self.n, :, : self.width], v[: self.n, :, : self.width]
 
     def position_ids(self) -> torch.Tensor:

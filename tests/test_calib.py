@@ -202,3 +202,24 @@ def test_gptq_beats_nearest_and_grouping_changes_nothing():
         near = quantize_group({n: w}, bits, 16, "gsq", h, use_gptq=False)[n]
         out_err = lambda q: ((w - q.base()) @ x.T).square().mean()  # noqa: E731
         assert out_err(grouped[n]) < 0.8 * out_err(near)
+
+
+def test_head_gradient_builds_no_weight_gradients(tiny):
+    """The Fisher pass differentiates the loss w.r.t. the last hidden states only: no parameter of the
+    skeleton (embeddings, head, norms) may collect a gradient (a 262k-token head's is 0.7 GB in fp32)."""
+    from compressor import layerwise
+    from compressor.checkpoint import SourceCheckpoint
+    from ucformat.skeleton import Skeleton
+
+    path = tiny()
+    ckpt = SourceCheckpoint(path)
+    sk = Skeleton(path)
+    sk.load({n: ckpt.get(n) for n in ckpt.nonlayer})
+    ids = torch.randint(0, 256, (2, 16))
+    hidden, batch = layerwise.embed(sk, ids)
+    for i in range(len(sk.layers)):
+        sk.load({n: ckpt.get(n) for n in ckpt.layers[i]})
+        hidden = layerwise.layer(sk, i, hidden, batch)
+    grad, nll = calibrate.head_grad(sk, hidden, batch)
+    assert grad.shape == hidden.shape and grad.abs().sum() > 0 and nll > 0
+    assert [n for n, p in sk.model.named_parameters() if p.grad is not None] == []

@@ -51,6 +51,11 @@ class Skeleton:
             out, inp = self.model.get_output_embeddings(), self.model.get_input_embeddings()
             if out is not None and out.weight.device.type == "meta" and inp.weight.device.type != "meta":
                 out.weight = inp.weight
+        # weights are constants here: calibration differentiates w.r.t. activations only, and a parameter
+        # that required grad would make every backward also build its weight gradient (a 262k-token
+        # head's alone is 0.7 GB in fp32)
+        for p in self.model.parameters():
+            p.requires_grad_(False)
 
     def unload_layer(self, index: int) -> None:
         """Drop a layer's weights back to the meta device (frees them)."""
