@@ -259,7 +259,8 @@ def table(results: dict[str, dict]) -> str:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--pack", help="uc pack to serve with `uc serve`")
-    p.add_argument("--uc-args", default="", help="extra `uc serve` flags, e.g. '--dtype float32'")
+    p.add_argument("--uc-args", action="append", help="extra `uc serve` flags, e.g. '--dtype float32' (repeat to run "
+                   "several configurations)")
     p.add_argument("--gguf", help="the same model as GGUF for llama-server")
     p.add_argument("--llama-server", help="path of the llama-server binary")
     p.add_argument("--llama-args", action="append", help="llama-server flags (repeat to run several configurations; "
@@ -282,10 +283,13 @@ def main(argv: list[str] | None = None) -> int:
     logdir.mkdir(parents=True, exist_ok=True)
     servers = []
     if args.pack:
-        port = free_port()
-        cmd = [sys.executable, "-m", "uc", "serve", args.pack, "--port", str(port), "--log-level", "warning",
-               *shlex.split(args.uc_args)]
-        servers.append(Server("uc serve", cmd, port, "/health/ready", logdir / "uc-serve.log"))
+        uc_configs = args.uc_args or [""]
+        for i, extra in enumerate(uc_configs):
+            port = free_port()
+            cmd = [sys.executable, "-m", "uc", "serve", args.pack, "--port", str(port), "--log-level", "warning",
+                   *shlex.split(extra)]
+            name = "uc serve" if len(uc_configs) == 1 else f"uc serve {extra}".rstrip()
+            servers.append(Server(name, cmd, port, "/health/ready", logdir / f"uc-serve-{i}.log"))
     if args.gguf:
         if not args.llama_server:
             p.error("--gguf needs --llama-server")

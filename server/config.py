@@ -40,7 +40,9 @@ class EngineConfig:
                                          "for less with the `timeout` field")
     threads: int | None = _opt(None, "torch CPU threads (default: torch's choice)")
     cpu_prepack: str = _opt("auto", "auto: on the CPU in bfloat16 with dense residency, pack linear weights for "
-                                    "oneDNN once at load (same results, faster steps); off: never")
+                                    "oneDNN once at load (same results, faster steps); fused: also compute q/k/v "
+                                    "and gate/up as one matmul each (faster only with OMP_WAIT_POLICY=PASSIVE); "
+                                    "off: never")
 
 
 @dataclass(frozen=True)

@@ -5,13 +5,14 @@ reorders into its blocked layout on every call: for decode-sized inputs (a few r
 more than the product. Packing each weight once at load (what torch.compile's CPU freezing does) gives the
 same results and a faster step.
 
-Sibling projections that read the same input (q/k/v of an attention, gate/up of an MLP) are also packed
-as one weight and computed in one matmul: fewer, wider matmuls (k and v are 192 columns wide in SmolLM2),
-so fewer OpenMP fork/joins per step. `bench/cpu_step.py` (docs/BENCHMARKS.md, "CPU decode step"): with
-the OpenMP spin `uc serve` sets, fused and one-by-one packing are within a few percent of each other;
-where workers sleep at once (OMP_WAIT_POLICY=PASSIVE) fusing saves 12-18% of the step. The stock model
-code still calls q_proj, k_proj and v_proj one after the other; the first call computes the fused
-product and the others take their columns of it.
+With `fuse` (`--cpu-prepack fused`), sibling projections that read the same input (q/k/v of an
+attention, gate/up of an MLP) are packed as one weight and computed in one matmul: fewer, wider matmuls,
+so fewer OpenMP fork/joins per step. It pays only where the OpenMP workers sleep between regions:
+`bench/cpu_step.py` measured it 13-18% faster per step under OMP_WAIT_POLICY=PASSIVE, but 2-9% slower
+under the bounded spin `uc serve` sets, and the load test agreed (c16: 275 fused against 287 tok/s one
+by one, 3 alternating runs each), so it is off by default. The stock model code still calls q_proj,
+k_proj and v_proj one after the other; the first call computes the fused product and the others take
+their columns of it.
 
 Every packed or fused module is checked at load against `F.linear` on a probe, bit for bit; a group that
 differs stays unfused and a weight that differs stays unpacked. Only plain `nn.Linear` modules with real
@@ -110,7 +111,7 @@ def _fusable(linears: list[torch.nn.Linear]) -> bool:
 
 
 @torch.inference_mode()
-def prepack(model, batch_hint: int = 16, fuse: bool = True) -> int:
+def prepack(model, batch_hint: int = 16, fuse: bool = False) -> int:
     """Replace CPU bf16 nn.Linear modules by packed ones, fusing FUSE_GROUPS where every member exists.
     Returns how many linears now run packed (0 if unsupported)."""
     if not supported(model):

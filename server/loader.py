@@ -82,10 +82,10 @@ def build_engine(pack: str, cfg: EngineConfig, name: str, stats_sink=None) -> tu
     config_dtype = reader.config_dict().get("dtype") or reader.config_dict().get("torch_dtype")
     dtype = resolve_dtype(cfg.dtype, cfg.device, config_dtype)
     model = load_model(pack, cfg, dtype)
-    if cfg.cpu_prepack not in ("auto", "off"):
-        raise LoadError(f"--cpu-prepack {cfg.cpu_prepack}: auto or off")
-    if cfg.cpu_prepack == "auto" and cfg.residency == "dense":
-        n = prepack(model, batch_hint=min(cfg.max_num_seqs, 16))
+    if cfg.cpu_prepack not in ("auto", "fused", "off"):
+        raise LoadError(f"--cpu-prepack {cfg.cpu_prepack}: auto, fused or off")
+    if cfg.cpu_prepack != "off" and cfg.residency == "dense":
+        n = prepack(model, batch_hint=min(cfg.max_num_seqs, 16), fuse=cfg.cpu_prepack == "fused")
         if n:
             log.info("prepacked %d linear weights for oneDNN", n)
     tokenizer = AutoTokenizer.from_pretrained(pack)

@@ -25,7 +25,7 @@ def pair(arch: str):
 @pytest.mark.parametrize("arch", ["llama", "gemma3"])
 def test_fused_logits_equal_stock_bitwise(arch):
     ref, model = pair(arch)
-    n = cpu_linear.prepack(model, batch_hint=4)
+    n = cpu_linear.prepack(model, batch_hint=4, fuse=True)
     assert n == sum(1 for m in ref.modules() if type(m) is torch.nn.Linear)
     attn = next(m for m in model.modules() if hasattr(m, "q_proj"))
     assert isinstance(attn.q_proj, cpu_linear.FusedMember) and isinstance(attn.v_proj, cpu_linear.FusedMember)
@@ -40,7 +40,7 @@ def test_fused_logits_equal_stock_bitwise(arch):
 
 def test_members_called_alone_or_out_of_order_stay_exact():
     ref, model = pair("llama")
-    cpu_linear.prepack(model, batch_hint=4)
+    cpu_linear.prepack(model, batch_hint=4, fuse=True)
     a_ref = next(m for m in ref.modules() if hasattr(m, "q_proj"))
     a = next(m for m in model.modules() if hasattr(m, "q_proj"))
     x, y = torch.randn(2, 1, a.q_proj.in_features, dtype=torch.bfloat16), torch.randn(2, 1, a.q_proj.in_features,
