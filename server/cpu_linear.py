@@ -8,7 +8,7 @@ same results and a faster step.
 With `fuse` (`--cpu-prepack fused`), sibling projections that read the same input (q/k/v of an
 attention, gate/up of an MLP) are packed as one weight and computed in one matmul: fewer, wider matmuls,
 so fewer OpenMP fork/joins per step. It pays only where the OpenMP workers sleep between regions:
-`bench/cpu_step.py` measured it 13-18% faster per step under OMP_WAIT_POLICY=PASSIVE, but 2-9% slower
+`bench/cpu_step.py` measured it 12-19% faster per step under OMP_WAIT_POLICY=PASSIVE, but 1-9% slower
 under the bounded spin `uc serve` sets, and the load test agreed (c16: 275 fused against 287 tok/s one
 by one, 3 alternating runs each), so it is off by default. The stock model code still calls q_proj,
 k_proj and v_proj one after the other; the first call computes the fused product and the others take
