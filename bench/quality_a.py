@@ -32,6 +32,7 @@ from bench.report import machine, table, write_section  # noqa: E402
 TEXT = ROOT.parent / "shared" / "data" / "wikitext-2-raw-test.txt"
 RESULTS = ROOT / "bench" / "results" / "quality_a.json"
 CALIB = ["--calib", str(TEXT), "--calib-articles", "1-16"]
+MODELS = ("smollm2-135m", "gemma3-270m")
 HQQ_BITS = (3, 4, 5)
 GGUF_TYPES = ("Q4_0", "Q5_0", "Q8_0")
 UNIFORM_BITS = (3, 4, 5)
@@ -123,7 +124,7 @@ def _pack(src: Path, dst: Path, args: list[str], env: dict) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--models", nargs="+", default=["smollm2-135m", "gemma3-270m"])
+    ap.add_argument("--models", nargs="+", default=list(MODELS))
     ap.add_argument("--targets", nargs="+", type=float, default=[2.8, 3.0, 4.0, 5.0, 6.0])
     ap.add_argument("--windows", type=int, default=12)
     ap.add_argument("--ctx", type=int, default=1024)
@@ -208,7 +209,12 @@ def main() -> None:
             rows.append(row)
             shutil.rmtree(dst, ignore_errors=True)
     if not a.no_doc:
-        write_docs(rows, a)
+        # every finished row of this protocol, not only the ones this invocation was asked for: a run of one
+        # model or one target must not drop the others from the docs
+        suffix = f"|{a.windows}|{a.ctx}"
+        finished = [r for k, r in done.items() if k.endswith(suffix)]
+        rank = {m: i for i, m in enumerate(MODELS)}
+        write_docs(sorted(finished, key=lambda r: rank.get(r["model"], len(rank))), a)
 
 
 def _fmt(r: dict) -> list:
