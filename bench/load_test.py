@@ -216,6 +216,17 @@ def run_server(server: Server, args) -> dict:
         server.stop()
 
 
+def configurations(name: str, extras: list[str], ready: str, log_stem: Path, base_cmd) -> list[Server]:
+    """One Server per flag set in `extras` (named by its flags when there are several), each on its own port."""
+    out = []
+    for i, extra in enumerate(extras):
+        port = free_port()
+        label = name if len(extras) == 1 else f"{name} {extra}".rstrip()
+        out.append(Server(label, [*base_cmd(port), *shlex.split(extra)], port, ready,
+                          log_stem.with_name(f"{log_stem.name}-{i}.log")))
+    return out
+
+
 def combine(runs: list[dict]) -> dict:
     """Several runs of one server -> one result: per level, the run with the lower-median tok/s (the same
     rule for every server), with every run's tok/s beside it; overload bursts summed."""
@@ -283,22 +294,16 @@ def main(argv: list[str] | None = None) -> int:
     logdir.mkdir(parents=True, exist_ok=True)
     servers = []
     if args.pack:
-        uc_configs = args.uc_args or [""]
-        for i, extra in enumerate(uc_configs):
-            port = free_port()
-            cmd = [sys.executable, "-m", "uc", "serve", args.pack, "--port", str(port), "--log-level", "warning",
-                   *shlex.split(extra)]
-            name = "uc serve" if len(uc_configs) == 1 else f"uc serve {extra}".rstrip()
-            servers.append(Server(name, cmd, port, "/health/ready", logdir / f"uc-serve-{i}.log"))
+        servers += configurations("uc serve", args.uc_args or [""], "/health/ready", logdir / "uc-serve",
+                                  lambda port: [sys.executable, "-m", "uc", "serve", args.pack, "--port", str(port),
+                                                "--log-level", "warning"])
     if args.gguf:
         if not args.llama_server:
             p.error("--gguf needs --llama-server")
-        configs = args.llama_args or ["-np 16 -t 2 -c 8192"]
-        for i, extra in enumerate(configs):
-            port = free_port()
-            cmd = [args.llama_server, "-m", args.gguf, "--host", "127.0.0.1", "--port", str(port), *shlex.split(extra)]
-            name = "llama-server" if len(configs) == 1 else f"llama-server {extra}"
-            servers.append(Server(name, cmd, port, "/health", logdir / f"llama-server-{i}.log"))
+        servers += configurations("llama-server", args.llama_args or ["-np 16 -t 2 -c 8192"], "/health",
+                                  logdir / "llama-server",
+                                  lambda port: [args.llama_server, "-m", args.gguf, "--host", "127.0.0.1", "--port",
+                                                str(port)])
     args.model_for = lambda s: None
     if args.repeat < 1:
         p.error("--repeat must be at least 1")

@@ -152,7 +152,6 @@ def main() -> None:
     cfg = EvalConfig(ctx=a.ctx, max_windows=a.windows, articles="17-62")
     results = Path(a.results)
     done = {} if a.fresh or not results.exists() else {r["key"]: r for r in json.loads(results.read_text())}
-    rows: list[dict] = []
 
     def save(row: dict) -> None:
         done[row["key"]] = row
@@ -177,15 +176,12 @@ def main() -> None:
         keys = [f"{model}|{m}|{st}|{a.windows}|{a.ctx}" for m, st, _ in jobs]
         for key, (method, setting, args) in zip(keys, jobs):
             if key in done:
-                rows.append(done[key])
                 continue
             if method not in a.methods:
                 continue
             same = next((k for k, (m, st, ar) in zip(keys, jobs) if m == "ours" and ar == args and k in done), None)
             if method == "ablation" and same:  # the default recipe is the "ours" row: measured once
-                row = {**done[same], "key": key, "method": method, "setting": setting}
-                save(row)
-                rows.append(row)
+                save({**done[same], "key": key, "method": method, "setting": setting})
                 continue
             if base is None:
                 base = token_stats(sk, CheckpointSource(SourceCheckpoint(src)), windows, progress=False)
@@ -206,7 +202,6 @@ def main() -> None:
             r = compare(st, base, cfg.ctx, len(windows), time.perf_counter() - t0)
             row = {"key": key, "model": model, "method": method, "setting": setting, "args": args, **p, **r.to_dict()}
             save(row)
-            rows.append(row)
             shutil.rmtree(dst, ignore_errors=True)
     if not a.no_doc:
         # every finished row of this protocol, not only the ones this invocation was asked for: a run of one

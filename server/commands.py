@@ -61,8 +61,8 @@ def check(cfg: ServerConfig) -> None:
 SERVE_ENV = {
     # OpenMP workers spin about half a millisecond at a barrier before they sleep: long enough to catch the
     # next matmul of the same decode step, short enough not to starve the HTTP loop or a neighbour.
-    # OMP_WAIT_POLICY=PASSIVE (sleep at once) made every matmul wait for a futex wake-up: a third less
-    # throughput. Unbounded spinning (ACTIVE) collapses when the cores are shared.
+    # OMP_WAIT_POLICY=PASSIVE (sleep at once) made every matmul wait for a futex wake-up: decode steps
+    # 1.7-1.9x slower (bench/cpu_step.py). Unbounded spinning (ACTIVE) collapses when the cores are shared.
     "GOMP_SPINCOUNT": "20000",
     # torch's CPU allocator: 2 MiB-aligned large buffers advised as transparent huge pages (KV cache,
     # embeddings, packed weights), fewer TLB misses while a decode step streams the weights.
@@ -71,7 +71,7 @@ SERVE_ENV = {
 
 
 def _serve_environment() -> None:
-    """Re-exec `uc serve` with SERVE_ENV (docs/SERVER.md, "CPU threads"). libgomp and the allocator read
+    """Re-exec `uc serve` with SERVE_ENV (docs/SERVER.md, "CPU speed"). libgomp and the allocator read
     these only at load, and torch is loaded by now, hence the re-exec (same PID, same arguments). A user
     who set OMP_WAIT_POLICY chose the OpenMP policy: GOMP_SPINCOUNT is then left alone too."""
     if "serve" not in sys.argv[1:] or os.environ.get("UC_SERVE_ENV_SET"):

@@ -108,6 +108,8 @@ _error: str | None = None
 
 def _build():
     global _module, _error
+    if _module is not None or _error is not None:  # every call after the first: no lock on the hot path
+        return _module
     with _lock:
         if _module is not None or _error is not None:
             return _module
