@@ -1,21 +1,34 @@
-"""One short CUDA check of the runtime's device paths; prints measured numbers (run on a GPU machine).
+"""One short check of the runtime's and the server engine's CUDA paths; prints measured numbers.
 
-    python bench/gpu_check.py            # ~1-2 minutes on an H100
+    python bench/gpu_check.py --tokenizer DIR --out gpu_check.json     # ~2-4 minutes on an H100/H200
+    python bench/gpu_check.py --device cpu --small                     # smoke test of this script, no GPU
 
-1. Reconstruction throughput: GB/s of packed input (4- and 5-bit GSQ, 8192 x 8192) vs the card's
-   device-to-device copy bandwidth.
+1. Reconstruction throughput: GB/s of packed input (4- and 5-bit GSQ, 8192 x 8192) next to the card's
+   device-to-device copy bandwidth; eager torch, and (last) the same function under torch.compile.
 2. Host-to-device copy throughput: pinned vs pageable host memory (1 GiB).
-3. Prefetch overlap: a synthetic 12-layer Llama (hidden 2048) packed at 4 bits, run in `stream`
-   residency at 25% of its dense size with and without prefetch: decode tok/s at batch 8 and stall seconds.
-Also checks that streamed logits equal dense logits on the GPU.
+3. A synthetic 12-layer Llama (hidden 2048, 0.6 B parameters) packed at 4 bits on the device: streamed
+   logits equal dense logits; decode tok/s at batch 1 and 8 and prefill tok/s per residency mode; stall
+   seconds and prefetch hits with and without prefetch at a 25% budget (does the side stream overlap?);
+   decode ms/step at KV lengths not seen before with cuDNN attention on and off.
+4. With --tokenizer (any HF tokenizer folder; its vocabulary sizes the synthetic model): the server's
+   engine on the device, dense and stream 25%: greedy tokens equal to transformers' generate, and
+   aggregate decode tok/s at 1, 8 and 32 concurrent requests.
+5. With --calib (a text file) too: a small synthetic Llama packed with calibration on the device
+   (`uc pack --target-bpw 4 --calib`: GPTQ rounding, distillation, allocation), verified, and run with
+   `uc generate` in stream residency.
+Each section catches its own failure, so one broken path does not hide the others' numbers.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
+import shutil
 import sys
 import tempfile
+import threading
 import time
+import traceback
 from pathlib import Path
 
 import torch
@@ -27,71 +40,292 @@ from compressor import codecs  # noqa: E402
 from ucformat.qtensor import dequantize  # noqa: E402
 
 
-def timed(fn, repeats: int = 10) -> float:
+def sync(dev: torch.device) -> None:
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+
+
+def timed(fn, dev: torch.device, repeats: int = 10) -> float:
     fn()
-    torch.cuda.synchronize()
+    sync(dev)
     t0 = time.perf_counter()
     for _ in range(repeats):
         fn()
-    torch.cuda.synchronize()
+    sync(dev)
     return (time.perf_counter() - t0) / repeats
 
 
-def main() -> None:
-    if not torch.cuda.is_available():
-        raise SystemExit("bench/gpu_check.py needs CUDA")
-    dev = torch.device("cuda")
-    out = {"device": torch.cuda.get_device_name(dev), "torch": torch.__version__}
+def section(out: dict, name: str):
+    """Decorator: run the section, record its numbers or its error, print them as they arrive."""
+    def wrap(fn):
+        t0 = time.perf_counter()
+        try:
+            out[name] = fn()
+        except Exception as e:  # noqa: BLE001 - a check script reports and goes on
+            out[name] = {"error": f"{type(e).__name__}: {e}", "trace": traceback.format_exc()[-2000:]}
+        out[name + "_seconds"] = round(time.perf_counter() - t0, 1)
+        print(json.dumps({name: out[name]}, indent=1, default=str), flush=True)
+        return fn
+    return wrap
 
-    big = torch.empty(2**30, dtype=torch.uint8, device=dev)
-    t = timed(lambda: big.clone())
-    out["d2d_copy_GBps"] = 2 * big.numel() / t / 1e9  # read + write
 
-    w = (torch.randn(8192, 8192, device=dev) * 0.02).to(torch.bfloat16)
+def bandwidth(dev: torch.device, size: int, side: int) -> dict:
+    r = {}
+    big = torch.empty(size, dtype=torch.uint8, device=dev)
+    r["d2d_copy_GBps"] = 2 * size / timed(lambda: big.clone(), dev) / 1e9  # read + write
+    del big
+    w = (torch.randn(side, side, device=dev) * 0.02).to(torch.bfloat16)
     for bits in (4, 5):
         q = codecs.quantize(w, bits, 64, "gsq").to(dev)
-        t = timed(lambda: dequantize(q, torch.bfloat16))
-        out[f"dequant{bits}_packed_GBps"] = q.stored_bytes() / t / 1e9
-        out[f"dequant{bits}_out_GBps"] = w.numel() * 2 / t / 1e9
+        t = timed(lambda: dequantize(q, torch.bfloat16), dev)
+        r[f"dequant{bits}_packed_GBps"] = q.stored_bytes() / t / 1e9
+        r[f"dequant{bits}_bf16_out_GBps"] = w.numel() * 2 / t / 1e9
+        r[f"dequant{bits}_ms"] = t * 1e3
+    return r
 
-    host = torch.empty(2**30, dtype=torch.uint8)
-    pinned = host.pin_memory()
-    out["h2d_pageable_GBps"] = host.numel() / timed(lambda: host.to(dev), 3) / 1e9
-    out["h2d_pinned_GBps"] = pinned.numel() / timed(lambda: pinned.to(dev, non_blocking=True), 3) / 1e9
-    del big, host, pinned
 
+def compiled_dequant(dev: torch.device, side: int) -> dict:
+    w = (torch.randn(side, side, device=dev) * 0.02).to(torch.bfloat16)
+    q = codecs.quantize(w, 4, 64, "gsq").to(dev)
+    fn = torch.compile(lambda: dequantize(q, torch.bfloat16, native=False))
+    t0 = time.perf_counter()
+    got = fn()
+    sync(dev)
+    r = {"compile_s": time.perf_counter() - t0,
+         "equal_to_eager": bool(torch.equal(got, dequantize(q, torch.bfloat16, native=False)))}
+    t = timed(fn, dev)
+    r["dequant4_packed_GBps"] = q.stored_bytes() / t / 1e9
+    r["dequant4_ms"] = t * 1e3
+    return r
+
+
+def host_copy(dev: torch.device, size: int) -> dict:
+    host = torch.empty(size, dtype=torch.uint8)
+    pinned = host.pin_memory() if dev.type == "cuda" else host
+    return {"h2d_pageable_GBps": size / timed(lambda: host.to(dev), dev, 3) / 1e9,
+            "h2d_pinned_GBps": size / timed(lambda: pinned.to(dev, non_blocking=True), dev, 3) / 1e9}
+
+
+def synthetic_model(tmp: Path, vocab: int, small: bool, tokenizer: str | None) -> Path:
     from transformers import LlamaConfig, LlamaForCausalLM
 
+    dims = dict(hidden_size=256, intermediate_size=704, num_hidden_layers=4, num_attention_heads=4) if small else \
+        dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=12, num_attention_heads=16)
+    cfg = LlamaConfig(vocab_size=vocab, num_key_value_heads=4, max_position_embeddings=2048, tie_word_embeddings=True,
+                      bos_token_id=1, eos_token_id=2, **dims)
+    torch.manual_seed(0)
+    LlamaForCausalLM(cfg).to(torch.bfloat16).save_pretrained(tmp / "src")
+    if tokenizer:
+        for f in Path(tokenizer).iterdir():
+            if f.name.startswith(("tokenizer", "special_tokens")):
+                shutil.copy(f, tmp / "src" / f.name)
+    return tmp / "src"
+
+
+def residency(dev: torch.device, src: Path, tmp: Path, low: str, mid: str) -> dict:
+    import ucformat
     from compressor.config import PackConfig
     from compressor.pack import pack
     from ucformat.speed import measure
-    import ucformat
 
-    with tempfile.TemporaryDirectory() as tmp:
-        cfg = LlamaConfig(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=12,
-                          num_attention_heads=16, num_key_value_heads=4, max_position_embeddings=2048,
-                          tie_word_embeddings=True)
-        torch.manual_seed(0)
-        LlamaForCausalLM(cfg).to(torch.bfloat16).save_pretrained(f"{tmp}/src")
+    r = {}
+    t0 = time.perf_counter()
+    res = pack(src, tmp / "pack", PackConfig(bits=4, codec="uniform", device=dev.type), progress=False)
+    r["pack_seconds_uniform4"] = time.perf_counter() - t0
+    r["bpw_allin"] = res.stats.get("bpw_allin") if hasattr(res, "stats") else None
+    vocab = json.loads((src / "config.json").read_text())["vocab_size"]
+    ids = torch.randint(0, vocab, (2, 16), device=dev)
+    logits = {}
+    for mode, budget in (("dense", None), ("packed", None), ("stream", low)):
+        m = ucformat.load(tmp / "pack", device=dev.type, residency=mode, vram_budget=budget)
+        with torch.inference_mode():
+            logits[mode] = m(ids).logits.float()
+        m.uc_runtime.close()
+        del m
+    r["packed_equals_dense"] = bool(torch.equal(logits["dense"], logits["packed"]))
+    r["stream_equals_dense"] = bool(torch.equal(logits["dense"], logits["stream"]))
+    for mode, budget, pf in (("dense", None, True), ("packed", None, True), ("stream", low, True),
+                             ("stream", low, False), ("stream", mid, True), ("stream", mid, False)):
+        s = measure(tmp / "pack", mode, device=dev.type, vram_budget=budget, prefetch=pf, decode_steps=32)
+        r[f"{mode}{'_' + budget if budget else ''}{'' if pf else '_noprefetch'}"] = {
+            "decode_tok_s_b8": s.decode_tok_s_b8, "decode_tok_s_b1": s.decode_tok_s_b1, "prefill_tok_s": s.prefill_tok_s,
+            "stall_s": s.stall_seconds, "hits": s.prefetch_hits, "misses": s.prefetch_misses,
+            "peak_resident_MiB": s.peak_resident_bytes / 2**20, "transferred_MiB": s.bytes_transferred / 2**20}
+    return r
+
+
+def cudnn_decode(dev: torch.device, tmp: Path) -> dict:
+    """Decode ms/step at KV lengths never seen before, cuDNN attention on and off (ucformat.load turns it
+    off on CUDA by default; see ucformat.runtime.avoid_cudnn_attention)."""
+    import ucformat
+    from transformers import DynamicCache
+
+    m = ucformat.load(tmp / "pack", device=dev.type, residency="dense", cudnn_attention=True)
+    vocab = m.config.vocab_size
+    r = {}
+
+    @torch.inference_mode()
+    def step_ms(prompt: int, steps: int = 16) -> float:
+        cache = DynamicCache(config=m.config)
+        out = m(input_ids=torch.randint(0, vocab, (1, prompt), device=dev), cache=cache, use_cache=True)
+        nxt = out.logits[:, -1].argmax(-1, keepdim=True)
+        sync(dev)
         t0 = time.perf_counter()
-        pack(f"{tmp}/src", f"{tmp}/pack", PackConfig(bits=4, codec="uniform", device="cuda"), progress=False)
-        out["pack_seconds_617M_uniform4"] = time.perf_counter() - t0
-        ids = torch.randint(0, 32000, (2, 16), device=dev)
-        logits = {}
-        for mode, budget in (("dense", None), ("stream", "25%")):
-            m = ucformat.load(f"{tmp}/pack", device="cuda", residency=mode, vram_budget=budget)
-            with torch.inference_mode():
-                logits[mode] = m(ids).logits.float()
-            m.uc_runtime.close()
-        out["stream_equals_dense"] = bool(torch.equal(logits["dense"], logits["stream"]))
-        for mode, budget, pf in (("dense", None, True), ("packed", None, True), ("stream", "25%", True),
-                                 ("stream", "25%", False)):
-            r = measure(f"{tmp}/pack", mode, device="cuda", vram_budget=budget, prefetch=pf, decode_steps=32)
-            out[f"{mode}{'_' + budget if budget else ''}{'' if pf else '_noprefetch'}"] = {
-                "decode_tok_s_b8": r.decode_tok_s_b8, "decode_tok_s_b1": r.decode_tok_s_b1,
-                "prefill_tok_s": r.prefill_tok_s, "stall_s": r.stall_seconds,
-                "hits": r.prefetch_hits, "misses": r.prefetch_misses, "peak_resident_MiB": r.peak_resident_bytes / 2**20}
-    print(json.dumps(out, indent=1))
+        for _ in range(steps):
+            nxt = m(input_ids=nxt, cache=cache, use_cache=True).logits[:, -1].argmax(-1, keepdim=True)
+        sync(dev)
+        return (time.perf_counter() - t0) / steps * 1e3
+
+    for on, prompt in ((True, 100), (False, 200)):
+        torch.backends.cuda.enable_cudnn_sdp(on)
+        r[f"cudnn_{'on' if on else 'off'}_new_shapes_ms"] = step_ms(prompt)
+        r[f"cudnn_{'on' if on else 'off'}_seen_shapes_ms"] = step_ms(prompt)
+    torch.backends.cuda.enable_cudnn_sdp(False)
+    m.uc_runtime.close()
+    return r
+
+
+def engine(dev: torch.device, tmp: Path, small: bool, low: str) -> dict:
+    from transformers import AutoTokenizer
+
+    import ucformat
+    from server.config import EngineConfig
+    from server.loader import build_engine
+    from server.sampling import SamplingParams
+    from server.sequence import EngineRequest
+
+    tok = AutoTokenizer.from_pretrained(tmp / "pack")
+    prompts = ["The capital of France is", "def fibonacci(n):", "Once upon a time", "1, 2, 3, 4,"]
+    n_new = 16
+    ref_model = ucformat.load(tmp / "pack", device=dev.type, residency="dense", dtype=torch.bfloat16)
+    refs = []
+    with torch.inference_mode():
+        for p in prompts:
+            ids = tok(p, return_tensors="pt").input_ids.to(dev)
+            out = ref_model.generate(ids, max_new_tokens=n_new, do_sample=False, pad_token_id=2, eos_token_id=None)
+            refs.append(out[0, ids.shape[1]:].tolist())
+    ref_model.uc_runtime.close()
+    del ref_model
+
+    def run(eng, prompt_ids: list[list[int]], max_tokens: int) -> tuple[list[list[int]], float]:
+        done, outs = [threading.Event() for _ in prompt_ids], [[] for _ in prompt_ids]
+
+        def sink(i):
+            def f(o):
+                outs[i].extend(o.token_ids)
+                if o.error:
+                    errors.append(f"{o.error}: {o.error_message}")
+                if o.finished:
+                    done[i].set()
+            return f
+        params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+        t0 = time.perf_counter()
+        for i, ids in enumerate(prompt_ids):
+            eng.submit(EngineRequest(f"r{i}-{time.monotonic_ns()}", ids, params, sink(i)))
+        for d in done:
+            assert d.wait(600), "engine request timed out"
+        if errors:
+            raise RuntimeError(f"engine: {errors[0]}")
+        return outs, time.perf_counter() - t0
+
+    errors: list[str] = []
+    r = {}
+    for mode, budget in (("dense", None), ("stream", low)):
+        cfg = EngineConfig(device=dev.type, residency=mode, vram_budget=budget, max_num_seqs=32,
+                           kv_cache_memory="256MiB" if small else "8GiB")
+        t0 = time.perf_counter()
+        eng, info = build_engine(str(tmp / "pack"), cfg, "synthetic")
+        eng.start()
+        row = {"load_s": time.perf_counter() - t0, "dtype": info.dtype}
+        try:
+            alone = [run(eng, [tok(p).input_ids], n_new)[0][0] for p in prompts]
+            busy, _ = run(eng, [tok(p).input_ids for p in prompts], n_new)
+            row["greedy_alone_equal_generate"] = sum(a == b for a, b in zip(alone, refs))
+            row["greedy_batched_equal_generate"] = sum(a == b for a, b in zip(busy, refs))
+            row["of"] = len(refs)
+            g = torch.Generator().manual_seed(0)
+            for c in (1, 8, 32):
+                ids = [torch.randint(0, len(tok), (64,), generator=g).tolist() for _ in range(c)]
+                outs, secs = run(eng, ids, 64)
+                row[f"c{c}_tok_s"] = sum(len(o) for o in outs) / secs
+        finally:
+            eng.shutdown()
+            rt = getattr(eng, "model", None)
+            if rt is not None and getattr(rt, "uc_runtime", None) is not None:
+                rt.uc_runtime.close()
+        r[mode + ("_" + budget if budget else "")] = row
+    return r
+
+
+def calibrated(dev: torch.device, tmp: Path, tokenizer: str, calib: str) -> dict:
+    import subprocess
+
+    vocab = len(__import__("transformers").AutoTokenizer.from_pretrained(tokenizer))
+    src = synthetic_model(tmp / "small", vocab, True, tokenizer)
+    uc = [sys.executable, "-m", "uc"]
+    r = {}
+
+    def call(*args: str) -> str:
+        t0 = time.perf_counter()
+        p = subprocess.run([*uc, *args], capture_output=True, text=True, cwd=ROOT)
+        r[args[0] + "_s"] = round(time.perf_counter() - t0, 1)
+        if p.returncode:
+            raise RuntimeError(f"uc {args[0]} exited {p.returncode}: {p.stderr[-1500:]}")
+        return p.stdout
+
+    res = json.loads(call("pack", str(src), str(tmp / "small-pack"), "--target-bpw", "4", "--calib", calib,
+                          "--calib-samples", "8", "--calib-len", "128", "--steps", "20", "--device", dev.type,
+                          "--json", "-q"))
+    r["bpw_allin"] = res.get("stats", res).get("bpw_allin") if isinstance(res, dict) else None
+    r["verify"] = call("verify", str(tmp / "small-pack")).strip()[-200:]
+    r["generate"] = call("generate", str(tmp / "small-pack"), "The capital of France is", "--max-tokens", "8",
+                         "--device", dev.type, "--residency", "stream", "--vram-budget", "90%")[-200:]
+    return r
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--small", action="store_true", help="small shapes: a smoke test of the script itself")
+    ap.add_argument("--tokenizer", help="tokenizer folder for the engine section (skipped without it)")
+    ap.add_argument("--calib", help="calibration text for the calibrated-pack section (needs --tokenizer)")
+    ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile dequantization timing")
+    ap.add_argument("--out", help="also write the results as JSON here")
+    a = ap.parse_args()
+    dev = torch.device(a.device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("bench/gpu_check.py: CUDA is not available (use --device cpu --small for a smoke test)")
+    out: dict = {"device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu", "torch": torch.__version__}
+    import transformers
+
+    out["transformers"] = transformers.__version__
+    side, size = (1024, 2**24) if a.small else (8192, 2**30)
+    section(out, "bandwidth")(lambda: bandwidth(dev, size, side))
+    section(out, "host_copy")(lambda: host_copy(dev, size))
+    with tempfile.TemporaryDirectory() as d:
+        tmp = Path(d)
+        vocab = 32000
+        if a.tokenizer:
+            from transformers import AutoTokenizer
+
+            vocab = len(AutoTokenizer.from_pretrained(a.tokenizer))
+        src = synthetic_model(tmp, vocab, a.small, a.tokenizer)
+        # budgets as shares of the dense size; the small model's embeddings take most of it
+        low, mid = ("90%", "95%") if a.small else ("25%", "50%")
+        section(out, "residency")(lambda: residency(dev, src, tmp, low, mid))
+        if (tmp / "pack").exists():
+            section(out, "cudnn_decode")(lambda: cudnn_decode(dev, tmp))
+        if a.tokenizer and (tmp / "pack").exists():
+            section(out, "engine")(lambda: engine(dev, tmp, a.small, low))
+        if a.tokenizer and a.calib:
+            section(out, "calibrated_pack")(lambda: calibrated(dev, tmp, a.tokenizer, a.calib))
+    if not a.no_compile:  # last: its compile workers stay alive and would share the CPU with later sections
+        section(out, "compiled_dequant")(lambda: compiled_dequant(dev, side))
+    text = json.dumps(out, indent=1, default=str)
+    if a.out:
+        Path(a.out).write_text(text)
+    print("== all results ==")
+    print(text)
 
 
 if __name__ == "__main__":

@@ -30,10 +30,16 @@ def plan(pack: str | Path, device: str = "cpu", dtype: torch.dtype | None = None
 
 
 def load(pack: str | Path, device: str = "cpu", dtype: torch.dtype | None = None, residency: str = "dense",
-         vram_budget: str | int | None = None, prefetch: bool = True, progress: bool = False):
+         vram_budget: str | int | None = None, prefetch: bool = True, progress: bool = False,
+         cudnn_attention: bool = False):
+    """On CUDA, unless `cudnn_attention`, this turns off PyTorch's cuDNN attention backend for the whole
+    process (see `avoid_cudnn_attention`)."""
     device = str(device)
-    if torch.device(device).type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device cuda was asked but CUDA is not available")
+    if torch.device(device).type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError("device cuda was asked but CUDA is not available")
+        if not cudnn_attention:
+            avoid_cudnn_attention()
     dtype = dtype or default_dtype(device)
     reader = PackReader(pack)
     the_plan = make_plan(reader, residency, device, dtype, vram_budget)
@@ -44,6 +50,14 @@ def load(pack: str | Path, device: str = "cpu", dtype: torch.dtype | None = None
         raise RuntimeError(f"{pack}: weights missing after load: {missing[:5]}")
     sk.model.uc_runtime = runtime
     return sk.model
+
+
+def avoid_cudnn_attention() -> None:
+    """Decoding grows the KV length by one every step, and cuDNN's SDPA builds a new graph for every new
+    shape. On an H200 (torch 2.11) decode steps of a 0.6B model at shapes not seen before took about
+    65 ms against 16 ms at shapes seen once (bench/gpu_check.py, docs/BENCHMARKS.md "CUDA check").
+    Flash and memory-efficient attention have no per-shape build; SDPA picks them once cuDNN is off."""
+    torch.backends.cuda.enable_cudnn_sdp(False)
 
 
 def _is_streamed(name: str, the_plan: ResidencyPlan, reader: PackReader) -> bool:

@@ -31,7 +31,11 @@ class Skeleton:
         with init_empty_weights(include_buffers=False):
             self.model = AutoModelForCausalLM.from_config(self.config, dtype=dtype)
         self.model.eval()
-        self.model.to(self.device) if self.device.type != "cpu" else None  # buffers only: params are meta
+        if self.device.type != "cpu":  # buffers only: parameters stay on meta until loaded
+            for mod in self.model.modules():
+                for name, b in mod._buffers.items():
+                    if b is not None:
+                        mod._buffers[name] = b.to(self.device)
         self.layers = find_layers(self.model)
         self._mapping = get_model_conversion_mapping(self.model)
 
@@ -42,8 +46,8 @@ class Skeleton:
         quiet = hf_logging.is_progress_bar_enabled()
         hf_logging.disable_progress_bar()  # its per-call "Loading weights" bar would print once per layer
         try:
-            convert_and_load_state_dict_in_model(self.model, sd, LoadStateDictConfig(weight_mapping=self._mapping,
-                                                                                      dtype=self.dtype))
+            cfg = LoadStateDictConfig(weight_mapping=self._mapping, device_map={"": self.device}, dtype=self.dtype)
+            convert_and_load_state_dict_in_model(self.model, sd, cfg)
         finally:
             if quiet:
                 hf_logging.enable_progress_bar()
