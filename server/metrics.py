@@ -203,3 +203,7 @@ class _GaugeCollector:
         yield counter("prefetch_stall_seconds", "Seconds the forward waited for a streamed layer.",
                       getattr(st, "stall_seconds", None))
         yield counter("dequant_seconds", "Seconds spent dequantizing weights.", getattr(st, "dequant_seconds", None))
+        yield counter("experts_reconstructed", "MoE experts rebuilt for a forward call (layers not dense).",
+                      getattr(st, "experts_reconstructed", None))
+        yield counter("experts_skipped", "MoE experts of those calls the router did not pick (never rebuilt).",
+                      getattr(st, "experts_skipped", None))

@@ -23,7 +23,7 @@ MODES = [("dense", None), ("packed", None), ("stream", "40%"), ("stream", "1B")]
 def packs(tmp_path_factory):
     root = tmp_path_factory.mktemp("rt")
     out = {}
-    for arch in ("llama", "mixtral", "gemma3"):
+    for arch in ("llama", "mixtral", "qwen3_moe", "gemma3"):
         src = make_tiny(root / f"src-{arch}", arch, num_hidden_layers=6)
         pack(src, root / arch, PackConfig(bits=4, block_size=32), progress=False)
         out[arch] = root / arch
@@ -43,7 +43,7 @@ def _run(model, ids):
     return [full, *steps]
 
 
-@pytest.mark.parametrize("arch", ["llama", "mixtral", "gemma3"])
+@pytest.mark.parametrize("arch", ["llama", "mixtral", "qwen3_moe", "gemma3"])
 def test_modes_are_bitwise_equal_and_match_reference(arch, packs, tmp_path):
     p = packs[arch]
     ids = torch.randint(0, 256, (3, 10), generator=torch.Generator().manual_seed(1))  # batch > 1
@@ -65,6 +65,30 @@ def test_modes_are_bitwise_equal_and_match_reference(arch, packs, tmp_path):
             assert torch.equal(a, b), f"{key} differs from dense"
     ref = AutoModelForCausalLM.from_pretrained(dequantized_checkpoint(p, tmp_path / "ref"), dtype=torch.float32).eval()
     torch.testing.assert_close(first[0], ref(ids).logits.detach(), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ["mixtral", "qwen3_moe"])
+@pytest.mark.parametrize("mode, budget", [("packed", None), ("stream", "1%")])
+def test_moe_experts_are_reconstructed_one_by_one(arch, mode, budget, packs):
+    """One token picks 2 of 4 experts per layer: only those are rebuilt, and the rest never are."""
+    p = packs[arch]
+    if budget == "1%":  # the floor: every layer streamed
+        full = ucformat.plan(p, residency="stream", vram_budget="100%")
+        budget = full.nonlayer_bytes + max(pl.dense_bytes for pl in full.layers)
+    model = ucformat.load(p, residency=mode, vram_budget=budget)
+    rt = model.uc_runtime
+    before = rt.stats()
+    with torch.inference_mode():
+        model(torch.tensor([[7]]))
+    s = rt.stats()
+    rt.close()
+    layers = s.layers_packed + s.layers_streamed
+    assert layers == 6
+    assert s.experts_reconstructed - before.experts_reconstructed <= 2 * layers
+    assert s.experts_skipped - before.experts_skipped >= 2 * layers
+    assert s.resident_bytes == before.resident_bytes  # every compact stack was dropped again
+    if mode == "stream":  # only the picked experts' bytes were read: well under the layers' stored bytes
+        assert 0 < s.bytes_transferred - before.bytes_transferred < 0.8 * sum(pl.packed_bytes for pl in rt.plan.layers)
 
 
 def test_peak_stays_within_budget_plus_one_layer(packs):

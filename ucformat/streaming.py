@@ -13,6 +13,9 @@ next non-dense layer is prefetched while the current one computes:
   no prefetch with reconstruction on a worker, 0.72x with a worker that only copied the bytes ahead,
   its torch copy spinning up a second OpenMP team).
 
+MoE layers that are not dense get their experts one by one: the layer's pre-hook attaches everything
+else, and the experts module's own pre-hook reconstructs only the experts the router picked (experts.py).
+
 Everything that happens is counted in `RuntimeStats`, a plain record the server maps to metrics.
 """
 
@@ -27,6 +30,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from . import experts as moe
 from . import qtensor
 from .manifest import layer_file
 from .reader import PackReader
@@ -54,6 +58,8 @@ class RuntimeStats:
     prefetch_misses: int
     stall_seconds: float  # time the compute waited for a layer
     dequant_seconds: float  # time spent reconstructing weights (all threads)
+    experts_reconstructed: int = 0  # MoE experts rebuilt for a call (non-dense layers)
+    experts_skipped: int = 0  # MoE experts of those calls that the router did not pick, so never rebuilt
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -87,6 +93,9 @@ class Runtime:
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="uc-prefetch") if prefetch and self.cuda else None
         self._ahead: set[int] = set()  # CPU: layers whose read-ahead was requested
         self._side = torch.cuda.Stream(self.device) if self.cuda else None
+        self._groups: dict[int, list[moe.ExpertGroup]] = {}  # non-dense MoE layers streamed per expert
+        self._expert_names: dict[int, set[str]] = {}
+        self._experts_built = self._experts_skipped = 0
 
         self._add(sum(_nbytes(t) for t in self._attach_nonlayer()))
         self._order = [p.index for p in plan.layers if p.where != "dense"]
@@ -96,6 +105,7 @@ class Runtime:
                 self._add(sum(_nbytes(t) for t in sd.values()))
                 sk.load(sd)
             else:
+                self._prepare_experts(p.index)
                 self._prepare_fast_path(p.index)
                 if p.where == "packed":
                     self._stores[p.index] = self._parts(p.index, to_device=True)
@@ -120,7 +130,8 @@ class Runtime:
                 layers_dense=self.plan.count("dense"), layers_packed=self.plan.count("packed"),
                 layers_streamed=self.plan.count("host"), resident_bytes=self._resident, peak_resident_bytes=self._peak,
                 bytes_transferred=self._transferred, prefetch_hits=self._hits, prefetch_misses=self._misses,
-                stall_seconds=self._stall, dequant_seconds=self._dequant)
+                stall_seconds=self._stall, dequant_seconds=self._dequant,
+                experts_reconstructed=self._experts_built, experts_skipped=self._experts_skipped)
 
     def reset_peak(self) -> None:
         with self._lock:
@@ -148,9 +159,10 @@ class Runtime:
             self._dequant += time.perf_counter() - t0
         return out
 
-    def _read_host(self, index: int) -> Parts:
-        """CPU: a streamed layer's stored parts, memory-mapped from its file (size and mtime re-checked)."""
-        parts = self._parts(index, to_device=False)
+    def _read_host(self, index: int, names: list[str] | None = None) -> Parts:
+        """CPU: a streamed layer's stored parts (all, or `names`), memory-mapped from its file (size and
+        mtime re-checked)."""
+        parts = self.reader.read_parts(layer_file(index), names)
         with self._lock:
             self._transferred += parts_bytes(parts)
         return parts
@@ -160,15 +172,21 @@ class Runtime:
         if fadvise(self.reader.path / layer_file(index), "WILLNEED"):
             self._ahead.add(index)
 
+    def _layer_names(self, index: int) -> list[str] | None:
+        """The names a layer's pre-hook attaches: all (None), or all but the per-expert ones."""
+        skip = self._expert_names.get(index)
+        return None if not skip else [n for n in self.reader.layer_tensor_names(index) if n not in skip]
+
     def _materialize(self, index: int):
         """Stored parts -> reconstructed tensors on the device. Runs on the prefetch thread (CUDA) or inline."""
         where = self.plan.layers[index].where
+        names = self._layer_names(index)
         if where == "packed":
-            return self._reconstruct(self._stores[index]), None
+            return self._reconstruct(_subset(self._stores[index], names)), None
         if not self.cuda:
-            return self._reconstruct(self._read_host(index)), None
+            return self._reconstruct(self._read_host(index, names)), None
         with torch.cuda.stream(self._side):
-            host = self._stores[index]
+            host = _subset(self._stores[index], names)
             dev = {k: v.to(self.device, non_blocking=True) for k, v in host.items()}
             sd = self._reconstruct(dev)
             event = torch.cuda.Event()
@@ -177,12 +195,26 @@ class Runtime:
             self._transferred += parts_bytes(host)
         return sd, event
 
+    def _prepare_experts(self, index: int) -> None:
+        prefix = self.reader.manifest.layer_prefix + f"{index}."
+        groups = moe.find_groups(self.sk.model, self.sk._mapping, prefix, self.reader.layer_tensor_names(index))
+        if not groups:
+            return
+        self._groups[index] = groups
+        self._expert_names[index] = set().union(*(g.names() for g in groups))
+        for g in groups:
+            g.module.register_forward_pre_hook(self._make_expert_pre(index, g), with_kwargs=True)
+            g.module.register_forward_hook(self._make_expert_post(g))
+
     def _prepare_fast_path(self, index: int) -> None:
         """Checkpoint names that are module parameters one to one are attached by assignment (fast);
-        layers whose weights transformers converts on load (fused MoE experts) go through the skeleton."""
-        names = self.reader.layer_tensor_names(index)
+        layers whose weights transformers converts on load (renamed, or fused MoE experts not streamed
+        per expert) go through the skeleton."""
+        names = self._layer_names(index) or self.reader.layer_tensor_names(index)
         params = dict(self.sk.model.named_parameters())
-        if set(names) != {n for n in params if n.startswith(self.reader.manifest.layer_prefix + f"{index}.")}:
+        fused = {id(p) for g in self._groups.get(index, []) for p in g.meta.values()}
+        prefix = self.reader.manifest.layer_prefix + f"{index}."
+        if set(names) != {n for n, p in params.items() if n.startswith(prefix) and id(p) not in fused}:
             return
         slots = {}
         for n in names:
@@ -268,6 +300,49 @@ class Runtime:
             self._detach(index)
         return post
 
+    # -- MoE experts, one by one ------------------------------------------------------------------------
+    def _expert_tensors(self, index: int, names: list[str]) -> dict[str, torch.Tensor]:
+        where = self.plan.layers[index].where
+        if where == "packed":
+            parts = {n: self._stores[index][n] for n in names}
+        elif not self.cuda:
+            parts = self._read_host(index, names)
+        else:
+            host = {n: self._stores[index][n] for n in names}
+            parts = {n: v.to(self.device, non_blocking=True) for n, v in host.items()}
+            with self._lock:
+                self._transferred += parts_bytes(host)
+        return self._reconstruct(parts)
+
+    def _make_expert_pre(self, index: int, g: moe.ExpertGroup):
+        def pre(module, args, kwargs):
+            idx, as_kw = moe.routed(args, kwargs)
+            hit = [e for e in torch.unique(idx).tolist() if 0 <= e < g.num_experts] or [0]
+            stacks = moe.compact_stacks(g, hit, self._expert_tensors(index, g.names_of(hit)))
+            for attr, t in stacks.items():
+                module._parameters[attr] = torch.nn.Parameter(t, requires_grad=False)
+            module.num_experts = len(hit)
+            n = sum(_nbytes(t) for t in stacks.values())
+            g.attached = n
+            self._add(n)
+            with self._lock:
+                self._experts_built += len(hit)
+                self._experts_skipped += g.num_experts - len(hit)
+            new = moe.remap(idx, hit, g.num_experts)
+            if as_kw:
+                return args, {**kwargs, "top_k_index": new}
+            return (args[0], new, *args[2:]), kwargs
+        return pre
+
+    def _make_expert_post(self, g: moe.ExpertGroup):
+        def post(module, args, output):
+            for attr, meta in g.meta.items():
+                module._parameters[attr] = meta
+            module.num_experts = g.num_experts
+            self._add(-g.attached)
+            g.attached = 0
+        return post
+
     def close(self) -> None:
         if self._pool is not None:
             for fut in self._inflight.values():
@@ -286,6 +361,10 @@ def fadvise(path, advice: str) -> bool:
     finally:
         os.close(fd)
     return True
+
+
+def _subset(parts: Parts, names: list[str] | None) -> Parts:
+    return parts if names is None else {n: parts[n] for n in names}
 
 
 def _pin(p):
