@@ -31,9 +31,10 @@ def plan(pack: str | Path, device: str = "cpu", dtype: torch.dtype | None = None
 
 def load(pack: str | Path, device: str = "cpu", dtype: torch.dtype | None = None, residency: str = "dense",
          vram_budget: str | int | None = None, prefetch: bool = True, progress: bool = False,
-         cudnn_attention: bool = False):
-    """On CUDA, unless `cudnn_attention`, this turns off PyTorch's cuDNN attention backend for the whole
-    process (see `avoid_cudnn_attention`)."""
+         cudnn_attention: bool = False, per_expert: bool = True):
+    """`per_expert`: MoE layers that are not dense rebuild only the routed experts (experts.py); False
+    rebuilds whole layers. On CUDA, unless `cudnn_attention`, this turns off PyTorch's cuDNN attention
+    backend for the whole process (see `avoid_cudnn_attention`)."""
     device = str(device)
     if torch.device(device).type == "cuda":
         if not torch.cuda.is_available():
@@ -44,7 +45,7 @@ def load(pack: str | Path, device: str = "cpu", dtype: torch.dtype | None = None
     reader = PackReader(pack)
     the_plan = make_plan(reader, residency, device, dtype, vram_budget)
     sk = Skeleton(pack, dtype=dtype, device=device)
-    runtime = Runtime(reader, sk, the_plan, prefetch=prefetch, progress=progress)
+    runtime = Runtime(reader, sk, the_plan, prefetch=prefetch, progress=progress, per_expert=per_expert)
     missing = [n for n in sk.missing() if not _is_streamed(n, the_plan, reader)]
     if missing:
         raise RuntimeError(f"{pack}: weights missing after load: {missing[:5]}")

@@ -42,7 +42,7 @@ def _sync(device: torch.device) -> None:
 
 
 @torch.inference_mode()
-def _decode_tok_s(model, batch: int, prompt: int, steps: int, vocab: int, device) -> float:
+def decode_tok_s(model, batch: int, prompt: int, steps: int, vocab: int, device) -> float:
     g = torch.Generator().manual_seed(batch)
     ids = torch.randint(0, vocab, (batch, prompt), generator=g).to(device)
     cache = DynamicCache(config=model.config)
@@ -92,11 +92,11 @@ def measure(pack, residency: str, device: str = "cpu", vram_budget=None, prefetc
     dev = torch.device(device)
     vocab = model.config.get_text_config().vocab_size
     try:
-        _decode_tok_s(model, 1, 8, 2, vocab, dev)  # warm-up
+        decode_tok_s(model, 1, 8, 2, vocab, dev)  # warm-up
         rt.reset_peak()
         prefill = _prefill_tok_s(model, prefill_tokens, vocab, dev)
-        b1 = _decode_tok_s(model, 1, prompt, decode_steps, vocab, dev)
-        b8 = _decode_tok_s(model, 8, prompt, decode_steps, vocab, dev)
+        b1 = decode_tok_s(model, 1, prompt, decode_steps, vocab, dev)
+        b8 = decode_tok_s(model, 8, prompt, decode_steps, vocab, dev)
         s = rt.stats()
         return SpeedResult(prefill, b1, b8, s.peak_resident_bytes, s.stall_seconds, s.prefetch_hits,
                            s.prefetch_misses, s.bytes_transferred)

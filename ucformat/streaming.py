@@ -75,8 +75,9 @@ def parts_bytes(parts: Parts) -> int:
 
 class Runtime:
     def __init__(self, reader: PackReader, sk: Skeleton, plan: ResidencyPlan, prefetch: bool = True,
-                 progress: bool = False) -> None:
+                 progress: bool = False, per_expert: bool = True) -> None:
         self.reader, self.sk, self.plan = reader, sk, plan
+        self.per_expert = per_expert
         self.device = sk.device
         self.cuda = self.device.type == "cuda"
         self.prefetch = prefetch
@@ -196,6 +197,8 @@ class Runtime:
         return sd, event
 
     def _prepare_experts(self, index: int) -> None:
+        if not self.per_expert:
+            return
         prefix = self.reader.manifest.layer_prefix + f"{index}."
         groups = moe.find_groups(self.sk.model, self.sk._mapping, prefix, self.reader.layer_tensor_names(index))
         if not groups:
