@@ -13,7 +13,9 @@
 4. With --tokenizer (any HF tokenizer folder; its vocabulary sizes the synthetic model): the server's
    engine on the device, dense and stream 25%: greedy tokens equal to transformers' generate, and
    aggregate decode tok/s at 1, 8 and 32 concurrent requests.
-5. With --calib (a text file) too: a small synthetic Llama packed with calibration on the device
+5. MoE: a small synthetic Qwen3-MoE packed at 4 bits; `packed` and `stream` at the floor rebuild only
+   the routed experts (experts copied from pinned memory when picked): logits equal to dense.
+6. With --calib (a text file) too: a small synthetic Llama packed with calibration on the device
    (`uc pack --target-bpw 4 --calib`: GPTQ rounding, distillation, allocation), verified, and run with
    `uc generate` in stream residency.
 Each section catches its own failure, so one broken path does not hide the others' numbers.
@@ -185,6 +187,38 @@ def cudnn_decode(dev: torch.device, tmp: Path) -> dict:
     return r
 
 
+def moe(dev: torch.device, tmp: Path) -> dict:
+    import ucformat
+    from compressor.config import PackConfig
+    from compressor.pack import pack
+    from transformers import AutoModelForCausalLM, Qwen3MoeConfig
+
+    cfg = Qwen3MoeConfig(vocab_size=4096, hidden_size=256, intermediate_size=512, moe_intermediate_size=128,
+                         num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, head_dim=64, num_experts=16,
+                         num_experts_per_tok=2, decoder_sparse_step=1, mlp_only_layers=[], tie_word_embeddings=True)
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(cfg).to(torch.bfloat16).save_pretrained(tmp / "moe-src")
+    pack(tmp / "moe-src", tmp / "moe", PackConfig(bits=4, codec="uniform", device=dev.type), progress=False)
+    full = ucformat.plan(tmp / "moe", device=dev.type, residency="stream", vram_budget="100%")
+    floor = full.nonlayer_bytes + max(pl.dense_bytes for pl in full.layers)
+    ids = torch.randint(0, 4096, (2, 12), device=dev)
+    r, ref = {}, None
+    for mode, budget in (("dense", None), ("packed", None), ("stream", floor)):
+        m = ucformat.load(tmp / "moe", device=dev.type, residency=mode, vram_budget=budget)
+        with torch.inference_mode():
+            logits = m(ids).logits.float()
+            logits_1 = m(ids[:, :1]).logits.float()  # one token per row: few experts
+        st = m.uc_runtime.stats()
+        m.uc_runtime.close()
+        if ref is None:
+            ref = (logits, logits_1)
+        else:
+            r[mode] = {"equal_to_dense": bool(torch.equal(logits, ref[0]) and torch.equal(logits_1, ref[1])),
+                       "experts_reconstructed": st.experts_reconstructed, "experts_skipped": st.experts_skipped,
+                       "transferred_MiB": st.bytes_transferred / 2**20}
+    return r
+
+
 def engine(dev: torch.device, tmp: Path, small: bool, low: str) -> dict:
     from transformers import AutoTokenizer
 
@@ -313,6 +347,7 @@ def main() -> None:
         # budgets as shares of the dense size; the small model's embeddings take most of it
         low, mid = ("90%", "95%") if a.small else ("25%", "50%")
         section(out, "residency")(lambda: residency(dev, src, tmp, low, mid))
+        section(out, "moe")(lambda: moe(dev, tmp))
         if (tmp / "pack").exists():
             section(out, "cudnn_decode")(lambda: cudnn_decode(dev, tmp))
         if a.tokenizer and (tmp / "pack").exists():
