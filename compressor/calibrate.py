@@ -19,7 +19,7 @@ from . import layerwise
 from .activations import ActivationStore
 from .evaluate import make_windows, wikitext_articles
 
-LOGIT_CHUNK = 128  # positions per logits chunk in head_grad: bounds the [B, chunk, vocab] buffer
+LOGIT_FLOATS = 16 << 20  # logits per chunk in head_grad (64 MiB of float32): rows = this // vocab
 
 
 def calibration_ids(tokenizer, text: str, samples: int, seq_len: int, articles: str | None = None) -> torch.Tensor:
@@ -175,20 +175,24 @@ class LinearStats:
 
 
 def head_grad(sk, hidden: torch.Tensor, batch: layerwise.Batch) -> tuple[torch.Tensor, float]:
-    """Gradient of the summed next-token NLL w.r.t. the last layer's output [B, T, H], and that NLL."""
+    """Gradient of the summed next-token NLL w.r.t. the last layer's output [B, T, H], and that NLL.
+
+    The head runs over (sequence, position) rows in chunks of LOGIT_FLOATS // vocab rows, so the logits,
+    their log-softmax and their gradient stay bounded whatever the batch and the vocabulary (Gemma-3's
+    262k tokens: 64 rows, 64 MiB each)."""
     h = hidden.detach().requires_grad_(True)
-    targets = batch.input_ids[:, 1:].to(h.device)
+    targets = batch.input_ids[:, 1:].to(h.device).reshape(-1)
     total = 0.0
     with torch.enable_grad():
         normed = layerwise.final_hidden_fn(sk, h, batch)[:, :-1]
-        grad_normed = torch.zeros_like(normed)
-        for s in range(0, normed.shape[1], LOGIT_CHUNK):
-            part = normed[:, s:s + LOGIT_CHUNK].detach().requires_grad_(True)
-            logits = layerwise.logits(sk, part)
-            loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
-                                                     targets[:, s:s + LOGIT_CHUNK].reshape(-1), reduction="sum")
+        rows = normed.detach().reshape(-1, normed.shape[-1])
+        grad = torch.zeros_like(rows)
+        step = max(1, LOGIT_FLOATS // sk.model.get_output_embeddings().weight.shape[0])
+        for s in range(0, rows.shape[0], step):
+            part = rows[s:s + step].requires_grad_(True)
+            loss = torch.nn.functional.cross_entropy(layerwise.logits(sk, part), targets[s:s + step], reduction="sum")
             loss.backward()
-            grad_normed[:, s:s + LOGIT_CHUNK] = part.grad
+            grad[s:s + step] = part.grad
             total += loss.item()
-        normed.backward(grad_normed)
+        normed.backward(grad.reshape(normed.shape))
     return h.grad.detach(), total
