@@ -39,12 +39,15 @@ def calibration_ids(tokenizer, text: str, samples: int, seq_len: int, articles: 
 
 
 def plain(obj, memo: dict | None = None):
-    """Copy of obj with every tensor cloned out of inference mode (autograd may save it), sharing kept."""
+    """Copy of obj with every tensor cloned out of inference mode (autograd may save it), sharing kept.
+
+    `memo` maps id(original) -> (original, copy). Holding the original keeps its id from being reused
+    by a later tensor while the memo lives (ids are addresses: a freed tensor's id comes back)."""
     memo = {} if memo is None else memo
     if isinstance(obj, torch.Tensor):
         if id(obj) not in memo:
-            memo[id(obj)] = obj.clone()
-        return memo[id(obj)]
+            memo[id(obj)] = (obj, obj.clone())
+        return memo[id(obj)][1]
     if isinstance(obj, tuple):
         return tuple(plain(o, memo) for o in obj)
     if isinstance(obj, list):
@@ -68,11 +71,11 @@ class Stream:
 def embed_stream(sk, ids: torch.Tensor, chunk: int, store: ActivationStore) -> Stream:
     """Embed the calibration ids chunk by chunk; kwargs are plain tensors (usable under autograd)."""
     batches = []
-    memo: dict = {}
     for c in ids.split(chunk):
         h, b = layerwise.embed(sk, c)
         store.append(plain(h))
-        batches.append(layerwise.Batch(input_ids=b.input_ids, layer_kwargs=plain(b.layer_kwargs, memo)))
+        # one memo per chunk: the layers of a chunk share its rotary tables and masks, chunks share nothing
+        batches.append(layerwise.Batch(input_ids=b.input_ids, layer_kwargs=plain(b.layer_kwargs, {})))
     return Stream(store, batches)
 
 

@@ -223,3 +223,37 @@ def test_head_gradient_builds_no_weight_gradients(tiny):
     grad, nll = calibrate.head_grad(sk, hidden.clone(), batch)  # a normal tensor, as the store holds
     assert grad.shape == hidden.shape and grad.abs().sum() > 0 and nll > 0
     assert [n for n, p in sk.model.named_parameters() if p.grad is not None] == []
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+def test_embedded_chunks_keep_their_own_layer_kwargs(tiny, arch):
+    """Every chunk of the embedded calibration stream carries the rotary tables and masks of its own
+    forward, whatever Python does with the ids of the tensors of earlier chunks (they are addresses, and a
+    memo keyed by them once handed chunks the masks or rotary tables of another chunk, or of another
+    kind: a crash when shapes differed, silently wrong calibration when they did not)."""
+    from compressor import layerwise
+    from compressor.checkpoint import SourceCheckpoint
+    from ucformat.skeleton import Skeleton
+
+    path = tiny(arch)
+    ckpt = SourceCheckpoint(path)
+    sk = Skeleton(path)
+    sk.load({n: ckpt.get(n) for n in ckpt.nonlayer})
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 256, (16, 24), generator=g)
+    stream = calibrate.embed_stream(sk, ids, 2, ActivationStore(SpillBudget(1 << 30, Path("unused")), "t"))
+
+    def flat(obj):
+        if isinstance(obj, torch.Tensor):
+            return [obj]
+        if isinstance(obj, (tuple, list)):
+            return [t for o in obj for t in flat(o)]
+        if isinstance(obj, dict):
+            return [t for k in sorted(obj) for t in flat(obj[k])]
+        return []
+
+    for c, batch in zip(ids.split(2), stream.batches):
+        _, fresh = layerwise.embed(sk, c)
+        for got, want in zip(batch.layer_kwargs, fresh.layer_kwargs):
+            a, b = flat(got), flat(want)
+            assert len(a) == len(b) and all(x.shape == y.shape and torch.equal(x, y) for x, y in zip(a, b))
