@@ -189,22 +189,16 @@ def cudnn_decode(dev: torch.device, tmp: Path) -> dict:
 
 def moe(dev: torch.device, tmp: Path) -> dict:
     import ucformat
-    from compressor.config import PackConfig
-    from compressor.pack import pack
-    from transformers import AutoModelForCausalLM, Qwen3MoeConfig
+    from bench.moe_stream import SHAPE, build
 
-    cfg = Qwen3MoeConfig(vocab_size=4096, hidden_size=256, intermediate_size=512, moe_intermediate_size=128,
-                         num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, head_dim=64, num_experts=16,
-                         num_experts_per_tok=2, decoder_sparse_step=1, mlp_only_layers=[], tie_word_embeddings=True)
-    torch.manual_seed(0)
-    AutoModelForCausalLM.from_config(cfg).to(torch.bfloat16).save_pretrained(tmp / "moe-src")
-    pack(tmp / "moe-src", tmp / "moe", PackConfig(bits=4, codec="uniform", device=dev.type), progress=False)
-    full = ucformat.plan(tmp / "moe", device=dev.type, residency="stream", vram_budget="100%")
-    floor = full.nonlayer_bytes + max(pl.dense_bytes for pl in full.layers)
-    ids = torch.randint(0, 4096, (2, 12), device=dev)
+    shape = {**SHAPE, "hidden_size": 256, "moe_intermediate_size": 128, "num_hidden_layers": 4, "num_attention_heads": 4,
+             "num_key_value_heads": 2, "num_experts": 16, "num_experts_per_tok": 2}
+    p = build(tmp / "moe", shape, dev.type)
+    floor = ucformat.plan(p, device=dev.type, residency="stream", vram_budget="100%").min_stream_bytes
+    ids = torch.randint(0, shape["vocab_size"], (2, 12), device=dev)
     r, ref = {}, None
     for mode, budget in (("dense", None), ("packed", None), ("stream", floor)):
-        m = ucformat.load(tmp / "moe", device=dev.type, residency=mode, vram_budget=budget)
+        m = ucformat.load(p, device=dev.type, residency=mode, vram_budget=budget)
         with torch.inference_mode():
             logits = m(ids).logits.float()
             logits_1 = m(ids[:, :1]).logits.float()  # one token per row: few experts

@@ -33,13 +33,14 @@ SHAPE = dict(vocab_size=8192, hidden_size=512, intermediate_size=1024, moe_inter
              decoder_sparse_step=1, mlp_only_layers=[], max_position_embeddings=1024, tie_word_embeddings=True)
 
 
-def build(root: Path) -> Path:
+def build(root: Path, shape: dict = SHAPE, device: str = "cpu") -> Path:
+    """A random Qwen3-MoE checkpoint of `shape` (bf16) under root/src, packed 4-bit uniform into root/pack."""
     from transformers import AutoModelForCausalLM, Qwen3MoeConfig
 
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(Qwen3MoeConfig(**SHAPE)).to(torch.bfloat16)
+    model = AutoModelForCausalLM.from_config(Qwen3MoeConfig(**shape)).to(torch.bfloat16)
     model.save_pretrained(root / "src")
-    pack(root / "src", root / "pack", PackConfig(bits=4, codec="uniform"), progress=False)
+    pack(root / "src", root / "pack", PackConfig(bits=4, codec="uniform", device=device), progress=False)
     return root / "pack"
 
 
@@ -72,7 +73,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as d:
         p = build(Path(d))
         full = plan(p, device=a.device, residency="stream", vram_budget="100%")
-        floor = full.nonlayer_bytes + max(pl.dense_bytes for pl in full.layers)
+        floor = full.min_stream_bytes
         rows = []
         for mode, budget in (("packed", None), ("stream", floor)):
             for per_expert in (True, False):

@@ -26,9 +26,7 @@ sys.path.insert(0, str(ROOT))
 
 from bench.report import machine, table, write_section  # noqa: E402
 from compressor.fetch import fetch_model  # noqa: E402
-from ucformat.reader import PackReader  # noqa: E402
-from ucformat.residency import layer_sizes  # noqa: E402
-from ucformat.runtime import default_dtype, plan  # noqa: E402
+from ucformat.runtime import plan  # noqa: E402
 from ucformat.speed import measure  # noqa: E402
 
 # (mode, budget, prefetch, cold): cold rows drop the layer files from the page cache before every forward
@@ -53,7 +51,7 @@ def main() -> None:
         if not (pack / "manifest.json").exists():
             subprocess.run([sys.executable, "-m", "uc", "pack", str(src), str(pack), "--bits", str(a.bits), "--resume",
                             "-q"], check=True)
-        floor = _floor(pack, a.device)
+        floor = plan(pack, device=a.device, residency="dense").min_stream_bytes
         for mode, budget, prefetch, cold in ROWS:
             label, vram = budget, budget
             if budget is not None:
@@ -114,12 +112,6 @@ def _targets(rows: list[dict]) -> list[str]:
         out.append(f"- {m}: stream 25%, cold page cache, prefetch / no prefetch = {c25 / c25n:.2f} (target: visibly > 1): "
                    f"**{'met' if c25 > 1.05 * c25n else 'missed'}**")
     return out
-
-
-def _floor(pack: Path, device: str) -> int:
-    """The smallest stream budget: non-layer weights + the largest layer, in the compute dtype."""
-    nonlayer, sizes = layer_sizes(PackReader(pack, check_hashes=False), default_dtype(device))
-    return nonlayer + max(d for d, _ in sizes)
 
 
 if __name__ == "__main__":

@@ -51,7 +51,7 @@ def test_modes_are_bitwise_equal_and_match_reference(arch, packs, tmp_path):
     for mode, budget in MODES:
         if budget == "1B":  # the floor: every layer streamed
             full = ucformat.plan(p, residency="stream", vram_budget="100%")
-            budget = full.nonlayer_bytes + max(pl.dense_bytes for pl in full.layers)
+            budget = full.min_stream_bytes
         model = ucformat.load(p, residency=mode, vram_budget=budget)
         results[(mode, budget)] = _run(model, ids)
         s = model.uc_runtime.stats()
@@ -74,7 +74,7 @@ def test_moe_experts_are_reconstructed_one_by_one(arch, mode, budget, packs):
     p = packs[arch]
     if budget == "1%":  # the floor: every layer streamed
         full = ucformat.plan(p, residency="stream", vram_budget="100%")
-        budget = full.nonlayer_bytes + max(pl.dense_bytes for pl in full.layers)
+        budget = full.min_stream_bytes
     model = ucformat.load(p, residency=mode, vram_budget=budget)
     rt = model.uc_runtime
     before = rt.stats()

@@ -70,6 +70,11 @@ class ResidencyPlan:
         return sum(p.packed_bytes for p in self.layers if p.where == "host")
 
     @property
+    def min_stream_bytes(self) -> int:
+        """The smallest budget `stream` accepts: non-layer weights plus the largest layer being computed."""
+        return self.nonlayer_bytes + max((p.dense_bytes for p in self.layers), default=0)
+
+    @property
     def dense_model_bytes(self) -> int:
         return self.nonlayer_bytes + sum(p.dense_bytes for p in self.layers)
 

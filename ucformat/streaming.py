@@ -95,7 +95,7 @@ class Runtime:
         self._ahead: set[int] = set()  # CPU: layers whose read-ahead was requested
         self._side = torch.cuda.Stream(self.device) if self.cuda else None
         self._groups: dict[int, list[moe.ExpertGroup]] = {}  # non-dense MoE layers streamed per expert
-        self._expert_names: dict[int, set[str]] = {}
+        self._layer_only: dict[int, list[str]] = {}  # MoE layers streamed per expert: the names the layer attaches
         self._experts_built = self._experts_skipped = 0
 
         self._add(sum(_nbytes(t) for t in self._attach_nonlayer()))
@@ -175,8 +175,7 @@ class Runtime:
 
     def _layer_names(self, index: int) -> list[str] | None:
         """The names a layer's pre-hook attaches: all (None), or all but the per-expert ones."""
-        skip = self._expert_names.get(index)
-        return None if not skip else [n for n in self.reader.layer_tensor_names(index) if n not in skip]
+        return self._layer_only.get(index)
 
     def _materialize(self, index: int):
         """Stored parts -> reconstructed tensors on the device. Runs on the prefetch thread (CUDA) or inline."""
@@ -204,7 +203,8 @@ class Runtime:
         if not groups:
             return
         self._groups[index] = groups
-        self._expert_names[index] = set().union(*(g.names() for g in groups))
+        per_expert = set().union(*(g.names() for g in groups))
+        self._layer_only[index] = [n for n in self.reader.layer_tensor_names(index) if n not in per_expert]
         for g in groups:
             g.module.register_forward_pre_hook(self._make_expert_pre(index, g), with_kwargs=True)
             g.module.register_forward_hook(self._make_expert_post(g))
@@ -213,7 +213,7 @@ class Runtime:
         """Checkpoint names that are module parameters one to one are attached by assignment (fast);
         layers whose weights transformers converts on load (renamed, or fused MoE experts not streamed
         per expert) go through the skeleton."""
-        names = self._layer_names(index) or self.reader.layer_tensor_names(index)
+        names = self._layer_only.get(index, self.reader.layer_tensor_names(index))
         params = dict(self.sk.model.named_parameters())
         fused = {id(p) for g in self._groups.get(index, []) for p in g.meta.values()}
         prefix = self.reader.manifest.layer_prefix + f"{index}."
