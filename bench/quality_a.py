@@ -37,15 +37,17 @@ HQQ_BITS = (3, 4, 5)
 GGUF_TYPES = ("Q4_0", "Q5_0", "Q8_0")
 UNIFORM_BITS = (3, 4, 5)
 # Ablation on SmolLM2 at 5 bpw: each row adds one thing to the one above (ranks are fixed per row).
+NO_E2E = ["--e2e-steps", "0"]
 ABLATION = [
     ("codec only (GSQ, data-free allocation)", ["--target-bpw", "5"]),
-    ("+ calibration: GPTQ rounding, Fisher-weighted allocation", ["--target-bpw", "5", *CALIB, "--steps", "0", "--max-rank", "0"]),
-    ("+ low-rank r=16, SVD init", ["--target-bpw", "5", *CALIB, "--steps", "0", "--rank", "16"]),
-    ("+ distillation (200 steps, online), r=16", ["--target-bpw", "5", *CALIB, "--rank", "16"]),
-    ("  same, teacher-forced inputs", ["--target-bpw", "5", *CALIB, "--rank", "16", "--inputs", "teacher"]),
-    ("  same (online), r=8", ["--target-bpw", "5", *CALIB, "--rank", "8"]),
-    ("  same (online), r=32", ["--target-bpw", "5", *CALIB, "--rank", "32"]),
-    ("  distillation, ranks chosen by the allocator (default)", ["--target-bpw", "5", *CALIB]),
+    ("+ calibration: GPTQ rounding, Fisher-weighted allocation", ["--target-bpw", "5", *CALIB, "--max-rank", "0", *NO_E2E]),
+    ("+ low-rank r=16, SVD init", ["--target-bpw", "5", *CALIB, "--rank", "16", *NO_E2E]),
+    ("+ per-layer distillation (200 steps, online), r=16", ["--target-bpw", "5", *CALIB, "--rank", "16", "--steps", "200", *NO_E2E]),
+    ("  same, teacher-forced inputs", ["--target-bpw", "5", *CALIB, "--rank", "16", "--steps", "200", "--inputs", "teacher", *NO_E2E]),
+    ("  same (online), r=8", ["--target-bpw", "5", *CALIB, "--rank", "8", "--steps", "200", *NO_E2E]),
+    ("  same (online), r=32", ["--target-bpw", "5", *CALIB, "--rank", "32", "--steps", "200", *NO_E2E]),
+    ("GPTQ + end-to-end distillation (100 steps), no low-rank", ["--target-bpw", "5", *CALIB, "--max-rank", "0"]),
+    ("GPTQ + end-to-end distillation, ranks chosen by the allocator (default)", ["--target-bpw", "5", *CALIB]),
 ]
 
 

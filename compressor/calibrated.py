@@ -30,7 +30,7 @@ from ucformat import qtensor
 from ucformat.manifest import TensorEntry, atomic_write_bytes
 from ucformat.skeleton import Skeleton
 
-from . import allocate, calibrate, codecs, distill, lowrank, overlay
+from . import allocate, calibrate, codecs, distill, finetune, lowrank, overlay
 from .activations import ActivationStore, SpillBudget
 from .checkpoint import SourceCheckpoint, nonlayer_state_dict
 from .config import PackConfig
@@ -52,6 +52,7 @@ class CalibReport:
     plan: dict = field(default_factory=dict)  # tensor -> [bits, rank, overlay rows]
     activation_peak_bytes: int = 0
     spilled_bytes: int = 0
+    e2e: dict = field(default_factory=dict)  # end-to-end distillation: KL before/after, kept, steps, seconds
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -344,6 +345,62 @@ class CalibratedLayers:
         self.sk.unload_layer(i)
         self.report.activation_peak_bytes = self.budget.peak
         self.report.spilled_bytes = self.budget.spilled_bytes
+
+    # -- end-to-end ---------------------------------------------------------------------------------------
+    def finetune(self, read_layer, write_layer) -> None:
+        """End-to-end distillation of every finished layer (finetune.py), which are then written again.
+
+        read_layer(i) -> layer i's tensors as stored; write_layer(i, tensors) stores them. Runs once: a marker
+        under the work directory makes a resumed pack skip it when it had completed."""
+        c = self.cfg.calib
+        if not self.has_data or c.e2e_steps <= 0:
+            return
+        marker = self.work / "e2e.json"
+        if marker.is_file():
+            self.report.e2e = json.loads(marker.read_text())
+            return
+        t0 = time.perf_counter()
+        layers = [read_layer(i) for i in range(self.ckpt.num_layers)]
+        numel = sum(t.numel() for tensors in layers for t in tensors.values() if isinstance(t, qtensor.QuantizedTensor))
+        ok, need, free = finetune.fits(numel, self.device)
+        if not ok:
+            why = f"needs about {need / 2**30:.1f} GiB, {free / 2**30:.1f} GiB available"
+            log.warning("end-to-end distillation skipped: it %s (--e2e-steps 0 silences this)", why)
+            self.report.e2e = {"skipped": why}
+            return
+        teacher = torch.cat([calibrate.layerwise.final_hidden(self.sk, h, b) for h, b in self.x_fp.chunks()])
+        root = next(n for n, m in self.sk.model.named_modules() if m is self.sk.layers)
+        qweights, param_names = {}, {}
+        for i, tensors in enumerate(layers):
+            prefix = f"{self.ckpt.layer_prefix}{i}."
+            self.sk.load({n: t for n, t in tensors.items() if not isinstance(t, qtensor.QuantizedTensor)})
+            lin = calibrate.linear_modules(self.sk.layers[i], list(tensors), prefix)
+            for n, q in finetune.from_stored(tensors, self.device).items():
+                if n in lin:
+                    qweights[n], param_names[n] = q, f"{root}.{i}.{lin[n]}.weight"
+            fixed = {n: qtensor.dequantize(t, torch.float32) for n, t in tensors.items()
+                     if isinstance(t, qtensor.QuantizedTensor) and n not in qweights}
+            if fixed:
+                self.sk.load(fixed)
+        bar = tqdm(total=c.e2e_steps, desc="end-to-end", unit="step", disable=not self.progress)
+
+        def progress(step: int, kl: float) -> None:
+            bar.update(1)
+            bar.set_postfix(kl=f"{kl:.4f}")
+
+        r = finetune.finetune(self.sk, qweights, param_names, self.ids.to(self.device), teacher, c, progress)
+        bar.close()
+        log.info("end-to-end distillation: held-out KL %.4g -> %.4g%s", r.kl_before, r.kl_after,
+                 "" if r.kept else " (not kept)")
+        for i, tensors in enumerate(layers):
+            if r.kept:
+                tensors = {n: (qweights[n].freeze() if n in qweights else t) for n, t in tensors.items()}
+                write_layer(i, tensors)
+            self.sk.unload_layer(i)
+        self.report.e2e = {"kl_before": r.kl_before, "kl_after": r.kl_after, "kept": r.kept, "steps": r.steps,
+                           "seconds": time.perf_counter() - t0}
+        self.report.seconds["e2e"] = self.report.e2e["seconds"]
+        atomic_write_bytes(marker, json.dumps(self.report.e2e).encode())
 
     def close(self) -> None:
         self.budget.cleanup()

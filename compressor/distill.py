@@ -45,7 +45,7 @@ class DistillResult:
     seconds: float
 
 
-class _Trainable:
+class Trainable:
     """The trainable tensors of one QWeight and how to rebuild its weight from them."""
 
     def __init__(self, q: QWeight, cfg: CalibConfig) -> None:
@@ -125,7 +125,7 @@ def distill(layer: torch.nn.Module, index: int, qweights: dict[str, QWeight], x_
     if steps <= 0:
         return DistillResult(before, before, False, 0, time.perf_counter() - t0)
     saved = {k: (q.scales, q.grid, q.u, q.v) for k, q in qweights.items()}
-    train = {k: _Trainable(q, cfg) for k, q in qweights.items()}
+    train = {k: Trainable(q, cfg) for k, q in qweights.items()}
     groups = [g for t in train.values() for g in t.groups(cfg.lr)]
     if not groups:
         return DistillResult(before, before, False, 0, time.perf_counter() - t0)

@@ -109,6 +109,10 @@ def pack(src: str | Path, dst: str | Path, cfg: PackConfig = PackConfig(), resum
             write(rel, {n: plain(n) for n in ckpt.layers[i]})
         ckpt.release()  # unmap what this layer touched, so resident memory stays about one layer
     bar.close()
+    if calibrated is not None:
+        calibrated.finetune(
+            lambda i: read_stored_layer(dst / layer_file(i), {n: e for n, e in writer.tensors.items() if e.file == layer_file(i)}),
+            lambda i, tensors: write(layer_file(i), tensors))
 
     stats = pack_stats(writer.tensors, writer.files, ckpt.total_bytes())
     quant = {"codec": cfg.codec, "bits": cfg.bits, "block_size": cfg.block_size}

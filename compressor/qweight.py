@@ -55,13 +55,14 @@ class QWeight:
         scales = self.scales if scales is None else scales
         grid = self.grid if grid is None else grid
         rows, cols = self.shape
-        if self._flat is None or self._flat.device != self.codes.device:
-            self._flat = self.codes.reshape(-1).long()
         if grid.requires_grad:
+            if self._flat is None or self._flat.device != self.codes.device:
+                self._flat = self.codes.reshape(-1).long()
             levels = _Lookup.apply(grid, self._flat).reshape(rows, cols).to(dtype)
         else:  # a fixed grid: the levels are computed once and kept while the grid object is the same
             if self._levels is None or self._levels[0] is not grid or self._levels[1].dtype != dtype:
-                self._levels = (grid, torch.index_select(grid, 0, self._flat).reshape(rows, cols).to(dtype))
+                flat = self.codes.reshape(-1).long()
+                self._levels = (grid, torch.index_select(grid, 0, flat).reshape(rows, cols).to(dtype))
             levels = self._levels[1]
         nb, bs = scales.shape[1], self.block_size
         if nb * bs != cols:
@@ -78,6 +79,24 @@ class QWeight:
         if u is not None:
             w = w + (u @ v).to(dtype)
         return w
+
+    @classmethod
+    def from_stored(cls, q: QuantizedTensor, device: str | torch.device = "cpu") -> "QWeight":
+        """The working form of a stored 2-D weight (inverse of freeze: freeze(from_stored(q)) == q)."""
+        if len(q.shape) != 2:
+            raise ValueError(f"QWeight holds 2-D weights, got shape {q.shape}")
+        rows, cols = q.shape
+        codes = bitpack.unpack(q.codes, q.bits, cols).reshape(rows, cols)
+        u = v = None
+        if q.lr_uq is not None:
+            u, v = overlay_values(q.lr_uq, q.lr_us), overlay_values(q.lr_vq, q.lr_vs)
+        elif q.lr_u is not None:
+            u, v = q.lr_u.float(), q.lr_v.float()
+        ov_rows = None if q.ov_rows is None else q.ov_rows.long()
+        t = lambda x: None if x is None else x.to(device)  # noqa: E731
+        return cls(bits=q.bits, block_size=q.block_size, codes=t(codes), scales=t(q.scales.float()),
+                   grid=t(q.grid.float()), u=t(u), v=t(v), lowrank_dtype=q.lowrank_dtype,
+                   ov_rows=t(ov_rows), ov_q=t(q.ov_q), ov_s=t(q.ov_s))
 
     def freeze(self) -> QuantizedTensor:
         """Round to the stored dtypes; the result reconstructs (qtensor.dequantize) to what it stores."""

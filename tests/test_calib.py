@@ -50,7 +50,7 @@ def tiny(tmp_path_factory):
     return get
 
 
-CAL = dict(file=str(WIKITEXT), articles="1-16", samples=6, seq_len=32, steps=4, fisher_samples=4)
+CAL = dict(file=str(WIKITEXT), articles="1-16", samples=6, seq_len=32, steps=4, fisher_samples=4, e2e_steps=2)
 
 
 def test_calibration_ids_are_spread_and_deterministic(tiny):
@@ -111,8 +111,9 @@ def test_spilling_activations_changes_nothing(tiny, tmp_path):
 
 def test_online_and_teacher_inputs_differ(tiny, tmp_path):
     a, b = tmp_path / "online", tmp_path / "teacher"
-    pack(tiny(), a, build_config(bits=3, block_size=32, **CAL), progress=False)
-    pack(tiny(), b, build_config(bits=3, block_size=32, **{**CAL, "inputs": "teacher"}), progress=False)
+    cal = {**CAL, "e2e_steps": 0}  # the end-to-end stage would rewrite layer 0 after the layers that differ
+    pack(tiny(), a, build_config(bits=3, block_size=32, **cal), progress=False)
+    pack(tiny(), b, build_config(bits=3, block_size=32, **{**cal, "inputs": "teacher"}), progress=False)
     fa, fb = _files(a), _files(b)
     assert fa["layers/layer-00000.safetensors"] == fb["layers/layer-00000.safetensors"]  # same inputs at layer 0
     assert fa["layers/layer-00001.safetensors"] != fb["layers/layer-00001.safetensors"]
@@ -262,3 +263,65 @@ def test_embedded_chunks_keep_their_own_layer_kwargs(tiny, arch):
         for got, want in zip(batch.layer_kwargs, fresh.layer_kwargs):
             a, b = flat(got), flat(want)
             assert len(a) == len(b) and all(x.shape == y.shape and torch.equal(x, y) for x, y in zip(a, b))
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+def test_end_to_end_distillation_lowers_the_held_out_kl(tiny, tmp_path, arch):
+    """The e2e stage tunes every layer against the logits, keeps the result only if the held-out KL fell,
+    and rewrites the layers it changed (the pack still verifies and the bits are unchanged)."""
+    cal = {**CAL, "samples": 8, "steps": 0}
+    src = tiny(arch, initializer_range=0.3)  # sharp next-token distributions: a random tiny model's are flat
+    a = pack(src, tmp_path / "a", build_config(target_bpw=3.0, block_size=32, **{**cal, "e2e_steps": 0}), progress=False)
+    b = pack(src, tmp_path / "b", build_config(target_bpw=3.0, block_size=32, **{**cal, "e2e_steps": 8}), progress=False)
+    e = b.calib["e2e"]
+    assert a.calib["e2e"] == {} and e["steps"] == 8 and e["kept"]
+    assert e["kl_after"] < e["kl_before"]
+    assert b.stats["bpw_allin"] == a.stats["bpw_allin"]
+    assert all(err is None for _, err in verify(PackReader(tmp_path / "b"), deep=True))
+    fa, fb = _files(tmp_path / "a"), _files(tmp_path / "b")
+    assert fa["layers/layer-00000.safetensors"] != fb["layers/layer-00000.safetensors"]
+
+
+def test_end_to_end_distillation_resumes(tiny, tmp_path, monkeypatch):
+    """Interrupted in the e2e stage, a resumed pack redoes it from the stored layers and ends as an
+    uninterrupted run; interrupted after it, the resumed pack does not run it again."""
+    from compressor import finetune
+
+    cfg = build_config(target_bpw=4.0, block_size=32, **{**CAL, "samples": 8, "steps": 0, "e2e_steps": 4})
+    pack(tiny(), tmp_path / "ref", cfg, progress=False)
+    real = finetune.finetune
+    monkeypatch.setattr(finetune, "finetune", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
+    with pytest.raises(KeyboardInterrupt):
+        pack(tiny(), tmp_path / "p", cfg, progress=False)
+    monkeypatch.setattr(finetune, "finetune", real)
+    r = pack(tiny(), tmp_path / "p", cfg, resume=True, progress=False)
+    assert r.layers_resumed == 2 and r.calib["e2e"]["steps"] == 4
+    assert _files(tmp_path / "p") == _files(tmp_path / "ref")
+
+    from ucformat.writer import PackWriter
+
+    real_finish = PackWriter.finish
+    monkeypatch.setattr(PackWriter, "finish", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
+    with pytest.raises(KeyboardInterrupt):
+        pack(tiny(), tmp_path / "q", cfg, progress=False)
+    monkeypatch.setattr(PackWriter, "finish", real_finish)
+    monkeypatch.setattr(finetune, "finetune", lambda *a, **k: pytest.fail("e2e ran twice"))
+    r = pack(tiny(), tmp_path / "q", cfg, resume=True, progress=False)
+    assert r.calib["e2e"]["steps"] == 4
+    assert _files(tmp_path / "q") == _files(tmp_path / "ref")
+
+
+def test_stored_weight_round_trips_through_qweight():
+    from compressor.qweight import QWeight, int8_rows, quantize_matrix
+
+    w = torch.randn(24, 80, generator=torch.Generator().manual_seed(0))
+    q = quantize_matrix(w, 3, 32, "gsq")
+    q.u, q.v = torch.randn(24, 2), torch.randn(2, 80)
+    q.ov_rows = torch.tensor([1, 5])
+    q.ov_q, q.ov_s = int8_rows(w[[1, 5]])
+    for dtype in ("int8", "float16"):
+        q.lowrank_dtype = dtype
+        stored = q.freeze()
+        again = QWeight.from_stored(stored).freeze()
+        assert stored.parts().keys() == again.parts().keys()
+        assert all(torch.equal(x, again.parts()[k]) for k, x in stored.parts().items())

@@ -43,8 +43,8 @@ def cmd_pack(a) -> int:
         quantize_embeddings=a.quantize_embeddings or None, target_bpw=a.target_bpw, rank=a.rank, max_rank=a.max_rank,
         lowrank_dtype=a.lowrank_dtype, overlay=a.overlay, file=a.calib, articles=a.calib_articles,
         samples=a.calib_samples, seq_len=a.calib_len, inputs=a.inputs, steps=a.steps, lr=a.lr,
-        refine_scales=a.refine_scales, refine_grid=a.refine_grid, gptq=a.gptq, bf16=a.bf16, fisher_samples=a.fisher_samples,
-        spill_mb=a.spill_mb)
+        refine_scales=a.refine_scales, refine_grid=a.refine_grid, e2e_steps=a.e2e_steps, e2e_lr=a.e2e_lr,
+        gptq=a.gptq, bf16=a.bf16, fisher_samples=a.fisher_samples, spill_mb=a.spill_mb)
     r = pack(a.src, a.dst, cfg, resume=a.resume, progress=not a.quiet)
     s = r.stats
     if a.json:
@@ -218,6 +218,10 @@ def build_parser() -> argparse.ArgumentParser:
                    f"compressed model's (online) or the original's (teacher) (default {C.inputs})")
     g.add_argument("--steps", type=int, help=f"distillation Adam steps per layer, 0 = none (default {C.steps})")
     g.add_argument("--lr", type=float, help=f"distillation learning rate (default {C.lr})")
+    g.add_argument("--e2e-steps", type=int, help="end-to-end distillation after the last layer: Adam steps of "
+                   f"4 sequences tuning every layer's scales and factors against the original model's next-token "
+                   f"distribution; holds the whole model in memory, 0 = none (default {C.e2e_steps})")
+    g.add_argument("--e2e-lr", type=float, help=f"end-to-end distillation learning rate (default {C.e2e_lr})")
     g.add_argument("--no-refine-scales", dest="refine_scales", action="store_const", const=False,
                    help="distillation keeps the block scales")
     g.add_argument("--refine-grid", dest="refine_grid", action="store_const", const=True,
