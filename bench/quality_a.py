@@ -215,7 +215,10 @@ def main() -> None:
 
 
 def _fmt(r: dict) -> list:
-    label = {"ours": f"ours, --target-bpw {r['setting']}", "uniform": f"uniform (round-to-nearest), {r['setting']}-bit",
+    ours = f"ours, --target-bpw {r['setting']}"
+    if r["method"] == "ours" and "e2e" not in (r.get("calib") or {}):  # packed before the end-to-end stage existed
+        ours += " (earlier recipe \\*)"
+    label = {"ours": ours, "uniform": f"uniform (round-to-nearest), {r['setting']}-bit",
              "hqq": f"HQQ {r['setting']}-bit, group 64", "gguf": f"GGUF {r['setting']}"}.get(r["method"], r["setting"])
     return [label, f"{r['bpw_allin']:.3f}", f"{r['ppl']:.3f}", f"{r['ppl_ratio']:.4f}", f"{r['top1_agreement']:.1%}",
             f"{r['pack_seconds']:.0f}", f"{r['peak_rss_bytes'] / 2**20:.0f} MiB"]
@@ -236,8 +239,13 @@ def write_docs(rows: list[dict], a) -> None:
         "evaluation), every other setting at its default. bpw_allin counts every stored bit of the quantized "
         "linears (codes, fp16 scales, grids, low-rank factors, overlay rows); HQQ counts its fp16 scale and zero "
         "per 64 weights, GGUF its block bytes. Pack time and peak RSS are those of the compressing process "
-        "(HQQ/GGUF: quantization only; RSS includes Python, torch and transformers).",
+        "(HQQ/GGUF: quantization only; RSS includes Python, torch and transformers). The default recipe: GPTQ "
+        "rounding, bits/ranks/overlay rows allocated under the budget with Fisher-weighted losses, then 100 steps "
+        "of end-to-end distillation (KL to the original model's next-token distribution).",
     ]
+    if any(r["method"] == "ours" and "e2e" not in (r.get("calib") or {}) for r in rows):
+        body.append("\\* packed with the earlier default recipe (per-layer distillation, 200 steps a layer, no "
+                    "end-to-end stage), before it changed; not yet re-packed.")
     for model in dict.fromkeys(r["model"] for r in rows):
         mine = sorted((r for r in rows if r["model"] == model and r["method"] in order),
                       key=lambda r: (order[r["method"]], float(r["bpw_allin"])))

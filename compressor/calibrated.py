@@ -1,5 +1,5 @@
 """The calibrated `uc pack` pipeline: streamed activations, allocation, GPTQ rounding, overlays, low-rank
-factors and per-layer distillation, one decoder layer at a time.
+factors and per-layer distillation, one decoder layer at a time; then end-to-end distillation.
 
   prepare   one pass over the fp model: with a bit budget, profile every linear at every code width
             (GPTQ rounding on a sample of rows); with calibration data, one streamed backward pass
@@ -10,6 +10,8 @@ factors and per-layer distillation, one decoder layer at a time.
             its plan; distill the layer; the online stream continues with exactly the stored weights.
   skip      a layer already in the pack (resume): both streams advance through it (fp weights for the
             teacher, the stored weights for the student), so the run continues as if never stopped.
+  finetune  after the last layer: end-to-end distillation of every stored layer against the teacher's
+            final hidden states (the fp stream's end), then the layers are written again (finetune.py).
 """
 
 from __future__ import annotations

@@ -29,6 +29,7 @@ class CalibConfig:
     refine_grid: bool = False  # ... and the grid (measured: no gain over scales alone, so off)
     e2e_steps: int = 100  # end-to-end distillation steps (all layers, KL on the logits) after the last layer
     e2e_lr: float = 1e-3  # its Adam learning rate, relative as for per-layer distillation
+    e2e_topk: int = 0  # KL over the teacher's k most likely tokens per position (0: the whole vocabulary)
     gptq: bool = True  # choose codes by activation-aware error feedback (GPTQ-style), not nearest level
     bf16: bool = True  # distillation steps under bfloat16 autocast where the hardware has it (checks stay fp32)
     fisher_samples: int = 4  # sequences whose loss gradients weight the allocation (0: activations only)
@@ -40,7 +41,7 @@ class CalibConfig:
             raise ValueError(f"--inputs must be one of {', '.join(INPUT_MODES)}, got {self.inputs!r}")
         if self.samples < 1 or self.seq_len < 8:
             raise ValueError(f"--calib-samples must be >= 1 and --calib-len >= 8, got {self.samples}, {self.seq_len}")
-        if self.steps < 0 or self.e2e_steps < 0 or self.fisher_samples < 0 or self.spill_mb < 0:
+        if self.steps < 0 or self.e2e_steps < 0 or self.e2e_topk < 0 or self.fisher_samples < 0 or self.spill_mb < 0:
             raise ValueError("--steps, --e2e-steps, --fisher-samples and --spill-mb must be >= 0")
 
 

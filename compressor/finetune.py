@@ -77,12 +77,18 @@ def _mem_available() -> int:
 
 class _Head:
     """Student final hidden states (input of the output embedding) from a whole-model forward with the
-    quantized linears' weights supplied, and the chunked KL against the teacher's."""
+    quantized linears' weights supplied, and the chunked KL against the teacher's.
 
-    def __init__(self, sk: Skeleton) -> None:
+    With topk > 0 the KL is taken over each position's k most likely tokens under the teacher, both
+    distributions renormalised over them: the head then costs k columns per position instead of the whole
+    vocabulary (Gemma-3's 262k-token head is most of that model's arithmetic)."""
+
+    def __init__(self, sk: Skeleton, topk: int) -> None:
         self.sk = sk
         self.head = sk.model.get_output_embeddings()
-        self.rows = max(1, LOGIT_FLOATS // self.head.weight.shape[0])
+        vocab, hidden = self.head.weight.shape
+        self.topk = min(topk, vocab)
+        self.rows = max(1, LOGIT_FLOATS // (self.topk * hidden if self.topk else vocab))
 
     def student_hidden(self, ids: torch.Tensor, weights: dict[str, torch.Tensor]) -> torch.Tensor:
         caught: list[torch.Tensor] = []
@@ -101,20 +107,47 @@ class _Head:
             handle.remove()
         return caught[0]
 
-    def kl(self, student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
-        """Mean over positions of KL(teacher || student); hidden states [B, T, H]. Logits are built chunk by
-        chunk and recomputed in backward (never all of them at once)."""
+    @torch.no_grad()
+    def targets(self, teacher: torch.Tensor) -> list[torch.Tensor]:
+        """What the KL needs of the teacher, per sequence: its hidden states [N, T, H] (full KL), or the
+        top-k token ids [N, T, k] and the teacher's log-probs over them [N, T, k]."""
+        if not self.topk:
+            return [teacher]
+        flat = teacher.reshape(-1, teacher.shape[-1])
+        rows = max(1, LOGIT_FLOATS // self.head.weight.shape[0])
+        ids, logp = [], []
+        for a in range(0, flat.shape[0], rows):
+            v, i = layerwise.logits(self.sk, flat[a:a + rows].float()).topk(self.topk, -1)
+            ids.append(i)
+            logp.append(torch.log_softmax(v, -1))
+        shape = (*teacher.shape[:-1], self.topk)
+        return [torch.cat(ids).reshape(shape), torch.cat(logp).reshape(shape)]
+
+    def kl(self, student: torch.Tensor, target: list[torch.Tensor]) -> torch.Tensor:
+        """Mean over positions of KL(teacher || student); student hidden states [B, T, H], target as
+        `targets` gives it for the same sequences. Logits are built chunk by chunk and recomputed in
+        backward (never all of them at once)."""
         s = student.reshape(-1, student.shape[-1])
-        t = teacher.reshape(-1, teacher.shape[-1]).to(s.device)
+        t = [x.reshape(s.shape[0], -1).to(s.device) for x in target]
+        fn = self._kl_topk if self.topk else self._kl_full
         total = s.new_zeros((), dtype=torch.float32)
         for a in range(0, s.shape[0], self.rows):
-            total = total + checkpoint(self._kl_sum, s[a:a + self.rows], t[a:a + self.rows], use_reentrant=False)
+            total = total + checkpoint(fn, s[a:a + self.rows], *(x[a:a + self.rows] for x in t), use_reentrant=False)
         return total / s.shape[0]
 
-    def _kl_sum(self, s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    def _kl_full(self, s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         with torch.autocast(s.device.type, enabled=False):
             ls = torch.log_softmax(layerwise.logits(self.sk, s.float()), -1)
             lt = torch.log_softmax(layerwise.logits(self.sk, t.float()), -1)
+        return (lt.exp() * (lt - ls)).sum()
+
+    def _kl_topk(self, s: torch.Tensor, ids: torch.Tensor, lt: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(s.device.type, enabled=False):
+            w = self.head.weight[ids].float()  # [r, k, H]
+            lg = torch.einsum("rh,rkh->rk", s.float(), w)
+            if self.head.bias is not None:
+                lg = lg + self.head.bias[ids].float()
+            ls = torch.log_softmax(layerwise.softcap(self.sk, lg), -1)
         return (lt.exp() * (lt - ls)).sum()
 
 
@@ -128,7 +161,8 @@ def finetune(sk: Skeleton, qweights: dict[str, QWeight], param_names: dict[str, 
     n = ids.shape[0]
     held = min(CHECK_SEQUENCES, max(n - 1, 0))
     train_idx, check_idx = torch.arange(n - held), torch.arange(n - held, n)
-    head = _Head(sk)
+    head = _Head(sk, cfg.e2e_topk)
+    target = head.targets(teacher_hidden)
     device = next(iter(qweights.values())).codes.device
     autocast = cfg.bf16 and native_bf16(device)
 
@@ -137,7 +171,7 @@ def finetune(sk: Skeleton, qweights: dict[str, QWeight], param_names: dict[str, 
         weights = {param_names[k]: w for k, w in frozen_weights(qweights, device).items()}
         total = 0.0
         for rows in check_idx.split(E2E_BATCH):
-            total += head.kl(head.student_hidden(ids[rows], weights), teacher_hidden[rows]).item() * len(rows)
+            total += head.kl(head.student_hidden(ids[rows], weights), [t[rows] for t in target]).item() * len(rows)
         return total / max(len(check_idx), 1)
 
     before = check() if held else math.nan
@@ -159,7 +193,7 @@ def finetune(sk: Skeleton, qweights: dict[str, QWeight], param_names: dict[str, 
             g["lr"] = lr * (FINAL_LR + (1 - FINAL_LR) * frac)
         with torch.enable_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
             weights = {param_names[k]: tr.weight(dtype) for k, tr in train.items()}
-            loss = head.kl(head.student_hidden(ids[rows], weights), teacher_hidden[rows])
+            loss = head.kl(head.student_hidden(ids[rows], weights), [t[rows] for t in target])
             opt.zero_grad(set_to_none=True)
             loss.backward()
         opt.step()

@@ -108,8 +108,9 @@ def final_hidden_fn(sk: Skeleton, hidden: torch.Tensor, batch: Batch) -> torch.T
 
 def logits(sk: Skeleton, normed: torch.Tensor) -> torch.Tensor:
     """Logits for normed hidden states [..., H] (applies final logit soft-capping where the model has it)."""
-    out = sk.model.get_output_embeddings()(normed).float()
+    return softcap(sk, sk.model.get_output_embeddings()(normed).float())
+
+
+def softcap(sk: Skeleton, logits: torch.Tensor) -> torch.Tensor:
     cap = getattr(sk.model.config, "final_logit_softcapping", None)
-    if cap:
-        out = torch.tanh(out / cap) * cap
-    return out
+    return torch.tanh(logits / cap) * cap if cap else logits

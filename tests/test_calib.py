@@ -265,14 +265,15 @@ def test_embedded_chunks_keep_their_own_layer_kwargs(tiny, arch):
             assert len(a) == len(b) and all(x.shape == y.shape and torch.equal(x, y) for x, y in zip(a, b))
 
 
-@pytest.mark.parametrize("arch", ["llama", "gemma3"])
-def test_end_to_end_distillation_lowers_the_held_out_kl(tiny, tmp_path, arch):
+@pytest.mark.parametrize("arch,topk", [("llama", 0), ("gemma3", 0), ("llama", 16)])
+def test_end_to_end_distillation_lowers_the_held_out_kl(tiny, tmp_path, arch, topk):
     """The e2e stage tunes every layer against the logits, keeps the result only if the held-out KL fell,
     and rewrites the layers it changed (the pack still verifies and the bits are unchanged)."""
     cal = {**CAL, "samples": 8, "steps": 0}
     src = tiny(arch, initializer_range=0.3)  # sharp next-token distributions: a random tiny model's are flat
     a = pack(src, tmp_path / "a", build_config(target_bpw=3.0, block_size=32, **{**cal, "e2e_steps": 0}), progress=False)
-    b = pack(src, tmp_path / "b", build_config(target_bpw=3.0, block_size=32, **{**cal, "e2e_steps": 8}), progress=False)
+    b = pack(src, tmp_path / "b", build_config(target_bpw=3.0, block_size=32, **{**cal, "e2e_steps": 8, "e2e_topk": topk}),
+             progress=False)
     e = b.calib["e2e"]
     assert a.calib["e2e"] == {} and e["steps"] == 8 and e["kept"]
     assert e["kl_after"] < e["kl_before"]
@@ -325,3 +326,35 @@ def test_stored_weight_round_trips_through_qweight():
         again = QWeight.from_stored(stored).freeze()
         assert stored.parts().keys() == again.parts().keys()
         assert all(torch.equal(x, again.parts()[k]) for k, x in stored.parts().items())
+
+
+def test_end_to_end_distillation_is_skipped_when_the_model_does_not_fit(tiny, tmp_path, monkeypatch, caplog):
+    from compressor import finetune
+
+    monkeypatch.setattr(finetune, "_mem_available", lambda: 1 << 10)
+    cal = {**CAL, "samples": 8, "steps": 0, "e2e_steps": 4}
+    with caplog.at_level("WARNING"):
+        r = pack(tiny(), tmp_path / "p", build_config(target_bpw=4.0, block_size=32, **cal), progress=False)
+    assert "needs about" in r.calib["e2e"]["skipped"] and "end-to-end distillation skipped" in caplog.text
+    ref = pack(tiny(), tmp_path / "ref", build_config(target_bpw=4.0, block_size=32, **{**cal, "e2e_steps": 0}),
+               progress=False)
+    assert _files(tmp_path / "p") == _files(tmp_path / "ref")
+
+
+def test_top_k_kl_over_the_whole_vocabulary_is_the_full_kl(tiny):
+    from compressor import finetune
+    from compressor.checkpoint import SourceCheckpoint, nonlayer_state_dict
+    from ucformat.skeleton import Skeleton
+
+    src = tiny(initializer_range=0.3)
+    sk = Skeleton(src)
+    sk.load(nonlayer_state_dict(SourceCheckpoint(src)))
+    g = torch.Generator().manual_seed(0)
+    teacher, student = torch.randn(2, 5, 64, generator=g), torch.randn(2, 5, 64, generator=g)
+    full = finetune._Head(sk, 0)
+    whole = finetune._Head(sk, 256)  # the tiny vocabulary
+    some = finetune._Head(sk, 8)
+    assert whole.topk == 256
+    kl = full.kl(student, full.targets(teacher))
+    assert torch.allclose(kl, whole.kl(student, whole.targets(teacher)), rtol=1e-4)
+    assert 0 < some.kl(student, some.targets(teacher)) and full.kl(teacher, full.targets(teacher)).abs() < 1e-5

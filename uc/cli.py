@@ -44,7 +44,7 @@ def cmd_pack(a) -> int:
         lowrank_dtype=a.lowrank_dtype, overlay=a.overlay, file=a.calib, articles=a.calib_articles,
         samples=a.calib_samples, seq_len=a.calib_len, inputs=a.inputs, steps=a.steps, lr=a.lr,
         refine_scales=a.refine_scales, refine_grid=a.refine_grid, e2e_steps=a.e2e_steps, e2e_lr=a.e2e_lr,
-        gptq=a.gptq, bf16=a.bf16, fisher_samples=a.fisher_samples, spill_mb=a.spill_mb)
+        e2e_topk=a.e2e_topk, gptq=a.gptq, bf16=a.bf16, fisher_samples=a.fisher_samples, spill_mb=a.spill_mb)
     r = pack(a.src, a.dst, cfg, resume=a.resume, progress=not a.quiet)
     s = r.stats
     if a.json:
@@ -222,6 +222,8 @@ def build_parser() -> argparse.ArgumentParser:
                    f"4 sequences tuning every layer's scales and factors against the original model's next-token "
                    f"distribution; holds the whole model in memory, 0 = none (default {C.e2e_steps})")
     g.add_argument("--e2e-lr", type=float, help=f"end-to-end distillation learning rate (default {C.e2e_lr})")
+    g.add_argument("--e2e-topk", type=int, help="end-to-end KL over the original model's k most likely tokens per "
+                   f"position, both sides renormalised over them; 0 = the whole vocabulary (default {C.e2e_topk})")
     g.add_argument("--no-refine-scales", dest="refine_scales", action="store_const", const=False,
                    help="distillation keeps the block scales")
     g.add_argument("--refine-grid", dest="refine_grid", action="store_const", const=True,
