@@ -30,6 +30,7 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from ucformat.qtensor import QuantizedTensor
+from ucformat.residency import auto_budget
 from ucformat.skeleton import Skeleton
 
 from . import layerwise
@@ -56,23 +57,9 @@ class FinetuneResult:
 
 
 def fits(numel: int, device: torch.device) -> tuple[bool, int, int]:
-    """Whether the stage's working set for `numel` quantized weights fits the memory available now."""
-    need = numel * BYTES_PER_WEIGHT
-    if device.type == "cuda":
-        free = torch.cuda.mem_get_info(device)[0]
-    else:
-        free = _mem_available()
+    """Whether the stage's working set for `numel` quantized weights fits the memory free now."""
+    need, free = numel * BYTES_PER_WEIGHT, auto_budget(device, headroom=0.0)
     return need <= free, need, free
-
-
-def _mem_available() -> int:
-    try:
-        for line in open("/proc/meminfo"):
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 1 << 62  # unknown: do not refuse
 
 
 class _Head:

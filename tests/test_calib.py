@@ -331,7 +331,7 @@ def test_stored_weight_round_trips_through_qweight():
 def test_end_to_end_distillation_is_skipped_when_the_model_does_not_fit(tiny, tmp_path, monkeypatch, caplog):
     from compressor import finetune
 
-    monkeypatch.setattr(finetune, "_mem_available", lambda: 1 << 10)
+    monkeypatch.setattr(finetune, "auto_budget", lambda device, headroom: 1 << 10)
     cal = {**CAL, "samples": 8, "steps": 0, "e2e_steps": 4}
     with caplog.at_level("WARNING"):
         r = pack(tiny(), tmp_path / "p", build_config(target_bpw=4.0, block_size=32, **cal), progress=False)
