@@ -42,7 +42,9 @@ class CalibConfig:
         if self.samples < 1 or self.seq_len < 8:
             raise ValueError(f"--calib-samples must be >= 1 and --calib-len >= 8, got {self.samples}, {self.seq_len}")
         if self.steps < 0 or self.e2e_steps < 0 or self.e2e_topk < 0 or self.fisher_samples < 0 or self.spill_mb < 0:
-            raise ValueError("--steps, --e2e-steps, --fisher-samples and --spill-mb must be >= 0")
+            raise ValueError("--steps, --e2e-steps, --e2e-topk, --fisher-samples and --spill-mb must be >= 0")
+        if not self.lr > 0 or not self.e2e_lr > 0:
+            raise ValueError(f"--lr and --e2e-lr must be > 0, got {self.lr}, {self.e2e_lr}")
 
 
 @dataclass(frozen=True)
