@@ -377,9 +377,9 @@ class CalibratedLayers:
             prefix = f"{self.ckpt.layer_prefix}{i}."
             self.sk.load({n: t for n, t in tensors.items() if not isinstance(t, qtensor.QuantizedTensor)})
             lin = calibrate.linear_modules(self.sk.layers[i], list(tensors), prefix)
-            for n, q in finetune.from_stored(tensors, self.device).items():
-                if n in lin:
-                    qweights[n], param_names[n] = q, f"{root}.{i}.{lin[n]}.weight"
+            for n, path in lin.items():  # quantized Linear weights are tuned; the rest stays as stored
+                if isinstance(tensors[n], qtensor.QuantizedTensor):
+                    qweights[n], param_names[n] = QWeight.from_stored(tensors[n], self.device), f"{root}.{i}.{path}.weight"
             fixed = {n: qtensor.dequantize(t, torch.float32) for n, t in tensors.items()
                      if isinstance(t, qtensor.QuantizedTensor) and n not in qweights}
             if fixed:

@@ -29,7 +29,6 @@ from dataclasses import dataclass
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from ucformat.qtensor import QuantizedTensor
 from ucformat.residency import auto_budget
 from ucformat.skeleton import Skeleton
 
@@ -53,7 +52,6 @@ class FinetuneResult:
     kept: bool
     steps: int
     seconds: float
-    skipped: str | None = None  # why the stage did not run
 
 
 def fits(numel: int, device: torch.device) -> tuple[bool, int, int]:
@@ -78,21 +76,8 @@ class _Head:
         self.rows = max(1, LOGIT_FLOATS // (self.topk * hidden if self.topk else vocab))
 
     def student_hidden(self, ids: torch.Tensor, weights: dict[str, torch.Tensor]) -> torch.Tensor:
-        caught: list[torch.Tensor] = []
-
-        def catch(module, args):
-            caught.append(args[0])
-            raise layerwise._Stop
-
-        handle = self.head.register_forward_pre_hook(catch)
-        try:
-            torch.func.functional_call(self.sk.model, weights, (ids.to(self.sk.device),), {"use_cache": False},
-                                       strict=False)
-        except layerwise._Stop:
-            pass
-        finally:
-            handle.remove()
-        return caught[0]
+        return layerwise.head_input(self.sk, lambda: torch.func.functional_call(
+            self.sk.model, weights, (ids.to(self.sk.device),), {"use_cache": False}, strict=False))
 
     @torch.no_grad()
     def targets(self, teacher: torch.Tensor) -> list[torch.Tensor]:
@@ -196,8 +181,3 @@ def finetune(sk: Skeleton, qweights: dict[str, QWeight], param_names: dict[str, 
         after = before
     return FinetuneResult(before, after, kept, steps, time.perf_counter() - t0)
 
-
-def from_stored(tensors: dict[str, QuantizedTensor | torch.Tensor], device) -> dict[str, QWeight]:
-    """The 2-D quantized tensors of a stored layer as QWeights (the rest are not tuned)."""
-    return {n: QWeight.from_stored(t, device) for n, t in tensors.items()
-            if isinstance(t, QuantizedTensor) and len(t.shape) == 2}

@@ -83,12 +83,20 @@ def final_hidden(sk: Skeleton, hidden: torch.Tensor, batch: Batch) -> torch.Tens
 def final_hidden_fn(sk: Skeleton, hidden: torch.Tensor, batch: Batch) -> torch.Tensor:
     """final_hidden under the caller's grad mode (calibration differentiates the loss through it)."""
     last = len(sk.layers) - 1
-    caught: list[torch.Tensor] = []
 
     def make(i):
         def passthrough(hidden_states, *args, **kwargs):
             return hidden if i == last else hidden_states
         return passthrough
+
+    with _forwards(sk.layers, make):
+        return head_input(sk, lambda: sk.model(input_ids=batch.input_ids.to(sk.device), use_cache=False))
+
+
+def head_input(sk: Skeleton, run) -> torch.Tensor:
+    """The input of the output embedding (after the final norm) during `run()`, a forward of sk.model;
+    the forward stops there (the head itself never runs)."""
+    caught: list[torch.Tensor] = []
 
     def catch(module, args):
         caught.append(args[0])
@@ -96,11 +104,9 @@ def final_hidden_fn(sk: Skeleton, hidden: torch.Tensor, batch: Batch) -> torch.T
 
     handle = sk.model.get_output_embeddings().register_forward_pre_hook(catch)
     try:
-        with _forwards(sk.layers, make):
-            try:
-                sk.model(input_ids=batch.input_ids.to(sk.device), use_cache=False)
-            except _Stop:
-                pass
+        run()
+    except _Stop:
+        pass
     finally:
         handle.remove()
     return caught[0]

@@ -96,12 +96,16 @@ def pack(src: str | Path, dst: str | Path, cfg: PackConfig = PackConfig(), resum
         calibrated = CalibratedLayers(ckpt, cfg, dst / WORK_DIR, quantize_fn, progress)
         calibrated.prepare()
     label = f"{cfg.codec}{cfg.bits}" if cfg.target_bpw is None else f"{cfg.codec}@{cfg.target_bpw:g}bpw"
+    def stored(i: int) -> dict:
+        rel = layer_file(i)
+        return read_stored_layer(dst / rel, {n: e for n, e in writer.tensors.items() if e.file == rel})
+
     bar = tqdm(range(ckpt.num_layers), desc=f"pack {src.name} -> {label}", unit="layer", disable=not progress)
     for i in bar:
         rel = layer_file(i)
         if writer.has(rel):
             if calibrated is not None:
-                calibrated.skip(i, read_stored_layer(dst / rel, {n: e for n, e in writer.tensors.items() if e.file == rel}))
+                calibrated.skip(i, stored(i))
             continue
         if calibrated is not None:
             write(rel, calibrated.compress(i))
@@ -110,9 +114,7 @@ def pack(src: str | Path, dst: str | Path, cfg: PackConfig = PackConfig(), resum
         ckpt.release()  # unmap what this layer touched, so resident memory stays about one layer
     bar.close()
     if calibrated is not None:
-        calibrated.finetune(
-            lambda i: read_stored_layer(dst / layer_file(i), {n: e for n, e in writer.tensors.items() if e.file == layer_file(i)}),
-            lambda i, tensors: write(layer_file(i), tensors))
+        calibrated.finetune(stored, lambda i, tensors: write(layer_file(i), tensors))
 
     stats = pack_stats(writer.tensors, writer.files, ckpt.total_bytes())
     quant = {"codec": cfg.codec, "bits": cfg.bits, "block_size": cfg.block_size}
