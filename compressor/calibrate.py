@@ -22,8 +22,10 @@ from .evaluate import make_windows, wikitext_articles
 LOGIT_FLOATS = 16 << 20  # logits per chunk in head_grad (64 MiB of float32): rows = this // vocab
 
 
-def calibration_ids(tokenizer, text: str, samples: int, seq_len: int, articles: str | None = None) -> torch.Tensor:
-    """[N, T] token ids: N windows of T tokens, evenly spaced over the (CRLF-normalised) text."""
+def calibration_ids(tokenizer, text: str, samples: int, seq_len: int, articles: str | None = None,
+                    flags: tuple[str, str] = ("--calib-samples", "--calib-len")) -> torch.Tensor:
+    """[N, T] token ids: N windows of T tokens, evenly spaced over the (CRLF-normalised) text. `flags` name
+    the options that set N and T, for the error when the text is too short."""
     text = text.replace("\r\n", "\n")
     if articles:
         text = wikitext_articles(text, articles)
@@ -33,7 +35,7 @@ def calibration_ids(tokenizer, text: str, samples: int, seq_len: int, articles: 
         windows = torch.zeros(0, seq_len, dtype=torch.long)
     if len(windows) < samples:
         raise ValueError(f"calibration text has {len(windows)} windows of {seq_len} tokens; "
-                         f"--calib-samples {samples} asks for more (use a longer text or a shorter --calib-len)")
+                         f"{flags[0]} {samples} asks for more (use a longer text, fewer samples or a shorter {flags[1]})")
     idx = torch.linspace(0, len(windows) - 1, samples).round().long()
     return windows[idx]
 

@@ -72,6 +72,7 @@ class CalibratedLayers:
         self.plan: dict[str, allocate.Choice] = {}
         self.fisher: dict[str, torch.Tensor] = {}  # linear -> [R] output-gradient energy
         self.x_fp = self.x_q = None
+        self.x_e2e = None  # the fp stream of the end-to-end sequences, when they are not the calibration ones
         self.one = None
 
     # -- setup --------------------------------------------------------------------------------------------
@@ -93,6 +94,10 @@ class CalibratedLayers:
             self.ids = calibrate.calibration_ids(tok, text, c.samples, c.seq_len, c.articles)
             _, one = calibrate.layerwise.embed(self.sk, self.ids[:1])
             self.one = calibrate.layerwise.Batch(self.ids[:1], calibrate.plain(one.layer_kwargs))
+            self.e2e_ids = self.ids
+            if c.e2e_steps > 0 and (c.e2e_samples or c.e2e_len):
+                self.e2e_ids = calibrate.calibration_ids(tok, text, c.e2e_samples or c.samples, c.e2e_len or c.seq_len,
+                                                         c.articles, ("--e2e-samples", "--e2e-len"))
         self.report.seconds["setup"] = time.perf_counter() - t0
         self.plan = self._load_plan() or self._make_plan()
         alloc: dict = {}
@@ -104,6 +109,8 @@ class CalibratedLayers:
             self.x_fp = calibrate.embed_stream(self.sk, self.ids, CHUNK, ActivationStore(self.budget, "fp"))
             if self.cfg.calib.inputs == "online":
                 self.x_q = calibrate.Stream(self._copy(self.x_fp.store, "q"), self.x_fp.batches)
+            if self.e2e_ids is not self.ids:
+                self.x_e2e = calibrate.embed_stream(self.sk, self.e2e_ids, CHUNK, ActivationStore(self.budget, "e2e"))
 
     def _copy(self, store: ActivationStore, name: str) -> ActivationStore:
         out = ActivationStore(self.budget, name)
@@ -278,6 +285,7 @@ class CalibratedLayers:
                     calibrate.forward_stream(layer, i, x_in, _Discard())
             if y is None:
                 y = calibrate.forward_stream(layer, i, self.x_fp, ActivationStore(self.budget, "y")).store
+            self._advance_e2e(i)
             grams = {n: st.mean_gram(n).to(self.device) for n in lin}
         out: dict[str, qtensor.QuantizedTensor | torch.Tensor] = {}
         qweights: dict[str, QWeight] = {}
@@ -331,7 +339,15 @@ class CalibratedLayers:
             return
         self.sk.load({n: self.ckpt.get(n) for n in self.ckpt.layers[i]})
         y = calibrate.forward_stream(self.sk.layers[i], i, self.x_fp, ActivationStore(self.budget, "y")).store
+        self._advance_e2e(i)
         self._advance(i, stored, y)
+
+    def _advance_e2e(self, i: int) -> None:
+        """The end-to-end sequences' fp stream through layer i (its fp weights loaded)."""
+        if self.x_e2e is not None:
+            nxt = calibrate.forward_stream(self.sk.layers[i], i, self.x_e2e, ActivationStore(self.budget, "e2e"))
+            self.x_e2e.store.clear()
+            self.x_e2e = nxt
 
     def _advance(self, i: int, stored: dict, y: ActivationStore) -> None:
         """x_fp <- y (the teacher's output); x_q <- layer_i with exactly the stored weights applied to x_q."""
@@ -370,33 +386,23 @@ class CalibratedLayers:
             log.warning("end-to-end distillation skipped: it %s (--e2e-steps 0 silences this)", why)
             self.report.e2e = {"skipped": why}
             return
-        teacher = torch.cat([calibrate.layerwise.final_hidden(self.sk, h, b) for h, b in self.x_fp.chunks()])
-        root = next(n for n, m in self.sk.model.named_modules() if m is self.sk.layers)
-        qweights, param_names = {}, {}
-        for i, tensors in enumerate(layers):
-            prefix = f"{self.ckpt.layer_prefix}{i}."
-            self.sk.load({n: t for n, t in tensors.items() if not isinstance(t, qtensor.QuantizedTensor)})
-            lin = calibrate.linear_modules(self.sk.layers[i], list(tensors), prefix)
-            for n, path in lin.items():  # quantized Linear weights are tuned; the rest stays as stored
-                if isinstance(tensors[n], qtensor.QuantizedTensor):
-                    qweights[n], param_names[n] = QWeight.from_stored(tensors[n], self.device), f"{root}.{i}.{path}.weight"
-            fixed = {n: qtensor.dequantize(t, torch.float32) for n, t in tensors.items()
-                     if isinstance(t, qtensor.QuantizedTensor) and n not in qweights}
-            if fixed:
-                self.sk.load(fixed)
+        top = self.x_e2e if self.x_e2e is not None else self.x_fp
+        teacher = torch.cat([calibrate.layerwise.final_hidden(self.sk, h, b) for h, b in top.chunks()])
+        model = finetune.student(self.sk, layers, self.ckpt.layer_prefix, self.device)
+        qweights = model.qweights
         bar = tqdm(total=c.e2e_steps, desc="end-to-end", unit="step", disable=not self.progress)
 
         def progress(step: int, kl: float) -> None:
             bar.update(1)
             bar.set_postfix(kl=f"{kl:.4f}")
 
-        r = finetune.finetune(self.sk, qweights, param_names, self.ids.to(self.device), teacher, c, progress)
+        r = finetune.finetune(self.sk, model, self.e2e_ids.to(self.device), teacher, c, progress)
         bar.close()
         log.info("end-to-end distillation: held-out KL %.4g -> %.4g%s", r.kl_before, r.kl_after,
                  "" if r.kept else " (not kept)")
         for i, tensors in enumerate(layers):
             if r.kept:
-                tensors = {n: (qweights[n].freeze() if n in qweights else t) for n, t in tensors.items()}
+                tensors = {n: (qweights[n].freeze() if n in qweights else r.norms.get(n, t)) for n, t in tensors.items()}
                 write_layer(i, tensors)
             self.sk.unload_layer(i)
         self.report.e2e = {"kl_before": r.kl_before, "kl_after": r.kl_after, "kept": r.kept, "steps": r.steps,

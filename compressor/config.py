@@ -13,6 +13,7 @@ from ucformat.bitpack import WIDTHS
 
 LOWRANK_DTYPES = ("float16", "int8")
 INPUT_MODES = ("online", "teacher")
+E2E_TOKENS = 1024  # tokens per end-to-end distillation step (whole sequences: 4 of 256, 1 of 1024)
 
 
 @dataclass(frozen=True)
@@ -29,6 +30,10 @@ class CalibConfig:
     refine_grid: bool = False  # ... and the grid (measured: no gain over scales alone, so off)
     e2e_steps: int = 100  # end-to-end distillation steps (all layers, KL on the logits) after the last layer
     e2e_lr: float = 1e-3  # its Adam learning rate, relative as for per-layer distillation
+    e2e_warmup: int = 0  # steps of linear learning-rate warmup before the cosine decay
+    e2e_samples: int = 0  # sequences of the end-to-end stage (0: the calibration sequences themselves)
+    e2e_len: int = 0  # their length in tokens (0: seq_len); steps hold E2E_TOKENS tokens, whatever the length
+    e2e_norms: bool = False  # the stage also tunes the decoder layers' normalisation weights (stored in source dtype)
     e2e_topk: int = 0  # KL over the teacher's k most likely tokens per position (0: the whole vocabulary)
     gptq: bool = True  # choose codes by activation-aware error feedback (GPTQ-style), not nearest level
     bf16: bool = True  # distillation steps under bfloat16 autocast where the hardware has it (checks stay fp32)
@@ -41,8 +46,11 @@ class CalibConfig:
             raise ValueError(f"--inputs must be one of {', '.join(INPUT_MODES)}, got {self.inputs!r}")
         if self.samples < 1 or self.seq_len < 8:
             raise ValueError(f"--calib-samples must be >= 1 and --calib-len >= 8, got {self.samples}, {self.seq_len}")
-        if self.steps < 0 or self.e2e_steps < 0 or self.e2e_topk < 0 or self.fisher_samples < 0 or self.spill_mb < 0:
-            raise ValueError("--steps, --e2e-steps, --e2e-topk, --fisher-samples and --spill-mb must be >= 0")
+        if min(self.steps, self.e2e_steps, self.e2e_warmup, self.e2e_topk, self.e2e_samples, self.fisher_samples, self.spill_mb) < 0:
+            raise ValueError("--steps, --e2e-steps, --e2e-warmup, --e2e-topk, --e2e-samples, --fisher-samples and "
+                             "--spill-mb must be >= 0")
+        if self.e2e_len and self.e2e_len < 8:
+            raise ValueError(f"--e2e-len must be 0 (= --calib-len) or >= 8, got {self.e2e_len}")
         if not self.lr > 0 or not self.e2e_lr > 0:
             raise ValueError(f"--lr and --e2e-lr must be > 0, got {self.lr}, {self.e2e_lr}")
 

@@ -3,7 +3,8 @@ so that the compressed model's next-token distribution matches the fp model's.
 
 Per-layer distillation (distill.py) matches each layer's output on its own; the errors it leaves still
 compound through the layers, and the loss that matters is at the logits. Here codes stay fixed and, with
-Adam (cosine-decayed learning rate), for `e2e_steps` steps of `E2E_BATCH` calibration sequences each:
+Adam (cosine-decayed learning rate), for `e2e_steps` steps of about `E2E_TOKENS` tokens each (whole
+sequences: `e2e_samples` of `e2e_len` tokens, by default the calibration sequences themselves):
   log-scale  a multiplier exp(a) on every block scale of every quantized linear
   u, v       the low-rank factors, where a linear has them
   grid       the levels (only with refine_grid, as in distill.py)
@@ -24,22 +25,22 @@ from __future__ import annotations
 import logging
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch.utils.checkpoint import checkpoint
 
+from ucformat.qtensor import QuantizedTensor, dequantize
 from ucformat.residency import auto_budget
 from ucformat.skeleton import Skeleton
 
-from . import layerwise
-from .config import CalibConfig
+from . import calibrate, layerwise
+from .config import E2E_TOKENS, CalibConfig
 from .distill import FINAL_LR, Trainable, frozen_weights, native_bf16
 from .qweight import QWeight
 
 log = logging.getLogger(__name__)
 
-E2E_BATCH = 4  # calibration sequences per step
 CHECK_SEQUENCES = 4  # held out: the keep-or-discard check
 BYTES_PER_WEIGHT = 16  # codes, their levels, the weight and its gradient (bf16), the fp32 check weights
 LOGIT_FLOATS = 16 << 20  # logits per chunk of the KL (64 MiB of float32)
@@ -52,6 +53,7 @@ class FinetuneResult:
     kept: bool
     steps: int
     seconds: float
+    norms: dict[str, torch.Tensor] = field(default_factory=dict)  # tuned norm weights (stored dtype), if kept
 
 
 def fits(numel: int, device: torch.device) -> tuple[bool, int, int]:
@@ -123,14 +125,58 @@ class _Head:
         return (lt.exp() * (lt - ls)).sum()
 
 
-def finetune(sk: Skeleton, qweights: dict[str, QWeight], param_names: dict[str, str], ids: torch.Tensor,
-             teacher_hidden: torch.Tensor, cfg: CalibConfig, progress=None) -> FinetuneResult:
-    """Tune qweights (checkpoint name -> QWeight) in place. sk holds every weight of the model but the
-    quantized linears, whose module parameter names param_names gives; ids [N, T]; teacher_hidden [N, T, H]
+@dataclass
+class Student:
+    """The compressed model as the stage trains it (all checkpoint names; module parameter names beside)."""
+
+    qweights: dict[str, QWeight]  # quantized nn.Linear weights
+    param_names: dict[str, str]  # checkpoint name -> module parameter name (qweights and norms)
+    norms: dict[str, torch.Tensor]  # decoder layers' normalisation weights, as stored (source dtype)
+
+
+def student(sk: Skeleton, layers: list[dict], layer_prefix: str, device) -> Student:
+    """Load the stored layers (per layer: checkpoint name -> QuantizedTensor or raw tensor) into sk for the
+    stage: quantized nn.Linear weights become QWeights, the 1-D weights of normalisation modules are
+    noted; everything else is attached as stored (other quantized tensors, e.g. fused expert stacks,
+    reconstructed) and stays fixed."""
+    root = next(n for n, m in sk.model.named_modules() if m is sk.layers)
+    out = Student({}, {}, {})
+    for i, tensors in enumerate(layers):
+        prefix = f"{layer_prefix}{i}."
+        sk.load({n: t for n, t in tensors.items() if not isinstance(t, QuantizedTensor)})
+        lin = calibrate.linear_modules(sk.layers[i], list(tensors), prefix)
+        for n, path in lin.items():
+            if isinstance(tensors[n], QuantizedTensor):
+                out.qweights[n], out.param_names[n] = QWeight.from_stored(tensors[n], device), f"{root}.{i}.{path}.weight"
+        for n, t in tensors.items():
+            path = n[len(prefix):-len(".weight")] if n.startswith(prefix) and n.endswith(".weight") else None
+            if path and not isinstance(t, QuantizedTensor) and t.dim() == 1 and t.is_floating_point() \
+                    and "Norm" in type(_submodule(sk.layers[i], path)).__name__:
+                out.norms[n], out.param_names[n] = t, f"{root}.{i}.{path}.weight"
+        fixed = {n: dequantize(t, torch.float32) for n, t in tensors.items()
+                 if isinstance(t, QuantizedTensor) and n not in out.qweights}
+        if fixed:
+            sk.load(fixed)
+    return out
+
+
+def _submodule(layer: torch.nn.Module, path: str) -> torch.nn.Module | None:
+    try:
+        return layer.get_submodule(path)
+    except AttributeError:
+        return None
+
+
+def finetune(sk: Skeleton, model: Student, ids: torch.Tensor, teacher_hidden: torch.Tensor, cfg: CalibConfig,
+             progress=None) -> FinetuneResult:
+    """Tune model.qweights in place (and, with cfg.e2e_norms, the norm weights: returned in the result).
+    sk holds every weight of the model but the quantized linears; ids [N, T]; teacher_hidden [N, T, H]
     the fp model's final hidden states (input of the output embedding) for the same sequences."""
     t0 = time.perf_counter()
+    qweights, param_names = model.qweights, model.param_names
     steps = cfg.e2e_steps
     n = ids.shape[0]
+    batch = max(1, E2E_TOKENS // ids.shape[1])  # sequences per step
     held = min(CHECK_SEQUENCES, max(n - 1, 0))
     train_idx, check_idx = torch.arange(n - held), torch.arange(n - held, n)
     head = _Head(sk, cfg.e2e_topk)
@@ -138,11 +184,18 @@ def finetune(sk: Skeleton, qweights: dict[str, QWeight], param_names: dict[str, 
     device = next(iter(qweights.values())).codes.device
     autocast = cfg.bf16 and native_bf16(device)
 
+    norms = {k: t.to(device=device, dtype=torch.float32).clone().requires_grad_(True)
+             for k, t in model.norms.items()} if cfg.e2e_norms else {}
+
+    def stored_norms() -> dict[str, torch.Tensor]:  # rounded to their stored dtype, as the pack will hold them
+        return {k: t.detach().to(model.norms[k].dtype) for k, t in norms.items()}
+
     @torch.no_grad()
-    def check() -> float:
+    def check(norm_values: dict[str, torch.Tensor] | None = None) -> float:
         weights = {param_names[k]: w for k, w in frozen_weights(qweights, device).items()}
+        weights.update({param_names[k]: t.float() for k, t in (norm_values or {}).items()})
         total = 0.0
-        for rows in check_idx.split(E2E_BATCH):
+        for rows in check_idx.split(batch):
             total += head.kl(head.student_hidden(ids[rows], weights), [t[rows] for t in target]).item() * len(rows)
         return total / max(len(check_idx), 1)
 
@@ -152,19 +205,23 @@ def finetune(sk: Skeleton, qweights: dict[str, QWeight], param_names: dict[str, 
     saved = {k: (q.scales, q.grid, q.u, q.v) for k, q in qweights.items()}
     train = {k: Trainable(q, cfg) for k, q in qweights.items()}
     groups = [g for t in train.values() for g in t.groups(cfg.e2e_lr)]
+    groups += [{"params": [t], "lr": cfg.e2e_lr * max(t.detach().square().mean().sqrt().item(), 1e-8)}
+               for t in norms.values()]
     opt = torch.optim.Adam(groups, foreach=True)
     base_lr = [g["lr"] for g in opt.param_groups]
     gen = torch.Generator().manual_seed(cfg.seed)
     order = train_idx[torch.randperm(len(train_idx), generator=gen)]
     dtype = torch.bfloat16 if autocast else torch.float32
     for step in range(steps):
-        start = (step * E2E_BATCH) % len(order)
-        rows = order[start:start + E2E_BATCH]
+        start = (step * batch) % len(order)
+        rows = order[start:start + batch]
         frac = 0.5 * (1 + math.cos(math.pi * step / steps))
+        warm = min(1.0, (step + 1) / cfg.e2e_warmup) if cfg.e2e_warmup else 1.0
         for g, lr in zip(opt.param_groups, base_lr):
-            g["lr"] = lr * (FINAL_LR + (1 - FINAL_LR) * frac)
+            g["lr"] = lr * warm * (FINAL_LR + (1 - FINAL_LR) * frac)
         with torch.enable_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
             weights = {param_names[k]: tr.weight(dtype) for k, tr in train.items()}
+            weights.update({param_names[k]: t for k, t in norms.items()})
             loss = head.kl(head.student_hidden(ids[rows], weights), [t[rows] for t in target])
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -173,11 +230,12 @@ def finetune(sk: Skeleton, qweights: dict[str, QWeight], param_names: dict[str, 
             progress(step, loss.item())
     for tr in train.values():
         tr.commit()
-    after = check() if held else -math.inf
+    tuned_norms = {k: t.cpu() for k, t in stored_norms().items()}
+    after = check(tuned_norms) if held else -math.inf
     kept = not held or after < before
     if not kept:
         for k, q in qweights.items():
             q.scales, q.grid, q.u, q.v = saved[k]
-        after = before
-    return FinetuneResult(before, after, kept, steps, time.perf_counter() - t0)
+        after, tuned_norms = before, {}
+    return FinetuneResult(before, after, kept, steps, time.perf_counter() - t0, tuned_norms)
 

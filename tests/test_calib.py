@@ -50,7 +50,9 @@ def tiny(tmp_path_factory):
     return get
 
 
-CAL = dict(file=str(WIKITEXT), articles="1-16", samples=6, seq_len=32, steps=4, fisher_samples=4, e2e_steps=2)
+# the end-to-end stage on the calibration sequences themselves (its own are tested where named)
+CAL = dict(file=str(WIKITEXT), articles="1-16", samples=6, seq_len=32, steps=4, fisher_samples=4, e2e_steps=2,
+           e2e_samples=0, e2e_len=0)
 
 
 def test_calibration_ids_are_spread_and_deterministic(tiny):
@@ -63,6 +65,12 @@ def test_calibration_ids_are_spread_and_deterministic(tiny):
     assert len({tuple(r.tolist()) for r in a}) == 5
     with pytest.raises(ValueError, match="calib-samples"):
         calibrate.calibration_ids(tok, "short text", 5, 40)
+
+
+def test_end_to_end_sequences_too_long_for_the_text_name_their_flags(tiny, tmp_path):
+    cfg = build_config(target_bpw=4.0, block_size=32, **{**CAL, "e2e_samples": 4, "e2e_len": 1 << 20})
+    with pytest.raises(ValueError, match="--e2e-samples 4 asks for more.*--e2e-len"):
+        pack(tiny(), tmp_path / "p", cfg, progress=False)
 
 
 def test_activation_store_spills_to_safetensors(tmp_path):
@@ -179,7 +187,9 @@ def test_smollm2_calibrated_beats_plain(smollm2, tmp_path):
     text = WIKITEXT.read_text(encoding="utf-8")
     ecfg = EvalConfig(ctx=256, max_windows=3, articles="17-62")
     cal = pack(smollm2, tmp_path / "cal", build_config(bits=4, file=str(WIKITEXT), articles="1-16", samples=4,
-                                                         seq_len=128, steps=8), progress=False)
+                                                         seq_len=128, steps=8, e2e_steps=20, e2e_samples=6, e2e_len=256),
+               progress=False)
+    assert cal.calib["e2e"]["steps"] == 20 and cal.calib["e2e"]["kl_after"] <= cal.calib["e2e"]["kl_before"]
     rc = evaluate(tmp_path / "cal", text, base=smollm2, cfg=ecfg, progress=False)
     plain = pack(smollm2, tmp_path / "plain", build_config(bits=4), progress=False)
     rp = evaluate(tmp_path / "plain", text, base=smollm2, cfg=ecfg, progress=False)
@@ -283,12 +293,35 @@ def test_end_to_end_distillation_lowers_the_held_out_kl(tiny, tmp_path, arch, to
     assert fa["layers/layer-00000.safetensors"] != fb["layers/layer-00000.safetensors"]
 
 
-def test_end_to_end_distillation_resumes(tiny, tmp_path, monkeypatch):
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+def test_end_to_end_distillation_tunes_norms_in_their_stored_dtype(tiny, tmp_path, arch):
+    """With e2e_norms the stage also tunes every decoder layer's normalisation weights: they are stored again
+    in the source dtype (bf16 here), changed, and the held-out KL is taken with exactly those values."""
+    cal = {**CAL, "samples": 8, "steps": 0, "e2e_steps": 8}
+    src = tiny(arch, initializer_range=0.3)
+    a = pack(src, tmp_path / "a", build_config(target_bpw=3.0, block_size=32, **cal), progress=False)
+    b = pack(src, tmp_path / "b", build_config(target_bpw=3.0, block_size=32, **{**cal, "e2e_norms": True}),
+             progress=False)
+    assert b.calib["e2e"]["kept"] and b.calib["e2e"]["kl_after"] < b.calib["e2e"]["kl_before"]
+    assert all(err is None for _, err in verify(PackReader(tmp_path / "b"), deep=True))
+    ra, rb = PackReader(tmp_path / "a"), PackReader(tmp_path / "b")
+    norms = [n for n in rb.layer_tensor_names(0) if "norm" in n and rb.manifest.tensors[n].kind == "raw"]
+    assert norms
+    pa, pb = ra.read_parts("layers/layer-00000.safetensors"), rb.read_parts("layers/layer-00000.safetensors")
+    assert all(pb[n].dtype == torch.bfloat16 for n in norms)
+    assert any(not torch.equal(pa[n], pb[n]) for n in norms)
+    # the linears' stored layout is untouched: the same bits
+    assert b.stats["bpw_allin"] == a.stats["bpw_allin"]
+
+
+@pytest.mark.parametrize("own", [{}, {"e2e_samples": 6, "e2e_len": 48}], ids=["calib-sequences", "own-sequences"])
+def test_end_to_end_distillation_resumes(tiny, tmp_path, monkeypatch, own):
     """Interrupted in the e2e stage, a resumed pack redoes it from the stored layers and ends as an
-    uninterrupted run; interrupted after it, the resumed pack does not run it again."""
+    uninterrupted run; interrupted after it, the resumed pack does not run it again. With sequences of its
+    own (not the calibration ones), their fp stream is carried through the skipped layers too."""
     from compressor import finetune
 
-    cfg = build_config(target_bpw=4.0, block_size=32, **{**CAL, "samples": 8, "steps": 0, "e2e_steps": 4})
+    cfg = build_config(target_bpw=4.0, block_size=32, **{**CAL, "samples": 8, "steps": 0, "e2e_steps": 4, **own})
     pack(tiny(), tmp_path / "ref", cfg, progress=False)
     real = finetune.finetune
     monkeypatch.setattr(finetune, "finetune", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))

@@ -55,6 +55,8 @@ def test_bad_flags(tiny_llama, tmp_path):
     out = uc("pack", tiny_llama, tmp_path / "p", "--bits", "7")
     assert out.returncode == 2 and "invalid choice" in out.stderr and "Traceback" not in out.stderr
     _one_line_error(uc("pack", tiny_llama, tmp_path / "q", "--block-size", "3"), "--block-size")
+    _one_line_error(uc("pack", tiny_llama, tmp_path / "r", "--e2e-warmup", "-1"), "--e2e-warmup")
+    _one_line_error(uc("pack", tiny_llama, tmp_path / "s", "--e2e-len", "4"), "--e2e-len")
 
 
 def test_pickle_only_checkpoint_is_refused(tmp_path):

@@ -44,7 +44,8 @@ def cmd_pack(a) -> int:
         lowrank_dtype=a.lowrank_dtype, overlay=a.overlay, file=a.calib, articles=a.calib_articles,
         samples=a.calib_samples, seq_len=a.calib_len, inputs=a.inputs, steps=a.steps, lr=a.lr,
         refine_scales=a.refine_scales, refine_grid=a.refine_grid, e2e_steps=a.e2e_steps, e2e_lr=a.e2e_lr,
-        e2e_topk=a.e2e_topk, gptq=a.gptq, bf16=a.bf16, fisher_samples=a.fisher_samples, spill_mb=a.spill_mb)
+        e2e_warmup=a.e2e_warmup,
+        e2e_topk=a.e2e_topk, e2e_norms=a.e2e_norms, e2e_samples=a.e2e_samples, e2e_len=a.e2e_len, gptq=a.gptq, bf16=a.bf16, fisher_samples=a.fisher_samples, spill_mb=a.spill_mb)
     r = pack(a.src, a.dst, cfg, resume=a.resume, progress=not a.quiet)
     s = r.stats
     if a.json:
@@ -167,7 +168,7 @@ def cmd_eval(a) -> int:
 
 # -- parser ---------------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
-    from compressor.config import PRESETS, CalibConfig, PackConfig
+    from compressor.config import E2E_TOKENS, PRESETS, CalibConfig, PackConfig
     from compressor.evaluate import EvalConfig
 
     P, C, E = PackConfig(), CalibConfig(), EvalConfig()
@@ -219,11 +220,22 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--steps", type=int, help=f"distillation Adam steps per layer, 0 = none (default {C.steps})")
     g.add_argument("--lr", type=float, help=f"distillation learning rate (default {C.lr})")
     g.add_argument("--e2e-steps", type=int, help="end-to-end distillation after the last layer: Adam steps of "
-                   f"4 sequences tuning every layer's scales and factors against the original model's next-token "
+                   f"{E2E_TOKENS} tokens tuning every layer's scales and factors against the original model's next-token "
                    f"distribution; holds the whole model in memory, 0 = none (default {C.e2e_steps})")
     g.add_argument("--e2e-lr", type=float, help=f"end-to-end distillation learning rate (default {C.e2e_lr})")
+    g.add_argument("--e2e-warmup", type=int, help="end-to-end distillation: steps of linear learning-rate warmup "
+                   f"before the cosine decay (default {C.e2e_warmup})")
     g.add_argument("--e2e-topk", type=int, help="end-to-end KL over the original model's k most likely tokens per "
                    f"position, both sides renormalised over them; 0 = the whole vocabulary (default {C.e2e_topk})")
+    g.add_argument("--e2e-samples", type=int, help="sequences of end-to-end distillation, taken from the calibration "
+                   f"text like --calib-samples; 0 = the calibration sequences (default {C.e2e_samples})")
+    g.add_argument("--e2e-len", type=int, help="their length in tokens; 0 = --calib-len. A step holds about "
+                   f"{E2E_TOKENS} tokens whatever the length (default {C.e2e_len})")
+    g.add_argument("--e2e-norms", dest="e2e_norms", action="store_const", const=True,
+                   help="end-to-end distillation also tunes the decoder layers' normalisation weights "
+                   f"(stored in the source dtype){' (default)' if C.e2e_norms else ''}")
+    g.add_argument("--no-e2e-norms", dest="e2e_norms", action="store_const", const=False,
+                   help=f"end-to-end distillation keeps the normalisation weights{'' if C.e2e_norms else ' (default)'}")
     g.add_argument("--no-refine-scales", dest="refine_scales", action="store_const", const=False,
                    help="distillation keeps the block scales")
     g.add_argument("--refine-grid", dest="refine_grid", action="store_const", const=True,
