@@ -29,11 +29,12 @@ class CalibConfig:
     refine_scales: bool = True  # distillation also trains the block scales
     refine_grid: bool = False  # ... and the grid (measured: no gain over scales alone, so off)
     e2e_steps: int = 100  # end-to-end distillation steps (all layers, KL on the logits) after the last layer
-    e2e_lr: float = 1e-3  # its Adam learning rate, relative as for per-layer distillation
-    e2e_warmup: int = 0  # steps of linear learning-rate warmup before the cosine decay
-    e2e_samples: int = 0  # sequences of the end-to-end stage (0: the calibration sequences themselves)
-    e2e_len: int = 0  # their length in tokens (0: seq_len); steps hold E2E_TOKENS tokens, whatever the length
-    e2e_norms: bool = False  # the stage also tunes the decoder layers' normalisation weights (stored in source dtype)
+    # (the stage's defaults below: bench/e2e_sweep.py on SmolLM2 at 4 bpw, ratio 1.137 -> 1.088; docs/BENCHMARKS.md)
+    e2e_lr: float = 3e-3  # its Adam learning rate, relative as for per-layer distillation
+    e2e_warmup: int = 10  # steps of linear learning-rate warmup before the cosine decay
+    e2e_samples: int = 64  # sequences of the end-to-end stage (0: the calibration sequences themselves)
+    e2e_len: int = 1024  # their length in tokens (0: seq_len); steps hold E2E_TOKENS tokens, whatever the length
+    e2e_norms: bool = True  # the stage also tunes the decoder layers' normalisation weights (stored in source dtype)
     e2e_topk: int = 0  # KL over the teacher's k most likely tokens per position (0: the whole vocabulary)
     gptq: bool = True  # choose codes by activation-aware error feedback (GPTQ-style), not nearest level
     bf16: bool = True  # distillation steps under bfloat16 autocast where the hardware has it (checks stay fp32)
