@@ -89,9 +89,19 @@ class FusedMember(torch.nn.Module):
 
 
 def supported(model) -> bool:
+    """Whether this model and CPU can use packed bf16 weights: oneDNN's bf16 reorder needs AVX-512
+    (BW/VL/DQ) or AVX-NE-CONVERT, which an AVX2-only CPU (seen: an AMD EPYC) lacks."""
     p = next(model.parameters(), None)
     return (p is not None and p.device.type == "cpu" and p.dtype == torch.bfloat16
-            and torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight"))
+            and torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+            and _bf16_cpu())
+
+
+def _bf16_cpu() -> bool:
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
 
 
 def _plain(mod) -> bool:

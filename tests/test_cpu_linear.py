@@ -18,7 +18,7 @@ def tiny_model(arch: str):
 def pair(arch: str):
     ref, model = tiny_model(arch), tiny_model(arch)
     if not cpu_linear.supported(model):
-        pytest.skip("this torch build has no oneDNN linear prepacking")
+        pytest.skip("no oneDNN bf16 linear prepacking here (torch build or CPU: needs AVX-512 or AVX-NE-CONVERT)")
     return ref, model
 
 
