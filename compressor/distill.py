@@ -63,7 +63,7 @@ class Trainable:
             out.append({"params": [self.grid], "lr": lr * GRID_LR * _spacing(self.q.grid)})
         for t in (self.u, self.v):
             if t is not None:
-                out.append({"params": [t], "lr": lr * max(t.detach().square().mean().sqrt().item(), 1e-8)})
+                out.append({"params": [t], "lr": relative_lr(t, lr)})
         return out
 
     def weight(self, dtype: torch.dtype) -> torch.Tensor:
@@ -75,6 +75,11 @@ class Trainable:
             self.q.grid = self.grid.detach()  # codes index it: never re-sorted
             if self.u is not None:
                 self.q.u, self.q.v = self.u.detach(), self.v.detach()
+
+
+def relative_lr(t: torch.Tensor, lr: float) -> float:
+    """A step size relative to the tensor's RMS at init (factors, norm weights)."""
+    return lr * max(t.detach().square().mean().sqrt().item(), 1e-8)
 
 
 def _spacing(grid: torch.Tensor) -> float:

@@ -36,7 +36,7 @@ from ucformat.skeleton import Skeleton
 
 from . import calibrate, layerwise
 from .config import E2E_TOKENS, CalibConfig
-from .distill import FINAL_LR, Trainable, frozen_weights, native_bf16
+from .distill import FINAL_LR, Trainable, frozen_weights, native_bf16, relative_lr
 from .qweight import QWeight
 
 log = logging.getLogger(__name__)
@@ -187,13 +187,10 @@ def finetune(sk: Skeleton, model: Student, ids: torch.Tensor, teacher_hidden: to
     norms = {k: t.to(device=device, dtype=torch.float32).clone().requires_grad_(True)
              for k, t in model.norms.items()} if cfg.e2e_norms else {}
 
-    def stored_norms() -> dict[str, torch.Tensor]:  # rounded to their stored dtype, as the pack will hold them
-        return {k: t.detach().to(model.norms[k].dtype) for k, t in norms.items()}
-
     @torch.no_grad()
     def check(norm_values: dict[str, torch.Tensor] | None = None) -> float:
         weights = {param_names[k]: w for k, w in frozen_weights(qweights, device).items()}
-        weights.update({param_names[k]: t.float() for k, t in (norm_values or {}).items()})
+        weights.update({param_names[k]: t.to(device=device, dtype=torch.float32) for k, t in (norm_values or {}).items()})
         total = 0.0
         for rows in check_idx.split(batch):
             total += head.kl(head.student_hidden(ids[rows], weights), [t[rows] for t in target]).item() * len(rows)
@@ -205,8 +202,7 @@ def finetune(sk: Skeleton, model: Student, ids: torch.Tensor, teacher_hidden: to
     saved = {k: (q.scales, q.grid, q.u, q.v) for k, q in qweights.items()}
     train = {k: Trainable(q, cfg) for k, q in qweights.items()}
     groups = [g for t in train.values() for g in t.groups(cfg.e2e_lr)]
-    groups += [{"params": [t], "lr": cfg.e2e_lr * max(t.detach().square().mean().sqrt().item(), 1e-8)}
-               for t in norms.values()]
+    groups += [{"params": [t], "lr": relative_lr(t, cfg.e2e_lr)} for t in norms.values()]
     opt = torch.optim.Adam(groups, foreach=True)
     base_lr = [g["lr"] for g in opt.param_groups]
     gen = torch.Generator().manual_seed(cfg.seed)
@@ -230,7 +226,8 @@ def finetune(sk: Skeleton, model: Student, ids: torch.Tensor, teacher_hidden: to
             progress(step, loss.item())
     for tr in train.values():
         tr.commit()
-    tuned_norms = {k: t.cpu() for k, t in stored_norms().items()}
+    # rounded to their stored dtype, as the pack will hold them
+    tuned_norms = {k: t.detach().to(device="cpu", dtype=model.norms[k].dtype) for k, t in norms.items()}
     after = check(tuned_norms) if held else -math.inf
     kept = not held or after < before
     if not kept:
