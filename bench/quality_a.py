@@ -216,12 +216,19 @@ def main() -> None:
 
 def _fmt(r: dict) -> list:
     ours = f"ours, --target-bpw {r['setting']}"
-    if r["method"] == "ours" and "e2e" not in (r.get("calib") or {}):  # packed before the end-to-end stage existed
-        ours += " (earlier recipe \\*)"
+    if r["method"] == "ours" and _recipe(r) != "current":
+        ours += " (earlier recipe \\*)" if _recipe(r) == "no-e2e" else " (earlier end-to-end stage \u2020)"
     label = {"ours": ours, "uniform": f"uniform (round-to-nearest), {r['setting']}-bit",
              "hqq": f"HQQ {r['setting']}-bit, group 64", "gguf": f"GGUF {r['setting']}"}.get(r["method"], r["setting"])
     return [label, f"{r['bpw_allin']:.3f}", f"{r['ppl']:.3f}", f"{r['ppl_ratio']:.4f}", f"{r['top1_agreement']:.1%}",
             f"{r['pack_seconds']:.0f}", f"{r['peak_rss_bytes'] / 2**20:.0f} MiB"]
+
+
+def _recipe(r: dict) -> str:
+    """Which default recipe packed an "ours" row: "no-e2e" (before the end-to-end stage), "e2e-v1" (the stage
+    on the calibration sequences, before it recorded its recipe), or "current"."""
+    e2e = (r.get("calib") or {}).get("e2e")
+    return "no-e2e" if e2e is None else "current" if "recipe" in e2e else "e2e-v1"
 
 
 HEAD = ["method", "bpw_allin", "PPL", "ratio", "top-1", "pack s", "peak RSS"]
@@ -243,9 +250,13 @@ def write_docs(rows: list[dict], a) -> None:
         "rounding, bits/ranks/overlay rows allocated under the budget with Fisher-weighted losses, then 100 steps "
         "of end-to-end distillation (KL to the original model's next-token distribution).",
     ]
-    if any(r["method"] == "ours" and "e2e" not in (r.get("calib") or {}) for r in rows):
+    if any(r["method"] == "ours" and _recipe(r) == "no-e2e" for r in rows):
         body.append("\\* packed with the earlier default recipe (per-layer distillation, 200 steps a layer, no "
                     "end-to-end stage), before it changed; not yet re-packed.")
+    if any(r["method"] == "ours" and _recipe(r) == "e2e-v1" for r in rows):
+        body.append("\u2020 packed with the first end-to-end stage (100 steps on the 32 x 256 calibration sequences, "
+                    "lr 1e-3, norms fixed), before its defaults changed to 64 x 1024 sequences of its own, tuned "
+                    "norms and lr 3e-3; not yet re-packed.")
     for model in dict.fromkeys(r["model"] for r in rows):
         mine = sorted((r for r in rows if r["model"] == model and r["method"] in order),
                       key=lambda r: (order[r["method"]], float(r["bpw_allin"])))

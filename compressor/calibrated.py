@@ -380,7 +380,8 @@ class CalibratedLayers:
         t0 = time.perf_counter()
         layers = [read_layer(i) for i in range(self.ckpt.num_layers)]
         numel = sum(t.numel() for tensors in layers for t in tensors.values() if isinstance(t, qtensor.QuantizedTensor))
-        ok, need, free = finetune.fits(numel, self.device)
+        vocab, hidden = self.sk.model.get_output_embeddings().weight.shape
+        ok, need, free = finetune.fits(numel, self.device, finetune.held_bytes(self.e2e_ids.numel(), hidden, vocab, c.e2e_topk))
         if not ok:
             why = f"needs about {need / 2**30:.1f} GiB, {free / 2**30:.1f} GiB available"
             log.warning("end-to-end distillation skipped: it %s (--e2e-steps 0 silences this)", why)
@@ -406,7 +407,9 @@ class CalibratedLayers:
                 write_layer(i, tensors)
             self.sk.unload_layer(i)
         self.report.e2e = {"kl_before": r.kl_before, "kl_after": r.kl_after, "kept": r.kept, "steps": r.steps,
-                           "seconds": time.perf_counter() - t0}
+                           "seconds": time.perf_counter() - t0,
+                           "recipe": {"sequences": list(self.e2e_ids.shape), "lr": c.e2e_lr, "warmup": c.e2e_warmup,
+                                      "norms": c.e2e_norms, "topk": c.e2e_topk}}
         self.report.seconds["e2e"] = self.report.e2e["seconds"]
         atomic_write_bytes(marker, json.dumps(self.report.e2e).encode())
 

@@ -44,6 +44,7 @@ log = logging.getLogger(__name__)
 CHECK_SEQUENCES = 4  # held out: the keep-or-discard check
 BYTES_PER_WEIGHT = 16  # codes, their levels, the weight and its gradient (bf16), the fp32 check weights
 LOGIT_FLOATS = 16 << 20  # logits per chunk of the KL (64 MiB of float32)
+RECOMPUTE_FLOATS = 64 << 20  # a step's student logits beyond this are recomputed in backward, not kept
 
 
 @dataclass
@@ -56,10 +57,21 @@ class FinetuneResult:
     norms: dict[str, torch.Tensor] = field(default_factory=dict)  # tuned norm weights (stored dtype), if kept
 
 
-def fits(numel: int, device: torch.device) -> tuple[bool, int, int]:
-    """Whether the stage's working set for `numel` quantized weights fits the memory free now."""
-    need, free = numel * BYTES_PER_WEIGHT, auto_budget(device, headroom=0.0)
+def fits(numel: int, device: torch.device, held_bytes: int = 0) -> tuple[bool, int, int]:
+    """Whether the stage's working set for `numel` quantized weights, plus `held_bytes` of teacher targets
+    and logits (held_bytes()), fits the memory free now."""
+    need, free = numel * BYTES_PER_WEIGHT + held_bytes, auto_budget(device, headroom=0.0)
     return need <= free, need, free
+
+
+def held_bytes(tokens: int, hidden: int, vocab: int, topk: int) -> int:
+    """Bytes the stage holds besides the model: the teacher's targets for `tokens` positions (float32 final
+    hidden states, or top-k ids and log-probs), and one step's logits (teacher log-probs, student logits and
+    their log-softmax kept for backward, or one chunk's when recomputed)."""
+    width = min(topk, vocab) if topk else vocab
+    targets = tokens * (topk * 12 if topk else hidden * 4)
+    step = E2E_TOKENS * width
+    return targets + 3 * 4 * (step if step <= RECOMPUTE_FLOATS else LOGIT_FLOATS)
 
 
 class _Head:
@@ -75,6 +87,7 @@ class _Head:
         self.head = sk.model.get_output_embeddings()
         vocab, hidden = self.head.weight.shape
         self.topk = min(topk, vocab)
+        self.width = self.topk or vocab  # logit columns per position
         self.rows = max(1, LOGIT_FLOATS // (self.topk * hidden if self.topk else vocab))
 
     def student_hidden(self, ids: torch.Tensor, weights: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -99,20 +112,31 @@ class _Head:
 
     def kl(self, student: torch.Tensor, target: list[torch.Tensor]) -> torch.Tensor:
         """Mean over positions of KL(teacher || student); student hidden states [B, T, H], target as
-        `targets` gives it for the same sequences. Logits are built chunk by chunk and recomputed in
-        backward (never all of them at once)."""
+        `targets` gives it for the same sequences. Logits are built chunk by chunk; the teacher's once, with
+        no graph. The student's are kept for backward, or, where a step's logits exceed RECOMPUTE_FLOATS
+        (large vocabularies), recomputed in backward chunk by chunk so that they never all exist at once."""
         s = student.reshape(-1, student.shape[-1])
         t = [x.reshape(s.shape[0], -1).to(s.device) for x in target]
-        fn = self._kl_topk if self.topk else self._kl_full
+        recompute = s.shape[0] * self.width > RECOMPUTE_FLOATS
         total = s.new_zeros((), dtype=torch.float32)
         for a in range(0, s.shape[0], self.rows):
-            total = total + checkpoint(fn, s[a:a + self.rows], *(x[a:a + self.rows] for x in t), use_reentrant=False)
+            chunk = [x[a:a + self.rows] for x in t]
+            if self.topk:
+                fn, args = self._kl_topk, chunk
+            else:
+                fn, args = self._kl_full, [self._teacher_logp(chunk[0])]
+            part = checkpoint(fn, s[a:a + self.rows], *args, use_reentrant=False) if recompute else fn(s[a:a + self.rows], *args)
+            total = total + part
         return total / s.shape[0]
 
-    def _kl_full(self, s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    @torch.no_grad()
+    def _teacher_logp(self, t: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(t.device.type, enabled=False):
+            return torch.log_softmax(layerwise.logits(self.sk, t.float()), -1)
+
+    def _kl_full(self, s: torch.Tensor, lt: torch.Tensor) -> torch.Tensor:
         with torch.autocast(s.device.type, enabled=False):
             ls = torch.log_softmax(layerwise.logits(self.sk, s.float()), -1)
-            lt = torch.log_softmax(layerwise.logits(self.sk, t.float()), -1)
         return (lt.exp() * (lt - ls)).sum()
 
     def _kl_topk(self, s: torch.Tensor, ids: torch.Tensor, lt: torch.Tensor) -> torch.Tensor:

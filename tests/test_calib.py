@@ -226,7 +226,7 @@ def test_head_gradient_builds_no_weight_gradients(tiny, monkeypatch):
     ckpt = SourceCheckpoint(path)
     sk = Skeleton(path)
     sk.load({n: ckpt.get(n) for n in ckpt.nonlayer})
-    ids = torch.randint(0, 256, (2, 16))
+    ids = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))
     hidden, batch = layerwise.embed(sk, ids)
     for i in range(len(sk.layers)):
         sk.load({n: ckpt.get(n) for n in ckpt.layers[i]})
@@ -237,7 +237,7 @@ def test_head_gradient_builds_no_weight_gradients(tiny, monkeypatch):
     # the head runs in chunks of rows sized by the vocabulary: one row per chunk gives the same result
     monkeypatch.setattr(calibrate, "LOGIT_FLOATS", 1)
     grad1, nll1 = calibrate.head_grad(sk, hidden.clone(), batch)
-    torch.testing.assert_close(grad1, grad, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(grad1, grad, rtol=1e-4, atol=1e-6)  # float32 sums in another order
     assert abs(nll1 - nll) < 1e-4 * nll
 
 
@@ -362,16 +362,24 @@ def test_stored_weight_round_trips_through_qweight():
         assert all(torch.equal(x, again.parts()[k]) for k, x in stored.parts().items())
 
 
-def test_end_to_end_distillation_is_skipped_when_the_model_does_not_fit(tiny, tmp_path, monkeypatch, caplog):
+@pytest.mark.parametrize("short", ["model", "targets"])
+def test_end_to_end_distillation_is_skipped_when_the_model_does_not_fit(tiny, tmp_path, monkeypatch, caplog, short):
+    """Too little memory for the model's working set, or for it plus the teacher's targets and a step's
+    logits (the model alone would fit): the stage is skipped and the pack is the one without it."""
+    import math
+
     from compressor import finetune
 
-    monkeypatch.setattr(finetune, "auto_budget", lambda device, headroom: 1 << 10)
     cal = {**CAL, "samples": 8, "steps": 0, "e2e_steps": 4}
+    pack(tiny(), tmp_path / "ref", build_config(target_bpw=4.0, block_size=32, **{**cal, "e2e_steps": 0}),
+         progress=False)
+    numel = sum(math.prod(e.shape) for e in PackReader(tmp_path / "ref").manifest.tensors.values()
+                if e.kind == "quantized")
+    budget = 1 << 10 if short == "model" else numel * finetune.BYTES_PER_WEIGHT + 1
+    monkeypatch.setattr(finetune, "auto_budget", lambda device, headroom: budget)
     with caplog.at_level("WARNING"):
         r = pack(tiny(), tmp_path / "p", build_config(target_bpw=4.0, block_size=32, **cal), progress=False)
     assert "needs about" in r.calib["e2e"]["skipped"] and "end-to-end distillation skipped" in caplog.text
-    ref = pack(tiny(), tmp_path / "ref", build_config(target_bpw=4.0, block_size=32, **{**cal, "e2e_steps": 0}),
-               progress=False)
     assert _files(tmp_path / "p") == _files(tmp_path / "ref")
 
 
@@ -392,3 +400,27 @@ def test_top_k_kl_over_the_whole_vocabulary_is_the_full_kl(tiny):
     kl = full.kl(student, full.targets(teacher))
     assert torch.allclose(kl, whole.kl(student, whole.targets(teacher)), rtol=1e-4)
     assert 0 < some.kl(student, some.targets(teacher)) and full.kl(teacher, full.targets(teacher)).abs() < 1e-5
+
+
+def test_kl_with_logits_kept_or_recomputed_gives_the_same_loss_and_gradient(tiny, monkeypatch):
+    """Small vocabularies keep the step's logits for backward, large ones recompute them chunk by chunk:
+    the switch must not change what is learned."""
+    from compressor import finetune
+    from compressor.checkpoint import SourceCheckpoint, nonlayer_state_dict
+    from ucformat.skeleton import Skeleton
+
+    src = tiny(initializer_range=0.3)
+    sk = Skeleton(src)
+    sk.load(nonlayer_state_dict(SourceCheckpoint(src)))
+    g = torch.Generator().manual_seed(0)
+    teacher, start = torch.randn(2, 7, 64, generator=g), torch.randn(2, 7, 64, generator=g)
+    monkeypatch.setattr(finetune, "LOGIT_FLOATS", 256 * 3)  # 3 rows a chunk: 5 chunks
+    head = finetune._Head(sk, 0)
+    out = []
+    for limit in (1 << 30, 0):  # kept, recomputed
+        monkeypatch.setattr(finetune, "RECOMPUTE_FLOATS", limit)
+        s = start.clone().requires_grad_(True)
+        kl = head.kl(s, head.targets(teacher))
+        kl.backward()
+        out.append((kl.detach(), s.grad))
+    assert kl > 0 and torch.allclose(out[0][0], out[1][0]) and torch.allclose(out[0][1], out[1][1])
