@@ -132,7 +132,7 @@ def main() -> None:
         ev = compare(st, base, cfg.ctx, len(windows), 0.0)
         row = {"model": a.model, "bpw": a.bpw, "variant": name, "samples": samples, "seq_len": seq_len,
                **over,
-               "kl_before": r.kl_before, "kl_after": r.kl_after, "kept": r.kept, "e2e_seconds": r.seconds,
+               "kl_before": r.kl_before, "kl_after": r.kl_after, "kl_tuned": r.kl_tuned, "kept": r.kept, "e2e_seconds": r.seconds,
                "seconds": time.perf_counter() - t0, "ppl": ev.ppl, "ppl_ratio": ev.ppl_ratio,
                "top1_agreement": ev.top1_agreement, "train_kl": losses}
         print(json.dumps(row), flush=True)

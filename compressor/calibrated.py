@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -399,15 +400,15 @@ class CalibratedLayers:
 
         r = finetune.finetune(self.sk, model, self.e2e_ids.to(self.device), teacher, c, progress)
         bar.close()
-        log.info("end-to-end distillation: held-out KL %.4g -> %.4g%s", r.kl_before, r.kl_after,
-                 "" if r.kept else " (not kept)")
+        log.info("end-to-end distillation: held-out KL %.4g -> %.4g%s", r.kl_before, r.kl_tuned,
+                 "" if r.kept else " (not lower: the stage's weights are discarded)")
         for i, tensors in enumerate(layers):
             if r.kept:
                 tensors = {n: (qweights[n].freeze() if n in qweights else r.norms.get(n, t)) for n, t in tensors.items()}
                 write_layer(i, tensors)
             self.sk.unload_layer(i)
-        self.report.e2e = {"kl_before": r.kl_before, "kl_after": r.kl_after, "kept": r.kept, "steps": r.steps,
-                           "seconds": time.perf_counter() - t0,
+        self.report.e2e = {"kl_before": r.kl_before, "kl_after": r.kl_after, "kl_tuned": r.kl_tuned if math.isfinite(r.kl_tuned) else None, "kept": r.kept,
+                           "steps": r.steps, "seconds": time.perf_counter() - t0,
                            "recipe": {"sequences": list(self.e2e_ids.shape), "lr": c.e2e_lr, "warmup": c.e2e_warmup,
                                       "norms": c.e2e_norms, "topk": c.e2e_topk}}
         self.report.seconds["e2e"] = self.report.e2e["seconds"]

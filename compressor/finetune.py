@@ -54,6 +54,7 @@ class FinetuneResult:
     kept: bool
     steps: int
     seconds: float
+    kl_tuned: float = math.nan  # held-out KL of the tuned weights, kept or not (kl_after is before's when discarded)
     norms: dict[str, torch.Tensor] = field(default_factory=dict)  # tuned norm weights (stored dtype), if kept
 
 
@@ -252,11 +253,11 @@ def finetune(sk: Skeleton, model: Student, ids: torch.Tensor, teacher_hidden: to
         tr.commit()
     # rounded to their stored dtype, as the pack will hold them
     tuned_norms = {k: t.detach().to(device="cpu", dtype=model.norms[k].dtype) for k, t in norms.items()}
-    after = check(tuned_norms) if held else -math.inf
+    tuned = after = check(tuned_norms) if held else -math.inf
     kept = not held or after < before
     if not kept:
         for k, q in qweights.items():
             q.scales, q.grid, q.u, q.v = saved[k]
         after, tuned_norms = before, {}
-    return FinetuneResult(before, after, kept, steps, time.perf_counter() - t0, tuned_norms)
+    return FinetuneResult(before, after, kept, steps, time.perf_counter() - t0, tuned, tuned_norms)
 

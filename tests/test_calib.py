@@ -293,6 +293,19 @@ def test_end_to_end_distillation_lowers_the_held_out_kl(tiny, tmp_path, arch, to
     assert fa["layers/layer-00000.safetensors"] != fb["layers/layer-00000.safetensors"]
 
 
+def test_end_to_end_distillation_that_raises_the_held_out_kl_is_discarded(tiny, tmp_path):
+    """A learning rate far too high: the tuned weights raise the held-out KL (or make it NaN), so the pack
+    is the one without the stage, and the report still says what the tuned weights measured."""
+    cal = {**CAL, "samples": 8, "steps": 0}
+    src = tiny(initializer_range=0.3)
+    a = pack(src, tmp_path / "a", build_config(target_bpw=3.0, block_size=32, **{**cal, "e2e_steps": 0}), progress=False)
+    b = pack(src, tmp_path / "b", build_config(target_bpw=3.0, block_size=32,
+                                               **{**cal, "e2e_steps": 4, "e2e_lr": 30.0, "e2e_warmup": 0}), progress=False)
+    e = b.calib["e2e"]
+    assert not e["kept"] and e["kl_before"] == e["kl_after"] and (e["kl_tuned"] is None or e["kl_tuned"] > e["kl_before"])
+    assert _files(tmp_path / "a") == _files(tmp_path / "b")
+
+
 @pytest.mark.parametrize("arch", ["llama", "gemma3"])
 def test_end_to_end_distillation_tunes_norms_in_their_stored_dtype(tiny, tmp_path, arch):
     """With e2e_norms the stage also tunes every decoder layer's normalisation weights: they are stored again
