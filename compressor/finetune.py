@@ -67,8 +67,8 @@ def fits(numel: int, device: torch.device, held_bytes: int = 0) -> tuple[bool, i
 
 def held_bytes(tokens: int, hidden: int, vocab: int, topk: int) -> int:
     """Bytes the stage holds besides the model: the teacher's targets for `tokens` positions (float32 final
-    hidden states, or top-k ids and log-probs), and one step's logits (teacher log-probs, student logits and
-    their log-softmax kept for backward, or one chunk's when recomputed)."""
+    hidden states, or top-k ids and log-probs), and one step's logits as backward keeps them (the student's
+    log-softmax and the teacher's probabilities, with room for one more), or one chunk's when recomputed."""
     width = min(topk, vocab) if topk else vocab
     targets = tokens * (topk * 12 if topk else hidden * 4)
     step = E2E_TOKENS * width
@@ -113,31 +113,23 @@ class _Head:
 
     def kl(self, student: torch.Tensor, target: list[torch.Tensor]) -> torch.Tensor:
         """Mean over positions of KL(teacher || student); student hidden states [B, T, H], target as
-        `targets` gives it for the same sequences. Logits are built chunk by chunk; the teacher's once, with
-        no graph. The student's are kept for backward, or, where a step's logits exceed RECOMPUTE_FLOATS
-        (large vocabularies), recomputed in backward chunk by chunk so that they never all exist at once."""
+        `targets` gives it for the same sequences. Logits are built chunk by chunk, and kept for backward
+        unless a step's exceed RECOMPUTE_FLOATS (large vocabularies): then each chunk's, the teacher's with
+        them, is recomputed in backward, so that they never all exist at once."""
         s = student.reshape(-1, student.shape[-1])
         t = [x.reshape(s.shape[0], -1).to(s.device) for x in target]
+        fn = self._kl_topk if self.topk else self._kl_full
         recompute = s.shape[0] * self.width > RECOMPUTE_FLOATS
         total = s.new_zeros((), dtype=torch.float32)
         for a in range(0, s.shape[0], self.rows):
-            chunk = [x[a:a + self.rows] for x in t]
-            if self.topk:
-                fn, args = self._kl_topk, chunk
-            else:
-                fn, args = self._kl_full, [self._teacher_logp(chunk[0])]
-            part = checkpoint(fn, s[a:a + self.rows], *args, use_reentrant=False) if recompute else fn(s[a:a + self.rows], *args)
-            total = total + part
+            args = (s[a:a + self.rows], *(x[a:a + self.rows] for x in t))
+            total = total + (checkpoint(fn, *args, use_reentrant=False) if recompute else fn(*args))
         return total / s.shape[0]
 
-    @torch.no_grad()
-    def _teacher_logp(self, t: torch.Tensor) -> torch.Tensor:
-        with torch.autocast(t.device.type, enabled=False):
-            return torch.log_softmax(layerwise.logits(self.sk, t.float()), -1)
-
-    def _kl_full(self, s: torch.Tensor, lt: torch.Tensor) -> torch.Tensor:
+    def _kl_full(self, s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         with torch.autocast(s.device.type, enabled=False):
             ls = torch.log_softmax(layerwise.logits(self.sk, s.float()), -1)
+            lt = torch.log_softmax(layerwise.logits(self.sk, t.float()), -1)
         return (lt.exp() * (lt - ls)).sum()
 
     def _kl_topk(self, s: torch.Tensor, ids: torch.Tensor, lt: torch.Tensor) -> torch.Tensor:
