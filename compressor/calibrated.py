@@ -382,7 +382,8 @@ class CalibratedLayers:
         layers = [read_layer(i) for i in range(self.ckpt.num_layers)]
         numel = sum(t.numel() for tensors in layers for t in tensors.values() if isinstance(t, qtensor.QuantizedTensor))
         vocab, hidden = self.sk.model.get_output_embeddings().weight.shape
-        ok, need, free = finetune.fits(numel, self.device, finetune.held_bytes(self.e2e_ids.numel(), hidden, vocab, c.e2e_topk))
+        held = finetune.held_bytes(self.e2e_ids.numel(), hidden, vocab, c.e2e_topk)
+        ok, need, free = finetune.fits(numel, self.device, held)
         if not ok:
             why = f"needs about {need / 2**30:.1f} GiB, {free / 2**30:.1f} GiB available"
             log.warning("end-to-end distillation skipped: it %s (--e2e-steps 0 silences this)", why)
@@ -407,7 +408,8 @@ class CalibratedLayers:
                 tensors = {n: (qweights[n].freeze() if n in qweights else r.norms.get(n, t)) for n, t in tensors.items()}
                 write_layer(i, tensors)
             self.sk.unload_layer(i)
-        self.report.e2e = {"kl_before": r.kl_before, "kl_after": r.kl_after, "kl_tuned": r.kl_tuned if math.isfinite(r.kl_tuned) else None, "kept": r.kept,
+        tuned = r.kl_tuned if math.isfinite(r.kl_tuned) else None  # JSON has no NaN
+        self.report.e2e = {"kl_before": r.kl_before, "kl_after": r.kl_after, "kl_tuned": tuned, "kept": r.kept,
                            "steps": r.steps, "seconds": time.perf_counter() - t0,
                            "recipe": {"sequences": list(self.e2e_ids.shape), "lr": c.e2e_lr, "warmup": c.e2e_warmup,
                                       "norms": c.e2e_norms, "topk": c.e2e_topk}}

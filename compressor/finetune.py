@@ -58,10 +58,10 @@ class FinetuneResult:
     norms: dict[str, torch.Tensor] = field(default_factory=dict)  # tuned norm weights (stored dtype), if kept
 
 
-def fits(numel: int, device: torch.device, held_bytes: int = 0) -> tuple[bool, int, int]:
-    """Whether the stage's working set for `numel` quantized weights, plus `held_bytes` of teacher targets
-    and logits (held_bytes()), fits the memory free now."""
-    need, free = numel * BYTES_PER_WEIGHT + held_bytes, auto_budget(device, headroom=0.0)
+def fits(numel: int, device: torch.device, extra: int = 0) -> tuple[bool, int, int]:
+    """Whether the stage's working set for `numel` quantized weights, plus `extra` bytes (held_bytes():
+    teacher targets and logits), fits the memory free now."""
+    need, free = numel * BYTES_PER_WEIGHT + extra, auto_budget(device, headroom=0.0)
     return need <= free, need, free
 
 
@@ -71,8 +71,12 @@ def held_bytes(tokens: int, hidden: int, vocab: int, topk: int) -> int:
     log-softmax and the teacher's probabilities, with room for one more), or one chunk's when recomputed."""
     width = min(topk, vocab) if topk else vocab
     targets = tokens * (topk * 12 if topk else hidden * 4)
-    step = E2E_TOKENS * width
-    return targets + 3 * 4 * (step if step <= RECOMPUTE_FLOATS else LOGIT_FLOATS)
+    return targets + 3 * 4 * (LOGIT_FLOATS if recomputes(E2E_TOKENS, width) else E2E_TOKENS * width)
+
+
+def recomputes(positions: int, width: int) -> bool:
+    """Whether a step's logits (positions x width columns) are recomputed in backward rather than kept."""
+    return positions * width > RECOMPUTE_FLOATS
 
 
 class _Head:
@@ -88,7 +92,6 @@ class _Head:
         self.head = sk.model.get_output_embeddings()
         vocab, hidden = self.head.weight.shape
         self.topk = min(topk, vocab)
-        self.width = self.topk or vocab  # logit columns per position
         self.rows = max(1, LOGIT_FLOATS // (self.topk * hidden if self.topk else vocab))
 
     def student_hidden(self, ids: torch.Tensor, weights: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -119,7 +122,7 @@ class _Head:
         s = student.reshape(-1, student.shape[-1])
         t = [x.reshape(s.shape[0], -1).to(s.device) for x in target]
         fn = self._kl_topk if self.topk else self._kl_full
-        recompute = s.shape[0] * self.width > RECOMPUTE_FLOATS
+        recompute = recomputes(s.shape[0], self.topk or self.head.weight.shape[0])
         total = s.new_zeros((), dtype=torch.float32)
         for a in range(0, s.shape[0], self.rows):
             args = (s[a:a + self.rows], *(x[a:a + self.rows] for x in t))
