@@ -51,6 +51,12 @@ VARIANTS = {
     "len1024-steps200": (64, 1024, {"e2e_steps": 200}),
     "len1024-data64-norms": (64, 1024, {"e2e_norms": True}),
     "len1024-data64-norms-lr3e-3": (64, 1024, {"e2e_norms": True, "e2e_lr": 3e-3, "e2e_warmup": 10}),
+    # from here on relative to the current defaults (64 x 1024, norms, lr 3e-3, warmup 10). An e2e_lr is the
+    # peak: the stage scales it by its starting KL (finetune.learning_rate); rows record the rate run ("lr").
+    "current": (64, 1024, {}),
+    "current-lr1e-3": (64, 1024, {"e2e_lr": 1e-3}),
+    "current-data104": (104, 1024, {}),
+    "current-data104-lr1e-3": (104, 1024, {"e2e_lr": 1e-3}),
 }
 
 
@@ -132,7 +138,8 @@ def main() -> None:
         ev = compare(st, base, cfg.ctx, len(windows), 0.0)
         row = {"model": a.model, "bpw": a.bpw, "variant": name, "samples": samples, "seq_len": seq_len,
                **over,
-               "kl_before": r.kl_before, "kl_after": r.kl_after, "kl_tuned": r.kl_tuned, "kept": r.kept, "e2e_seconds": r.seconds,
+               "lr": r.lr, "kl_before": r.kl_before, "kl_after": r.kl_after, "kl_tuned": r.kl_tuned, "kept": r.kept,
+               "e2e_seconds": r.seconds,
                "seconds": time.perf_counter() - t0, "ppl": ev.ppl, "ppl_ratio": ev.ppl_ratio,
                "top1_agreement": ev.top1_agreement, "train_kl": losses}
         print(json.dumps(row), flush=True)

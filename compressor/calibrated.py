@@ -401,7 +401,7 @@ class CalibratedLayers:
 
         r = finetune.finetune(self.sk, model, self.e2e_ids.to(self.device), teacher, c, progress)
         bar.close()
-        log.info("end-to-end distillation: held-out KL %.4g -> %.4g%s", r.kl_before, r.kl_tuned,
+        log.info("end-to-end distillation (lr %.3g): held-out KL %.4g -> %.4g%s", r.lr, r.kl_before, r.kl_tuned,
                  "" if r.kept else " (not lower: the stage's weights are discarded)")
         for i, tensors in enumerate(layers):
             if r.kept:
@@ -411,7 +411,8 @@ class CalibratedLayers:
         tuned = r.kl_tuned if math.isfinite(r.kl_tuned) else None  # JSON has no NaN
         self.report.e2e = {"kl_before": r.kl_before, "kl_after": r.kl_after, "kl_tuned": tuned, "kept": r.kept,
                            "steps": r.steps, "seconds": time.perf_counter() - t0,
-                           "recipe": {"sequences": list(self.e2e_ids.shape), "lr": c.e2e_lr, "warmup": c.e2e_warmup,
+                           "recipe": {"sequences": list(self.e2e_ids.shape), "lr": r.lr, "lr_max": c.e2e_lr,
+                                      "warmup": c.e2e_warmup,
                                       "norms": c.e2e_norms, "topk": c.e2e_topk}}
         self.report.seconds["e2e"] = self.report.e2e["seconds"]
         atomic_write_bytes(marker, json.dumps(self.report.e2e).encode())

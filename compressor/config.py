@@ -13,6 +13,8 @@ from ucformat.bitpack import WIDTHS
 
 LOWRANK_DTYPES = ("float16", "int8")
 INPUT_MODES = ("online", "teacher")
+E2E_LR_FULL_KL = 0.1  # held-out KL before the stage from which it runs at the full --e2e-lr (finetune.py)
+E2E_LR_MIN_SHARE = 1 / 3  # below, the learning rate shrinks with that KL, down to this share of --e2e-lr
 E2E_TOKENS = 1024  # tokens per end-to-end distillation step (whole sequences: 4 of 256, 1 of 1024)
 
 
@@ -30,7 +32,8 @@ class CalibConfig:
     refine_grid: bool = False  # ... and the grid (measured: no gain over scales alone, so off)
     e2e_steps: int = 100  # end-to-end distillation steps (all layers, KL on the logits) after the last layer
     # (the stage's defaults below: bench/e2e_sweep.py on SmolLM2 at 4 bpw, ratio 1.137 -> 1.088; docs/BENCHMARKS.md)
-    e2e_lr: float = 3e-3  # its Adam learning rate, relative as for per-layer distillation
+    e2e_lr: float = 3e-3  # its peak Adam learning rate (relative as for per-layer distillation), lowered for a
+    # student already close to the teacher (finetune.learning_rate: 1e-3..3e-3 by the held-out KL before the stage)
     e2e_warmup: int = 10  # steps of linear learning-rate warmup before the cosine decay
     e2e_samples: int = 64  # sequences of the end-to-end stage (0: the calibration sequences themselves)
     e2e_len: int = 1024  # their length in tokens (0: seq_len); steps hold E2E_TOKENS tokens, whatever the length

@@ -15,6 +15,11 @@ computed (the fp stream after the last layer), so the fp model is never needed w
 Sequences are split: the last CHECK_SEQUENCES are held out; the tuned weights, rounded to their stored
 dtypes, are kept only if they lower the KL on those.
 
+Learning rate: `e2e_lr` while the held-out KL before the stage is at least E2E_LR_FULL_KL; below it, in
+proportion to that KL (a student closer to its teacher takes smaller steps), down to E2E_LR_MIN_SHARE of it.
+Measured on SmolLM2 (bench/e2e_sweep.py): at 4 bpw (KL 0.112) 3e-3 beat 1e-3 (ppl ratio 1.088 against
+1.104); at 5 bpw (KL 0.041) 3e-3 raised the held-out KL and was discarded (1.045) where 1e-3 gave 1.027.
+
 Memory: this is the one stage that holds the whole model (its codes, and per step its weights and
 activations) instead of one layer, about `BYTES_PER_WEIGHT` bytes per quantized weight. When that does
 not fit the memory available, the stage is skipped with a warning (`--e2e-steps 0` skips it always).
@@ -35,7 +40,7 @@ from ucformat.residency import auto_budget
 from ucformat.skeleton import Skeleton
 
 from . import calibrate, layerwise
-from .config import E2E_TOKENS, CalibConfig
+from .config import E2E_LR_FULL_KL, E2E_LR_MIN_SHARE, E2E_TOKENS, CalibConfig
 from .distill import FINAL_LR, Trainable, frozen_weights, native_bf16, relative_lr
 from .qweight import QWeight
 
@@ -56,6 +61,7 @@ class FinetuneResult:
     seconds: float
     kl_tuned: float = math.nan  # held-out KL of the tuned weights, kept or not (kl_after is before's when discarded)
     norms: dict[str, torch.Tensor] = field(default_factory=dict)  # tuned norm weights (stored dtype), if kept
+    lr: float = math.nan  # the learning rate the stage ran at (learning_rate())
 
 
 def fits(numel: int, device: torch.device, extra: int = 0) -> tuple[bool, int, int]:
@@ -72,6 +78,13 @@ def held_bytes(tokens: int, hidden: int, vocab: int, topk: int) -> int:
     width = min(topk, vocab) if topk else vocab
     targets = tokens * (topk * 12 if topk else hidden * 4)
     return targets + 3 * 4 * (LOGIT_FLOATS if recomputes(E2E_TOKENS, width) else E2E_TOKENS * width)
+
+
+def learning_rate(e2e_lr: float, kl_before: float) -> float:
+    """The stage's peak learning rate for a student whose held-out KL is kl_before (NaN: none held out)."""
+    if not math.isfinite(kl_before):
+        return e2e_lr
+    return e2e_lr * min(1.0, max(E2E_LR_MIN_SHARE, kl_before / E2E_LR_FULL_KL))
 
 
 def recomputes(positions: int, width: int) -> bool:
@@ -217,12 +230,13 @@ def finetune(sk: Skeleton, model: Student, ids: torch.Tensor, teacher_hidden: to
         return total / max(len(check_idx), 1)
 
     before = check() if held else math.nan
+    peak_lr = learning_rate(cfg.e2e_lr, before)
     if steps <= 0 or len(train_idx) == 0:
-        return FinetuneResult(before, before, False, 0, time.perf_counter() - t0)
+        return FinetuneResult(before, before, False, 0, time.perf_counter() - t0, lr=peak_lr)
     saved = {k: (q.scales, q.grid, q.u, q.v) for k, q in qweights.items()}
     train = {k: Trainable(q, cfg) for k, q in qweights.items()}
-    groups = [g for t in train.values() for g in t.groups(cfg.e2e_lr)]
-    groups += [{"params": [t], "lr": relative_lr(t, cfg.e2e_lr)} for t in norms.values()]
+    groups = [g for t in train.values() for g in t.groups(peak_lr)]
+    groups += [{"params": [t], "lr": relative_lr(t, peak_lr)} for t in norms.values()]
     opt = torch.optim.Adam(groups, foreach=True)
     base_lr = [g["lr"] for g in opt.param_groups]
     gen = torch.Generator().manual_seed(cfg.seed)
@@ -254,5 +268,5 @@ def finetune(sk: Skeleton, model: Student, ids: torch.Tensor, teacher_hidden: to
         for k, q in qweights.items():
             q.scales, q.grid, q.u, q.v = saved[k]
         after, tuned_norms = before, {}
-    return FinetuneResult(before, after, kept, steps, time.perf_counter() - t0, tuned, tuned_norms)
+    return FinetuneResult(before, after, kept, steps, time.perf_counter() - t0, tuned, tuned_norms, peak_lr)
 

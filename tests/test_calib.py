@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from compressor import calibrate
+from compressor import calibrate, finetune
 from compressor.activations import ActivationStore, SpillBudget
 from compressor.calibrated import WORK_DIR, CalibratedLayers
-from compressor.config import build_config
+from compressor.config import E2E_LR_FULL_KL, E2E_LR_MIN_SHARE, build_config
 from compressor.pack import pack
 from conftest import WIKITEXT, make_tiny
 from ucformat import PackReader
@@ -287,10 +287,20 @@ def test_end_to_end_distillation_lowers_the_held_out_kl(tiny, tmp_path, arch, to
     e = b.calib["e2e"]
     assert a.calib["e2e"] == {} and e["steps"] == 8 and e["kept"]
     assert e["kl_after"] < e["kl_before"]
+    assert e["recipe"]["lr"] == finetune.learning_rate(e["recipe"]["lr_max"], e["kl_before"])
     assert b.stats["bpw_allin"] == a.stats["bpw_allin"]
     assert all(err is None for _, err in verify(PackReader(tmp_path / "b"), deep=True))
     fa, fb = _files(tmp_path / "a"), _files(tmp_path / "b")
     assert fa["layers/layer-00000.safetensors"] != fb["layers/layer-00000.safetensors"]
+
+
+def test_end_to_end_learning_rate_follows_the_starting_kl():
+    """Full rate from E2E_LR_FULL_KL up; below, in proportion to the held-out KL; never under the floor."""
+    lr = 3e-3
+    assert finetune.learning_rate(lr, 0.5) == finetune.learning_rate(lr, E2E_LR_FULL_KL) == lr
+    assert finetune.learning_rate(lr, E2E_LR_FULL_KL / 2) == pytest.approx(lr / 2)
+    assert finetune.learning_rate(lr, 1e-6) == pytest.approx(lr * E2E_LR_MIN_SHARE)
+    assert finetune.learning_rate(lr, float("nan")) == lr  # nothing held out: the rate as given
 
 
 def test_end_to_end_distillation_that_raises_the_held_out_kl_is_discarded(tiny, tmp_path):

@@ -168,7 +168,7 @@ def cmd_eval(a) -> int:
 
 # -- parser ---------------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
-    from compressor.config import E2E_TOKENS, PRESETS, CalibConfig, PackConfig
+    from compressor.config import E2E_LR_FULL_KL, E2E_LR_MIN_SHARE, E2E_TOKENS, PRESETS, CalibConfig, PackConfig
     from compressor.evaluate import EvalConfig
 
     P, C, E = PackConfig(), CalibConfig(), EvalConfig()
@@ -222,7 +222,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--e2e-steps", type=int, help="end-to-end distillation after the last layer: Adam steps of "
                    f"{E2E_TOKENS} tokens tuning every layer's scales and factors against the original model's next-token "
                    f"distribution; holds the whole model in memory, 0 = none (default {C.e2e_steps})")
-    g.add_argument("--e2e-lr", type=float, help=f"end-to-end distillation learning rate (default {C.e2e_lr})")
+    g.add_argument("--e2e-lr", type=float, help="end-to-end distillation peak learning rate; where the held-out KL before "
+                   f"the stage is under {E2E_LR_FULL_KL:g}, scaled down in proportion to it, never "
+                   f"below {E2E_LR_MIN_SHARE:.2g} of it (default {C.e2e_lr})")
     g.add_argument("--e2e-warmup", type=int, help="end-to-end distillation: steps of linear learning-rate warmup "
                    f"before the cosine decay (default {C.e2e_warmup})")
     g.add_argument("--e2e-topk", type=int, help="end-to-end KL over the original model's k most likely tokens per "
