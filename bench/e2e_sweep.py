@@ -58,7 +58,13 @@ VARIANTS = {
     # articles 1-16 (the protocol's calibration text) hold 75 windows of 1024 tokens, so this is all of it
     # (71 trained on, 4 held out): 100 steps then see each sequence 1.4 times instead of 1.7
     "current-data75": (75, 1024, {}),
+    # the current defaults, plus sequences the fp model samples itself (GENERATED) added to the training set,
+    # so that 100 steps see no sequence twice (60 + 40); the 4 held-out sequences stay real text. Not yet run to
+    # the end: on 2 CPU cores the sampling alone ran over 30 minutes (docs/BENCHMARKS.md, e2e-stage section)
+    "current-gen40": (64, 1024, {}),
 }
+GENERATED = {"current-gen40": 40}  # variant -> sampled sequences (prompt: PROMPT tokens of a real one)
+PROMPT = 32
 
 
 class MemorySource:
@@ -80,6 +86,23 @@ class MemorySource:
             else:
                 out[n] = t.float()
         return out
+
+
+@torch.no_grad()
+def sample_sequences(src: Path, real: torch.Tensor, count: int, seed: int = 0) -> torch.Tensor:
+    """[count, T] sequences of the fp model's own text: PROMPT tokens from the middle of a real sequence,
+    then T - PROMPT tokens sampled at temperature 1 (no top-k / top-p, end of text suppressed)."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(src), dtype=torch.float32).eval()
+    length = real.shape[1]
+    mid = (length - PROMPT) // 2
+    prompts = real[torch.arange(count) % len(real), mid:mid + PROMPT]
+    torch.manual_seed(seed)
+    out = model.generate(prompts, attention_mask=torch.ones_like(prompts), do_sample=True, temperature=1.0,
+                         top_k=0, top_p=1.0, max_new_tokens=length - PROMPT, min_new_tokens=length - PROMPT,
+                         pad_token_id=model.config.eos_token_id)
+    return out[:, :length]
 
 
 @torch.no_grad()
@@ -126,6 +149,10 @@ def main() -> None:
         ccfg = replace(CalibConfig(), **over)
         t0 = time.perf_counter()
         ids = calibrate.calibration_ids(tok, text, samples, seq_len, "1-16")
+        if name in GENERATED:  # sampled sequences go in before the held-out ones (the last CHECK_SEQUENCES)
+            held = finetune.CHECK_SEQUENCES
+            gen = sample_sequences(src, ids[:-held], GENERATED[name], ccfg.seed)
+            ids = torch.cat([ids[:-held], gen, ids[-held:]])
         teacher = teacher_hidden(src, ids)
         layers = [reader.read_parts(layer_file(i)) for i in range(reader.num_layers)]
         sk = Skeleton(src)
@@ -138,6 +165,7 @@ def main() -> None:
         st = token_stats(sk_eval, MemorySource(reader, layers, tuned), windows, progress=False)
         ev = compare(st, base, cfg.ctx, len(windows), 0.0)
         row = {"model": a.model, "bpw": a.bpw, "variant": name, "samples": samples, "seq_len": seq_len,
+               "generated": GENERATED.get(name, 0),
                **over,
                "lr": r.lr, "kl_before": r.kl_before, "kl_after": r.kl_after, "kl_tuned": r.kl_tuned, "kept": r.kept,
                "e2e_seconds": r.seconds,
