@@ -51,6 +51,8 @@ def hadamard(n: int) -> torch.Tensor:
 
 def block_hadamard(cols: int, block: int, seed: int) -> torch.Tensor:
     """diag(random signs) @ blockdiag(H_block, ...): orthogonal [cols, cols]."""
+    if cols % block or block & (block - 1):
+        raise SystemExit(f"a linear with {cols} inputs does not split into Hadamard blocks of {block}")
     signs = torch.randint(0, 2, (cols,), generator=torch.Generator().manual_seed(seed)).double() * 2 - 1
     return signs.unsqueeze(1) * torch.block_diag(*[hadamard(block)] * (cols // block))
 
@@ -74,15 +76,48 @@ def output_error(w: torch.Tensor, h: torch.Tensor, bits: int, block: int, rot: t
     return (torch.trace(dw @ h @ dw.T) / torch.trace(w @ h @ w.T)).item()
 
 
-def variants(cols: int, seed: int) -> dict[str, tuple[int, torch.Tensor | None, float]]:
-    """name -> (scale block, rotation, bpw saved against one fp16 scale per 64 weights)."""
+def scale_bits(cols: int, block: int) -> float:
+    """fp16 scale bits per weight of a row of `cols` weights in blocks of `block` (the last one padded)."""
+    return FP16_BITS * -(-cols // block) / cols
+
+
+SCALE_BLOCK = {"none": 64, "h64": 64, "h64-b128": 128, "orth-row": 0}  # weights per scale (0: the whole row)
+
+
+def bpw_saved(name: str, cols: int) -> float:
+    """Scale bits per weight variant `name` saves against one fp16 scale per 64 weights."""
+    return scale_bits(cols, 64) - scale_bits(cols, SCALE_BLOCK[name] or cols)
+
+
+def variants(cols: int, seed: int) -> dict[str, tuple[int, torch.Tensor | None]]:
+    """name -> (weights per scale, rotation)."""
     h64 = block_hadamard(cols, 64, seed)
-    return {
-        "none": (64, None, 0.0),
-        "h64": (64, h64, 0.0),
-        "h64-b128": (128, h64, FP16_BITS / 64 - FP16_BITS / 128),
-        "orth-row": (cols, random_orthogonal(cols, seed), FP16_BITS / 64 - FP16_BITS / cols),
-    }
+    rot = {"none": None, "h64": h64, "h64-b128": h64, "orth-row": random_orthogonal(cols, seed)}
+    return {k: (SCALE_BLOCK[k] or cols, r) for k, r in rot.items()}
+
+
+def summarise(rows: list[dict]) -> list[dict]:
+    """Per bit width and variant: geometric mean (best, worst) of the error ratio to no rotation, and the
+    bits it is worth at 4x error per bit plus the scale bits saved."""
+    out = []
+    for bits in sorted({r["bits"] for r in rows}):
+        at = [r for r in rows if r["bits"] == bits]
+        for k in at[0]["error"]:
+            if k == "none":
+                continue
+            logs = [math.log2(r["error"][k] / r["error"]["none"]) for r in at]
+            ratio = 2 ** (sum(logs) / len(logs))
+            saved = sum(r["bpw_saved"][k] for r in at) / len(at)
+            out.append({"bits": bits, "variant": k, "error_ratio": ratio, "best": 2 ** min(logs),
+                        "worst": 2 ** max(logs), "bits_gained": -0.5 * math.log2(ratio) + saved})
+    return out
+
+
+def print_summary(summary: list[dict]) -> None:
+    print(f"{'bits':>4} {'variant':>9} {'error ratio (geo mean)':>23} {'best':>6} {'worst':>6} {'bits gained':>11}")
+    for s in summary:
+        print(f"{s['bits']:>4} {s['variant']:>9} {s['error_ratio']:>23.3f} {s['best']:>6.3f} {s['worst']:>6.3f} "
+              f"{s['bits_gained']:>+11.3f}")
 
 
 def grams(model, ids: torch.Tensor, layers: list[int]) -> dict[tuple[int, str], torch.Tensor]:
@@ -110,7 +145,18 @@ def main() -> None:
     ap.add_argument("--bits", nargs="+", type=int, default=[3, 4, 5])
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--results", default=str(RESULTS))
+    ap.add_argument("--resummarise", action="store_true",
+                    help="recompute the summary of the rows already in --results (no rounding is rerun)")
     a = ap.parse_args()
+    if a.resummarise:
+        path = Path(a.results)
+        out = json.loads(path.read_text())
+        for r in out["rows"]:
+            r["bpw_saved"] = {k: bpw_saved(k, r["shape"][1]) for k in r["error"]}
+        out["summary"] = summarise(out["rows"])
+        print_summary(out["summary"])
+        path.write_text(json.dumps(out, indent=1))
+        return
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     cache = Path(os.environ.get("UC_CACHE", ROOT / ".uc-cache"))
@@ -127,27 +173,14 @@ def main() -> None:
         w = model.model.layers[i].get_submodule(name).weight.detach().float()
         var = variants(w.shape[1], a.seed + i)
         for bits in a.bits:
-            errs = {k: output_error(w, h, bits, blk, rot) for k, (blk, rot, _) in var.items()}
+            errs = {k: output_error(w, h, bits, blk, rot) for k, (blk, rot) in var.items()}
             rows.append({"layer": i, "linear": name, "shape": list(w.shape), "bits": bits, "error": errs,
-                         "bpw_saved": {k: saved for k, (_, _, saved) in var.items()}})
+                         "bpw_saved": {k: bpw_saved(k, w.shape[1]) for k in errs}})
             print(i, name, bits, " ".join(f"{k} {v / errs['none']:.3f}" for k, v in errs.items() if k != "none"), flush=True)
-    summary = {}
-    for bits in a.bits:
-        at = [r for r in rows if r["bits"] == bits]
-        for k in at[0]["error"]:
-            if k == "none":
-                continue
-            logs = [math.log2(r["error"][k] / r["error"]["none"]) for r in at]
-            ratio = 2 ** (sum(logs) / len(logs))
-            saved = sum(r["bpw_saved"][k] for r in at) / len(at)
-            summary[f"{bits}|{k}"] = {"bits": bits, "variant": k, "error_ratio": ratio, "best": 2 ** min(logs),
-                                      "worst": 2 ** max(logs), "bits_gained": -0.5 * math.log2(ratio) + saved}
-    print(f"{'bits':>4} {'variant':>9} {'error ratio (geo mean)':>23} {'best':>6} {'worst':>6} {'bits gained':>11}")
-    for s in summary.values():
-        print(f"{s['bits']:>4} {s['variant']:>9} {s['error_ratio']:>23.3f} {s['best']:>6.3f} {s['worst']:>6.3f} "
-              f"{s['bits_gained']:>+11.3f}")
+    summary = summarise(rows)
+    print_summary(summary)
     out = {"model": a.model, "layers": layers, "bits": a.bits, "seed": a.seed, "calibration": "32 x 256, articles 1-16",
-           "seconds": time.perf_counter() - t0, "torch": torch.__version__, "summary": list(summary.values()), "rows": rows}
+           "seconds": time.perf_counter() - t0, "torch": torch.__version__, "summary": summary, "rows": rows}
     Path(a.results).parent.mkdir(parents=True, exist_ok=True)
     Path(a.results).write_text(json.dumps(out, indent=1))
 
