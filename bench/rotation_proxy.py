@@ -11,7 +11,7 @@ W' = W R with GPTQ against H' = R^T H R, then rotating back, leaves the output e
 (the same quantity in either basis). Each variant below rounds with our codec (GSQ grid fitted by
 k-means, fp16 absmax scales, GPTQ error feedback) and is compared with no rotation at the same code bits:
   h64        Hadamard blocks of 64 with random signs (aligned with the 64-weight scale blocks)
-  h64-b128   the same, one scale per 128 weights (0.125 bpw fewer)
+  h64-b128   the same, one scale per 128 weights (0.11-0.125 bpw fewer: the last block pads)
   orth-row   a dense random orthogonal matrix, one scale per row (about 0.24 bpw fewer)
 Per bit width the script prints the geometric mean of e / e(none) over the linears and what it is worth
 in bits at the same error, taking the error as falling 4x per bit (-0.5 log2 of the ratio, plus the
@@ -21,6 +21,7 @@ scale bits a variant saves). Results go to bench/results/rotation_proxy.json.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -121,21 +122,17 @@ def print_summary(summary: list[dict]) -> None:
 
 
 def grams(model, ids: torch.Tensor, layers: list[int]) -> dict[tuple[int, str], torch.Tensor]:
-    out: dict[tuple[int, str], torch.Tensor] = {}
-    hooks = []
-    for i in layers:
-        for name, m in model.model.layers[i].named_modules():
-            if isinstance(m, torch.nn.Linear):
-                def hook(mod, args, _out, key=(i, name)):
-                    x = args[0].reshape(-1, args[0].shape[-1]).double()
-                    out[key] = out.get(key, 0) + x.T @ x
-                hooks.append(m.register_forward_hook(hook))
-    with torch.no_grad():
-        for chunk in ids.split(4):
-            model(input_ids=chunk, use_cache=False)
-    for hk in hooks:
-        hk.remove()
-    return out
+    """(layer, module path) -> summed input Gram matrix (float64) of each nn.Linear in the given layers."""
+    with contextlib.ExitStack() as stack:
+        stats = {}
+        for i in layers:
+            layer = model.model.layers[i]
+            paths = {p: p for p, m in layer.named_modules() if isinstance(m, torch.nn.Linear)}
+            stats[i] = stack.enter_context(calibrate.LinearStats(layer, paths))
+        with torch.no_grad():
+            for chunk in ids.split(4):
+                model(input_ids=chunk, use_cache=False)
+    return {(i, p): g for i, st in stats.items() for p, g in st.gram.items()}
 
 
 def main() -> None:
