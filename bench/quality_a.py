@@ -120,8 +120,9 @@ def _pack(src: Path, dst: Path, args: list[str], env: dict) -> dict:
     if out.returncode != 0:
         raise SystemExit(f"uc pack {' '.join(args)} failed:\n{out.stderr[-3000:]}")
     p = json.loads(out.stdout)
+    quant = json.loads((dst / "manifest.json").read_text())["quant"]
     return {"bpw_allin": p["bpw_allin"], "pack_seconds": p["seconds"], "peak_rss_bytes": p["peak_rss_bytes"],
-            "pack_bytes": p["pack_bytes"], "calib": p.get("calib")}
+            "pack_bytes": p["pack_bytes"], "scale_bits": quant.get("scale_bits", 16), "calib": p.get("calib")}
 
 
 def main() -> None:

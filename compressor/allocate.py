@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ucformat import bitpack
+from ucformat import bitpack, scalecodes
 
 from . import codecs, gptq, lowrank
 from .overlay import row_bits
@@ -64,11 +64,12 @@ class Profile:
         return math.prod(self.shape)
 
 
-def stored_bits(shape: tuple[int, ...], c: Choice, block_size: int, lowrank_dtype: str) -> int:
+def stored_bits(shape: tuple[int, ...], c: Choice, block_size: int, lowrank_dtype: str, scale_bits: int = 16) -> int:
     """Exact bits the pack stores for a tensor of this shape under choice c (QuantizedTensor.stored_bits)."""
     *lead, rows, cols = shape
     n = math.prod(lead)
-    bits = rows * bitpack.packed_row_bytes(cols, c.bits) * 8 + rows * (-(-cols // block_size)) * 16 + 2**c.bits * 32
+    bits = (rows * bitpack.packed_row_bytes(cols, c.bits) * 8 + 2**c.bits * 32
+            + scalecodes.storage_bits(rows, -(-cols // block_size), scale_bits))
     if c.rank:
         per = 16 if lowrank_dtype == "float16" else 8
         bits += (rows + cols) * c.rank * per + (0 if lowrank_dtype == "float16" else (rows + c.rank) * 16)
@@ -77,13 +78,14 @@ def stored_bits(shape: tuple[int, ...], c: Choice, block_size: int, lowrank_dtyp
 
 
 def profile(w: torch.Tensor, h: torch.Tensor | None, block_size: int, codec: str, use_gptq: bool,
-            ranks: list[int], bits_options=BITS, seed: int = 0) -> Profile:
+            ranks: list[int], bits_options=BITS, seed: int = 0, scale_bits: int = 16) -> Profile:
     """Measure one matrix w [R, C] (h: its mean input Gram [C, C] or None) at every code width."""
-    return profile_group({"": w}, h, block_size, codec, use_gptq, ranks, bits_options, seed)[""]
+    return profile_group({"": w}, h, block_size, codec, use_gptq, ranks, bits_options, seed, scale_bits)[""]
 
 
 def profile_group(ws: dict[str, torch.Tensor], h: torch.Tensor | None, block_size: int, codec: str,
-                  use_gptq: bool, ranks: list[int], bits_options=BITS, seed: int = 0) -> dict[str, Profile]:
+                  use_gptq: bool, ranks: list[int], bits_options=BITS, seed: int = 0,
+                  scale_bits: int = 16) -> dict[str, Profile]:
     """Profiles of matrices that share one input (and h): their GPTQ roundings run as one pass."""
     col = torch.diagonal(h).clamp_min(0) if h is not None else None
     probe = RANK_PROBE_BITS if RANK_PROBE_BITS in bits_options else bits_options[len(bits_options) // 2]
@@ -95,14 +97,14 @@ def profile_group(ws: dict[str, torch.Tensor], h: torch.Tensor | None, block_siz
         m = min(rows, SAMPLE_ROWS)
         sample = torch.sort(torch.randperm(rows, generator=g)[:m]).values.to(w.device)
         samples[name] = w[sample]
-        grids[name] = {b: fit_grid(w, b, block_size, codec, col, samples=PROFILE_GRID_SAMPLES) for b in bits_options}
+        grids[name] = {b: fit_grid(w, b, block_size, codec, col, PROFILE_GRID_SAMPLES, scale_bits) for b in bits_options}
         profiles[name] = Profile(shape=(rows, cols), rows=sample.cpu())
         # The sampled rows at every width; with ranks to price, also every row at RANK_PROBE_BITS: the
         # share a rank removes is measured on that residual (as the pack will round it) and used for
         # every width, the rounding noise having about the same spectrum at each, only its level differing.
         jobs += [(samples[name], grids[name][b]) for b in bits_options] + ([(w, grids[name][probe])] if ranks else [])
         owners += [(name, b) for b in bits_options] + ([(name, None)] if ranks else [])
-    deq = _round_all(jobs, h if use_gptq else None, block_size)
+    deq = _round_all(jobs, h if use_gptq else None, block_size, scale_bits)
     for (name, b), d in zip(owners, deq):
         p = profiles[name]
         if b is not None:
@@ -114,21 +116,21 @@ def profile_group(ws: dict[str, torch.Tensor], h: torch.Tensor | None, block_siz
     # rounding (cheap) gives the shape of that distribution; the sampled rows give its level.
     low = [b for b in bits_options if b <= OVERLAY_MAX_BITS]
     for name, w in ws.items():
-        for b, d in zip(low, _round_all([(w, grids[name][b]) for b in low], None, block_size)):
+        for b, d in zip(low, _round_all([(w, grids[name][b]) for b in low], None, block_size, scale_bits)):
             profiles[name].row_err_all[b] = _row_err(w - d, h)
     return profiles
 
 
 def _round_all(jobs: list[tuple[torch.Tensor, torch.Tensor]], h: torch.Tensor | None,
-               block_size: int) -> list[torch.Tensor]:
+               block_size: int, scale_bits: int = 16) -> list[torch.Tensor]:
     """Dequantized roundings of each (rows [n, C], grid): GPTQ in one pass with h, else nearest level."""
     out = []
     if h is None:
         for x, grid in jobs:
-            scales, normed = codecs.block_scales(x, block_size)
+            scales, normed = codecs.block_scales(x, block_size, scale_bits)
             out.append(grid[codecs.nearest(normed, grid)] * _expand(scales, block_size, x.shape[1]))
         return out
-    for (x, grid), (codes, scales) in zip(jobs, gptq.round_many(jobs, h, block_size)):
+    for (x, grid), (codes, scales) in zip(jobs, gptq.round_many(jobs, h, block_size, scale_bits=scale_bits)):
         out.append(grid[codes.long()] * _expand(scales, block_size, x.shape[1]))
     return out
 
@@ -152,10 +154,10 @@ class Option:
 
 
 def options(p: Profile, block_size: int, lowrank_dtype: str, ranks: list[int], overlay: bool,
-            zero_rank: bool = True) -> list[Option]:
+            zero_rank: bool = True, scale_bits: int = 16) -> list[Option]:
     """Every choice for one tensor with its exact cost and estimated loss (rank 0 among them if zero_rank)."""
     if p.fixed is not None:
-        return [Option(p.fixed, stored_bits(p.shape, p.fixed, block_size, lowrank_dtype), 0.0)]
+        return [Option(p.fixed, stored_bits(p.shape, p.fixed, block_size, lowrank_dtype, scale_bits), 0.0)]
     rows, cols = p.shape[-2:]
     m = len(p.rows)
     f = p.fisher[p.rows].float() if p.fisher is not None else torch.ones(m)
@@ -173,13 +175,14 @@ def options(p: Profile, block_size: int, lowrank_dtype: str, ranks: list[int], o
             for r in ([0] if zero_rank else []) + list(ranks):
                 share = p.captured.get(b, {}).get(r, 0.0) if r else 0.0
                 c = Choice(b, min(r, rows, cols), k)
-                out.append(Option(c, stored_bits(p.shape, c, block_size, lowrank_dtype), base * (1 - share)))
+                out.append(Option(c, stored_bits(p.shape, c, block_size, lowrank_dtype, scale_bits), base * (1 - share)))
     return out
 
 
-def widths(target_bpw: float, block_size: int) -> tuple[int, ...]:
-    """Code widths the allocator may use under this budget (3.5 bpw and up at block 64: no 2-bit)."""
-    if target_bpw < 3 + 16 / block_size + TWO_BIT_MARGIN:
+def widths(target_bpw: float, three_bit_bpw: float) -> tuple[int, ...]:
+    """Code widths the allocator may use under this budget, given the all-in bpw of 3-bit codes everywhere
+    (scales and grids included: about 3.25 at block 64 with float16 scales, 3.15 with 8-bit ones)."""
+    if target_bpw < three_bit_bpw + TWO_BIT_MARGIN:
         return BITS
     return tuple(b for b in BITS if b > 2)
 

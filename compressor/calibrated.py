@@ -162,7 +162,8 @@ class CalibratedLayers:
                 if n in profiles:
                     profiles[n].fisher = f
             opts = {n: allocate.options(p, cfg.block_size, cfg.lowrank_dtype, self._ranks(), overlay=True,
-                                        zero_rank=not cfg.rank) for n, p in profiles.items()}
+                                        zero_rank=not cfg.rank, scale_bits=cfg.scale_bits)
+                    for n, p in profiles.items()}
             numel = sum(p.numel for p in profiles.values())
             plan = allocate.allocate(opts, cfg.target_bpw * numel)
         self._save_plan(plan)
@@ -181,6 +182,7 @@ class CalibratedLayers:
         when there is data), and keep the inputs of the first sequences for the backward pass."""
         cfg, c = self.cfg, self.cfg.calib
         profiles: dict[str, allocate.Profile] = {}
+        widths = allocate.widths(cfg.target_bpw, self._bpw_at(3)) if profile else ()
         stream = None
         if self.has_data:
             stream = calibrate.embed_stream(self.sk, self.ids, CHUNK, ActivationStore(self.budget, "profile"))
@@ -218,12 +220,19 @@ class CalibratedLayers:
                     h = grams.get(two[0])
                     profiles.update(allocate.profile_group(
                         {n: self.ckpt.get(n).to(self.device) for n in two}, h, cfg.block_size, cfg.codec,
-                        c.gptq and h is not None, self._ranks(), allocate.widths(cfg.target_bpw, cfg.block_size),
-                        seed=c.seed))
+                        c.gptq and h is not None, self._ranks(),
+                        widths, c.seed, cfg.scale_bits))
         bar.close()
         if stream is not None:
             self._last_hidden = stream
         return profiles
+
+    def _bpw_at(self, bits: int) -> float:
+        """All-in bpw of every quantized tensor at this code width, nothing else added."""
+        shapes = [self.ckpt.shape_dtype(n)[0] for i in range(self.ckpt.num_layers) for n in self._names(i)]
+        total = sum(allocate.stored_bits(s, allocate.Choice(bits), self.cfg.block_size, self.cfg.lowrank_dtype,
+                                         self.cfg.scale_bits) for s in shapes)
+        return total / max(sum(math.prod(s) for s in shapes), 1)
 
     def _fixed_choice(self, shape) -> allocate.Choice:
         """Tensors the allocator does not profile (fused 3-D expert stacks): the widest code that fits."""
@@ -231,8 +240,8 @@ class CalibratedLayers:
         for s in shape:
             numel *= s
         fits = [b for b in allocate.BITS
-                if allocate.stored_bits(shape, allocate.Choice(b), self.cfg.block_size, self.cfg.lowrank_dtype)
-                <= self.cfg.target_bpw * numel]
+                if allocate.stored_bits(shape, allocate.Choice(b), self.cfg.block_size, self.cfg.lowrank_dtype,
+                                        self.cfg.scale_bits) <= self.cfg.target_bpw * numel]
         return allocate.Choice(max(fits) if fits else min(allocate.BITS))
 
     def _fisher_pass(self) -> None:
@@ -294,7 +303,8 @@ class CalibratedLayers:
             two = []
             for n in group:
                 if src[n].dim() != 2:  # fused expert stacks: the plain codec at the planned width
-                    out[n] = codecs.quantize(src[n].to(self.device), self.plan[n].bits, cfg.block_size, cfg.codec)
+                    out[n] = codecs.quantize(src[n].to(self.device), self.plan[n].bits, cfg.block_size, cfg.codec,
+                                             cfg.scale_bits)
                 else:
                     two.append(n)
             if not two:
@@ -302,7 +312,7 @@ class CalibratedLayers:
             h = grams.get(two[0])
             ws = {n: src[n].to(self.device) for n in two}
             qs = quantize_group(ws, {n: self.plan[n].bits for n in two}, cfg.block_size, cfg.codec, h, c.gptq,
-                                cfg.lowrank_dtype)
+                                cfg.lowrank_dtype, cfg.scale_bits)
             for n, q in qs.items():
                 ch, f = self.plan[n], self.fisher.get(n)
                 if ch.overlay_rows:
@@ -450,7 +460,8 @@ def read_stored_layer(path: Path, entries: dict[str, TensorEntry]) -> dict[str, 
             if e.kind == "raw":
                 out[name] = f.get_tensor(name)
                 continue
-            shapes = qtensor.expected_part_shapes(e.shape, e.bits, e.block_size, e.rank, e.lowrank_dtype, e.overlay_rows)
+            shapes = qtensor.expected_part_shapes(e.shape, e.bits, e.block_size, e.rank, e.lowrank_dtype, e.overlay_rows,
+                                                  e.scale_bits)
             parts = {p: f.get_tensor(name + qtensor.SUFFIX[p]) for p in shapes}
-            out[name] = qtensor.QuantizedTensor(shape=e.shape, bits=e.bits, block_size=e.block_size, **parts)
+            out[name] = qtensor.from_parts(e.shape, e.bits, e.block_size, parts, e.scale_bits)
     return out

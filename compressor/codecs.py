@@ -1,7 +1,8 @@
 """Scalar codecs: how the grid of 2**b levels is chosen. Reconstruction is shared (ucformat.qtensor).
 
 Every codec normalises each block of `block_size` weights along the input (last) dimension by its
-absmax, stored as an fp16 scale, and maps each normalised weight to the nearest level of a per-matrix
+absmax, stored as an fp16 scale (or, with scale_bits 8, the nearest 8-bit scale code: ucformat/scalecodes.py),
+and maps each normalised weight to the nearest level of a per-matrix
 grid. The codecs differ only in the grid:
   gsq      learned: deterministic 1-D k-means (fixed seed, CPU) on the normalised weights, each weighted
            by its block's scale squared, so the grid minimises the reconstruction MSE of W itself;
@@ -14,7 +15,7 @@ from typing import Callable
 
 import torch
 
-from ucformat import bitpack
+from ucformat import bitpack, scalecodes
 from ucformat.qtensor import QuantizedTensor
 
 GridFn = Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]
@@ -60,20 +61,22 @@ def nearest(values: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
     return torch.bucketize(values.contiguous(), mids.to(values.device), right=False)
 
 
-def block_scales(w: torch.Tensor, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """w float32 [*lead, rows, cols] -> (fp16 scales [*lead, rows, nb], normalised w, same shape as w)."""
+def block_scales(w: torch.Tensor, block_size: int, scale_bits: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
+    """w float32 [*lead, rows, cols] -> (fp16 scales [*lead, rows, nb], normalised w, same shape as w).
+    scale_bits 8: each absmax snapped to the nearest scale its row can store as an 8-bit code."""
     cols = w.shape[-1]
     pad = (-cols) % block_size
     wp = torch.nn.functional.pad(w, (0, pad)) if pad else w
     blocks = wp.reshape(*w.shape[:-1], -1, block_size)
-    scales = blocks.abs().amax(-1).to(torch.float16)
+    absmax = blocks.abs().amax(-1)
+    scales = scalecodes.snap(absmax) if scale_bits == 8 else absmax.to(torch.float16)
     s = scales.float()
     # Normalise by the fp16-rounded scale so that reconstruction uses exactly the stored number.
     normed = torch.where(s.unsqueeze(-1) > 0, blocks / s.unsqueeze(-1).clamp_min(1e-30), torch.zeros_like(blocks))
     return scales, normed.reshape(*wp.shape)[..., :cols]
 
 
-def quantize(w: torch.Tensor, bits: int, block_size: int, codec: str) -> QuantizedTensor:
+def quantize(w: torch.Tensor, bits: int, block_size: int, codec: str, scale_bits: int = 16) -> QuantizedTensor:
     """w: [*lead, rows, cols] (any float dtype, any device) -> QuantizedTensor with CPU parts."""
     if codec not in GRIDS:
         raise ValueError(f"unknown codec {codec!r}; one of {', '.join(GRIDS)}")
@@ -81,10 +84,12 @@ def quantize(w: torch.Tensor, bits: int, block_size: int, codec: str) -> Quantiz
         raise ValueError(f"unsupported bits {bits}; one of {bitpack.WIDTHS}")
     if block_size < 1:
         raise ValueError("block_size must be >= 1")
+    if scale_bits not in scalecodes.WIDTHS:
+        raise ValueError(f"unsupported scale_bits {scale_bits}; one of {scalecodes.WIDTHS}")
     shape = tuple(w.shape)
     *lead, rows, cols = shape
     w = w.float()
-    scales, normed = block_scales(w, block_size)
+    scales, normed = block_scales(w, block_size, scale_bits)
     weight = scales.float().repeat_interleave(block_size, -1)[..., :cols] ** 2
     n_mat = 1
     for d in lead:
@@ -100,5 +105,5 @@ def quantize(w: torch.Tensor, bits: int, block_size: int, codec: str) -> Quantiz
     codes_t = torch.stack(codes).reshape(*lead, rows, cols)
     return QuantizedTensor(
         shape=shape, bits=bits, block_size=block_size,
-        codes=bitpack.pack(codes_t, bits).cpu(), scales=scales.cpu(), grid=grid_t.float().cpu(),
+        codes=bitpack.pack(codes_t, bits).cpu(), scales=scales.cpu(), grid=grid_t.float().cpu(), scale_bits=scale_bits,
     )

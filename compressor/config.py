@@ -63,6 +63,9 @@ class CalibConfig:
 class PackConfig:
     bits: int = 4  # code width of every quantized linear: one of 2, 3, 4, 5, 6, 8 (ignored with target_bpw)
     block_size: int = 64  # weights per absmax scale, along the input dimension
+    scale_bits: int = 16  # how block scales are stored: 16 (float16) or 8 (8-bit codes under a float16 row
+    # maximum: 0.125 + 16/C bits a weight instead of 0.25 at block 64). Not the default: at a 5 bpw budget on
+    # SmolLM2 the allocator's use of the freed 0.1 bpw measured within noise (docs/BENCHMARKS.md, stop 16)
     codec: str = "gsq"  # "gsq" (learned grid) or "uniform" (round-to-nearest baseline)
     device: str = "cpu"  # where quantization runs: "cpu" or "cuda"
     quantize_embeddings: bool = False  # also quantize token embeddings / lm_head (kept in source dtype by default)
@@ -78,6 +81,8 @@ class PackConfig:
             raise ValueError(f"--bits must be one of {', '.join(map(str, WIDTHS))}, got {self.bits}")
         if not 8 <= self.block_size <= 4096:
             raise ValueError(f"--block-size must be in 8..4096, got {self.block_size}")
+        if self.scale_bits not in (8, 16):
+            raise ValueError(f"--scale-bits must be 8 or 16, got {self.scale_bits}")
         if self.codec not in ("gsq", "uniform"):
             raise ValueError(f"--codec must be gsq or uniform, got {self.codec!r}")
         if self.device not in ("cpu", "cuda") and not self.device.startswith("cuda:"):
@@ -102,6 +107,8 @@ class PackConfig:
         identified by its content hash, added by the caller)."""
         d = asdict(self)
         d.pop("device")
+        if self.scale_bits == 16:  # as journals written before the option have it
+            d.pop("scale_bits")
         if not self.calibrated:  # plain packs keep the foundation's journal settings
             for k in ("rank", "max_rank", "lowrank_dtype", "target_bpw", "overlay", "calib"):
                 d.pop(k)

@@ -29,7 +29,7 @@ from ucformat.qtensor import dequantize
 from .activations import ActivationStore
 from .calibrate import Stream, call_layer
 from .config import CalibConfig
-from .qweight import QWeight
+from .qweight import QWeight, storable
 
 CHECK_SEQUENCES = 4  # sequences of the before/after check
 FINAL_LR = 0.1  # cosine decay to this share of the initial learning rate
@@ -67,7 +67,8 @@ class Trainable:
         return out
 
     def weight(self, dtype: torch.dtype) -> torch.Tensor:
-        return self.q.weight(self.q.scales * torch.exp(self.log_s), self.grid, self.u, self.v, dtype)
+        scales = storable(self.q.scales * torch.exp(self.log_s), self.q.scale_bits)
+        return self.q.weight(scales, self.grid, self.u, self.v, dtype)
 
     def commit(self) -> None:
         with torch.no_grad():

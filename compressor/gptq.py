@@ -36,27 +36,28 @@ def inverse_cholesky(h: torch.Tensor, damp: float = DAMP) -> torch.Tensor:
 
 
 def round_gptq(w: torch.Tensor, h: torch.Tensor, grid: torch.Tensor, block_size: int,
-               act_order: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+               act_order: bool = True, scale_bits: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
     """w float32 [R, C], h [C, C], sorted grid [L] (or one per row, [R, L]: several grids at once)
     -> (codes uint8 [R, C], fp16 scales [R, ceil(C/B)]).
 
     act_order: round the columns with the largest input energy first (their errors are then spread over
     the many columns still free); block scales are then fixed up front, from w, as they must not depend on
-    a column order that differs from the blocks'.
+    a column order that differs from the blocks'. 8-bit scales (scale_bits 8) are always fixed up front:
+    a row's codes are relative to its largest scale, which must be known before the first block.
     """
     if w.device.type != "cpu":
-        return _round_gptq(w, h, grid, block_size, act_order)
+        return _round_gptq(w, h, grid, block_size, act_order, scale_bits)
     # thousands of tiny ops: one thread avoids OpenMP barrier waits (up to 100x faster on a busy CPU)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        return _round_gptq(w, h, grid, block_size, act_order)
+        return _round_gptq(w, h, grid, block_size, act_order, scale_bits)
     finally:
         torch.set_num_threads(threads)
 
 
 def round_many(jobs: list[tuple[torch.Tensor, torch.Tensor]], h: torch.Tensor, block_size: int,
-               act_order: bool = True) -> list[tuple[torch.Tensor, torch.Tensor]]:
+               act_order: bool = True, scale_bits: int = 16) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Several matrices sharing one input (q/k/v, gate/up, or one matrix at several widths) rounded in
     one pass: jobs of (rows [n, C], sorted grid [L]); their rows are stacked, each with its own grid
     padded by +inf levels that are never nearest. Same result as one call per job, a fraction of the
@@ -65,12 +66,12 @@ def round_many(jobs: list[tuple[torch.Tensor, torch.Tensor]], h: torch.Tensor, b
     stacked = torch.cat([x.float() for x, _ in jobs])
     grids = torch.cat([torch.nn.functional.pad(g.float(), (0, width - g.numel()), value=math.inf).expand(len(x), width)
                        for x, g in jobs])
-    codes, scales = round_gptq(stacked, h, grids, block_size, act_order)
+    codes, scales = round_gptq(stacked, h, grids, block_size, act_order, scale_bits)
     sizes = [len(x) for x, _ in jobs]
     return list(zip(codes.split(sizes), scales.split(sizes)))
 
 
-def _round_gptq(w, h, grid, block_size, act_order):
+def _round_gptq(w, h, grid, block_size, act_order, scale_bits):
     w = w.float().clone()
     rows, cols = w.shape
     dead = torch.diagonal(h) <= 0
@@ -81,9 +82,11 @@ def _round_gptq(w, h, grid, block_size, act_order):
     else:
         nearest, level = _row_grids(grid)
     nb = -(-cols // block_size)
-    if act_order:
-        perm = torch.argsort(torch.diagonal(h), descending=True, stable=True).to(w.device)
-        scales = codecs.block_scales(w, block_size)[0]  # fp16 [R, nb], static
+    static = act_order or scale_bits == 8
+    if static:
+        perm = (torch.argsort(torch.diagonal(h), descending=True, stable=True) if act_order
+                else torch.arange(cols)).to(w.device)
+        scales = codecs.block_scales(w, block_size, scale_bits)[0]  # fp16 [R, nb], static
         col_scale = scales.float()[:, perm // block_size]  # [R, C] in rounding order
         w, h = w[:, perm], h[perm][:, perm]
     else:
@@ -99,7 +102,7 @@ def _round_gptq(w, h, grid, block_size, act_order):
         s = None
         for i in range(i2 - i1):
             j = i1 + i
-            if act_order:
+            if static:
                 s = col_scale[:, j]
             elif j % block_size == 0:  # the block's scale from its columns as updated so far
                 s16 = w1[:, i:i + block_size].abs().amax(1).to(torch.float16)
@@ -113,7 +116,7 @@ def _round_gptq(w, h, grid, block_size, act_order):
             w1[:, i:] -= err.unsqueeze(1) * h1[i, i:].unsqueeze(0)
             err1[:, i] = err
         w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
-    if act_order:
+    if static:
         out = torch.empty_like(codes)
         out[:, perm] = codes
         codes = out

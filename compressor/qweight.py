@@ -2,7 +2,8 @@
 
 `QWeight` holds the same parts as `ucformat.qtensor.QuantizedTensor`, unpacked and in float32:
   codes   uint8   [R, C]    one code per weight (fixed once chosen)
-  scales  float32 [R, nb]   per-block scales (fp16-representable when frozen)
+  scales  float32 [R, nb]   per-block scales (float16, or with scale_bits 8 the nearest 8-bit scale codes'
+                            values, when frozen)
   grid    float32 [2**b]    levels
   u, v    float32 [R, r], [r, C]   optional low-rank correction, W += u @ v
   ov_rows int64 [k], ov_q int8 [k, C], ov_s float16 [k]   optional rows restored at 8 bits
@@ -16,7 +17,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ucformat import bitpack
+from ucformat import bitpack, scalecodes
 from ucformat.qtensor import QuantizedTensor
 
 from . import codecs, gptq
@@ -37,6 +38,7 @@ class QWeight:
     ov_rows: torch.Tensor | None = None
     ov_q: torch.Tensor | None = None
     ov_s: torch.Tensor | None = None
+    scale_bits: int = 16
     _flat: torch.Tensor | None = field(default=None, repr=False)  # codes as int64 [R*C], cached
     _levels: tuple | None = field(default=None, repr=False)  # (grid, grid[codes]) for a fixed grid
 
@@ -96,13 +98,14 @@ class QWeight:
         t = lambda x: None if x is None else x.to(device)  # noqa: E731
         return cls(bits=q.bits, block_size=q.block_size, codes=t(codes), scales=t(q.scales.float()),
                    grid=t(q.grid.float()), u=t(u), v=t(v), lowrank_dtype=q.lowrank_dtype,
-                   ov_rows=t(ov_rows), ov_q=t(q.ov_q), ov_s=t(q.ov_s))
+                   ov_rows=t(ov_rows), ov_q=t(q.ov_q), ov_s=t(q.ov_s), scale_bits=q.scale_bits)
 
     def freeze(self) -> QuantizedTensor:
         """Round to the stored dtypes; the result reconstructs (qtensor.dequantize) to what it stores."""
         q = QuantizedTensor(shape=self.shape, bits=self.bits, block_size=self.block_size,
                             codes=bitpack.pack(self.codes.cpu(), self.bits),
-                            scales=self.scales.to(torch.float16).cpu(), grid=self.grid.float().cpu())
+                            scales=stored_scales(self.scales, self.scale_bits).cpu(), grid=self.grid.float().cpu(),
+                            scale_bits=self.scale_bits)
         if self.u is not None:
             if self.lowrank_dtype == "int8":
                 q.lr_uq, q.lr_us = int8_rows(self.u.cpu())
@@ -113,6 +116,19 @@ class QWeight:
             q.ov_rows = self.ov_rows.to(torch.int32).cpu()
             q.ov_q, q.ov_s = self.ov_q.cpu(), self.ov_s.cpu()
         return q
+
+
+def stored_scales(scales: torch.Tensor, scale_bits: int) -> torch.Tensor:
+    """float scales [R, nb] -> the float16 values the pack stores for them."""
+    return scalecodes.snap(scales.detach()) if scale_bits == 8 else scales.detach().to(torch.float16)
+
+
+def storable(scales: torch.Tensor, scale_bits: int) -> torch.Tensor:
+    """Training's view of the scales: what freeze() will store, with the gradient of the identity
+    (straight through), so that distillation tunes the values the pack will hold."""
+    if scale_bits != 8:
+        return scales
+    return scales + (stored_scales(scales, scale_bits).to(scales.dtype) - scales).detach()
 
 
 class _Lookup(torch.autograd.Function):
@@ -143,10 +159,10 @@ def overlay_values(q: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
 
 
 def fit_grid(w: torch.Tensor, bits: int, block_size: int, codec: str, col_weight: torch.Tensor | None,
-             samples: int = GRID_SAMPLES) -> torch.Tensor:
+             samples: int = GRID_SAMPLES, scale_bits: int = 16) -> torch.Tensor:
     """The grid of `codec` for w [R, C]; k-means weighs each weight by its block scale^2 and its column's
     input energy E[x_j^2] when known (the output error it causes)."""
-    scales, normed = codecs.block_scales(w, block_size)
+    scales, normed = codecs.block_scales(w, block_size, scale_bits)
     weight = scales.float().repeat_interleave(block_size, -1)[..., :w.shape[1]] ** 2
     if col_weight is not None:
         weight = weight * col_weight.float().to(weight.device).unsqueeze(0)
@@ -156,24 +172,26 @@ def fit_grid(w: torch.Tensor, bits: int, block_size: int, codec: str, col_weight
 
 
 def quantize_matrix(w: torch.Tensor, bits: int, block_size: int, codec: str, h: torch.Tensor | None = None,
-                    use_gptq: bool = True, lowrank_dtype: str = "int8") -> QWeight:
+                    use_gptq: bool = True, lowrank_dtype: str = "int8", scale_bits: int = 16) -> QWeight:
     """w [R, C] -> QWeight: grid fitted with activation weights, codes by GPTQ rounding when h is known."""
-    return quantize_group({"": w}, {"": bits}, block_size, codec, h, use_gptq, lowrank_dtype)[""]
+    return quantize_group({"": w}, {"": bits}, block_size, codec, h, use_gptq, lowrank_dtype, scale_bits)[""]
 
 
 def quantize_group(ws: dict[str, torch.Tensor], bits: dict[str, int], block_size: int, codec: str,
-                   h: torch.Tensor | None = None, use_gptq: bool = True, lowrank_dtype: str = "int8") -> dict[str, QWeight]:
+                   h: torch.Tensor | None = None, use_gptq: bool = True, lowrank_dtype: str = "int8",
+                   scale_bits: int = 16) -> dict[str, QWeight]:
     """Matrices sharing one input Gram matrix h (q/k/v, gate/up), each at its own width; with h, their
     GPTQ rounding runs as one pass."""
     col = torch.diagonal(h).clamp_min(0) if h is not None else None
     ws = {n: w.float() for n, w in ws.items()}
-    grids = {n: fit_grid(w, bits[n], block_size, codec, col) for n, w in ws.items()}
+    grids = {n: fit_grid(w, bits[n], block_size, codec, col, scale_bits=scale_bits) for n, w in ws.items()}
     if h is not None and use_gptq:
-        rounded = dict(zip(ws, gptq.round_many([(ws[n], grids[n]) for n in ws], h, block_size)))
+        rounded = dict(zip(ws, gptq.round_many([(ws[n], grids[n]) for n in ws], h, block_size,
+                                               scale_bits=scale_bits)))
     else:
         rounded = {}
         for n, w in ws.items():
-            scales, normed = codecs.block_scales(w, block_size)
+            scales, normed = codecs.block_scales(w, block_size, scale_bits)
             rounded[n] = (codecs.nearest(normed, grids[n]).to(torch.uint8), scales)
     return {n: QWeight(bits=bits[n], block_size=block_size, codes=rounded[n][0], scales=rounded[n][1].float(),
-                       grid=grids[n].float(), lowrank_dtype=lowrank_dtype) for n in ws}
+                       grid=grids[n].float(), lowrank_dtype=lowrank_dtype, scale_bits=scale_bits) for n in ws}

@@ -17,7 +17,7 @@ MAJOR = VERSION.split(".")[0]
 MANIFEST_NAME = "manifest.json"
 PROGRESS_NAME = ".uc-progress.json"
 NONLAYER_FILE = "nonlayer.safetensors"
-KNOWN_FEATURES = frozenset({"lowrank", "lowrank-int8", "overlay"})
+KNOWN_FEATURES = frozenset({"lowrank", "lowrank-int8", "overlay", "scales-u8"})
 
 
 def layer_file(index: int) -> str:
@@ -45,6 +45,7 @@ class TensorEntry:
     stored_bytes: int = 0
     lowrank_dtype: str = "float16"  # "int8": factors stored as .lr_uq/.lr_vq with row scales (feature lowrank-int8)
     overlay_rows: int = 0  # rows restored at 8 bits (.ov_rows/.ov_q/.ov_s; feature overlay)
+    scale_bits: int = 16  # 8: block scales stored as uint8 codes plus .qsmax row maxima (feature scales-u8)
 
     @staticmethod
     def from_json(name: str, d: dict[str, Any], path: str) -> "TensorEntry":
@@ -54,7 +55,7 @@ class TensorEntry:
                 dtype=str(d["dtype"]), codec=d.get("codec"), bits=d.get("bits"),
                 block_size=d.get("block_size"), rank=int(d.get("rank", 0)),
                 stored_bytes=int(d.get("stored_bytes", 0)), lowrank_dtype=str(d.get("lowrank_dtype", "float16")),
-                overlay_rows=int(d.get("overlay_rows", 0)),
+                overlay_rows=int(d.get("overlay_rows", 0)), scale_bits=int(d.get("scale_bits", 16)),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise ManifestError(path, f"tensor {name!r}: bad entry ({exc})") from None
@@ -62,8 +63,8 @@ class TensorEntry:
             raise ManifestError(path, f"tensor {name!r}: unknown kind {e.kind!r}")
         if e.kind == "quantized" and (e.bits is None or e.block_size is None or len(e.shape) < 2):
             raise ManifestError(path, f"tensor {name!r}: quantized entry needs bits, block_size and a >=2-D shape")
-        if e.lowrank_dtype not in ("float16", "int8") or e.rank < 0 or e.overlay_rows < 0:
-            raise ManifestError(path, f"tensor {name!r}: bad rank, lowrank_dtype or overlay_rows")
+        if e.lowrank_dtype not in ("float16", "int8") or e.rank < 0 or e.overlay_rows < 0 or e.scale_bits not in (16, 8):
+            raise ManifestError(path, f"tensor {name!r}: bad rank, lowrank_dtype, overlay_rows or scale_bits")
         return e
 
     def features(self) -> set[str]:
@@ -75,6 +76,8 @@ class TensorEntry:
                 out.add("lowrank-int8")
         if self.overlay_rows:
             out.add("overlay")
+        if self.scale_bits == 8:
+            out.add("scales-u8")
         return out
 
 

@@ -3,7 +3,8 @@
 Shapes, for a weight of shape [*lead, rows, cols] (a Linear is lead=(), rows=out, cols=in; fused MoE
 experts are lead=(experts,)), block size B, width b:
   codes   uint8   [*lead, rows, ceil(cols/8)*b]   bit-packed (bitpack.py)
-  scales  float16 [*lead, rows, ceil(cols/B)]     per-block absmax
+  scales  float16 [*lead, rows, ceil(cols/B)]     per-block absmax (stored as such, or with scale_bits 8
+                                                  as uint8 codes + float16 row maxima: scalecodes.py)
   grid    float32 [*lead, 2**b]                   levels on block-normalised weights
   lr_u    float16 [*lead, rows, r]                optional low-rank correction, W += lr_u @ lr_v
   lr_v    float16 [*lead, r, cols]
@@ -21,13 +22,13 @@ from dataclasses import dataclass
 
 import torch
 
-from . import bitpack, cpu_dequant
+from . import bitpack, cpu_dequant, scalecodes
 
 # Suffixes appended to the source tensor name inside a layer file. Data, not code paths: the writer,
 # the reader and the spec all use this table.
 SUFFIX = {"codes": ".qcodes", "scales": ".qscales", "grid": ".qgrid", "lr_u": ".lr_u", "lr_v": ".lr_v",
           "lr_uq": ".lr_uq", "lr_us": ".lr_us", "lr_vq": ".lr_vq", "lr_vs": ".lr_vs",
-          "ov_rows": ".ov_rows", "ov_q": ".ov_q", "ov_s": ".ov_s"}
+          "ov_rows": ".ov_rows", "ov_q": ".ov_q", "ov_s": ".ov_s", "scale_max": ".qsmax"}
 REQUIRED_PARTS = ("codes", "scales", "grid")
 OPTIONAL_PARTS = ("lr_u", "lr_v", "lr_uq", "lr_us", "lr_vq", "lr_vs", "ov_rows", "ov_q", "ov_s")
 LOWRANK_DTYPES = ("float16", "int8")
@@ -50,10 +51,13 @@ class QuantizedTensor:
     ov_rows: torch.Tensor | None = None
     ov_q: torch.Tensor | None = None
     ov_s: torch.Tensor | None = None
+    scale_bits: int = 16  # how `scales` (always float16 here) are stored: float16, or 8-bit codes
 
     def parts(self) -> dict[str, torch.Tensor]:
-        out = {"codes": self.codes, "scales": self.scales, "grid": self.grid}
-        out.update({k: getattr(self, k) for k in OPTIONAL_PARTS if getattr(self, k) is not None})
+        """The stored parts (SUFFIX keys): with scale_bits 8, `scales` as uint8 codes plus `scale_max`."""
+        out = self._held()
+        if self.scale_bits == 8:
+            out["scales"], out["scale_max"] = scalecodes.encode(self.scales)
         return out
 
     def apply(self, fn) -> "QuantizedTensor":
@@ -69,7 +73,20 @@ class QuantizedTensor:
 
     def stored_bits(self) -> int:
         """All bits this weight costs on disk: codes + scales + grid + correction factors."""
-        return sum(t.numel() * t.element_size() * 8 for t in self.parts().values())
+        held = self._held()
+        scales = held.pop("scales")
+        blocks = scales.shape[-1]
+        return (sum(t.numel() * t.element_size() * 8 for t in held.values())
+                + scalecodes.storage_bits(scales.numel() // max(blocks, 1), blocks, self.scale_bits))
+
+    def nbytes(self) -> int:
+        """Bytes it holds in memory (scales as float16 whatever their storage)."""
+        return sum(t.numel() * t.element_size() for t in self._held().values())
+
+    def _held(self) -> dict[str, torch.Tensor]:
+        out = {"codes": self.codes, "scales": self.scales, "grid": self.grid}
+        out.update({k: getattr(self, k) for k in OPTIONAL_PARTS if getattr(self, k) is not None})
+        return out
 
     def numel(self) -> int:
         n = 1
@@ -79,7 +96,7 @@ class QuantizedTensor:
 
     def expected_shapes(self) -> dict[str, tuple[int, ...]]:
         return expected_part_shapes(self.shape, self.bits, self.block_size, self.rank, self.lowrank_dtype,
-                                    self.overlay_rows)
+                                    self.overlay_rows, self.scale_bits)
 
     @property
     def rank(self) -> int:
@@ -95,8 +112,17 @@ class QuantizedTensor:
         return 0 if self.ov_rows is None else int(self.ov_rows.shape[-1])
 
 
+def from_parts(shape, bits: int, block_size: int, parts: dict[str, torch.Tensor], scale_bits: int = 16) -> QuantizedTensor:
+    """The inverse of QuantizedTensor.parts(): stored parts (SUFFIX keys) -> QuantizedTensor, 8-bit scale
+    codes decoded to float16 (SPEC.md 2.4) so that every consumer sees one kind of scales."""
+    parts = dict(parts)
+    if scale_bits == 8:
+        parts["scales"] = scalecodes.decode(parts["scales"], parts.pop("scale_max"))
+    return QuantizedTensor(shape=tuple(shape), bits=bits, block_size=block_size, scale_bits=scale_bits, **parts)
+
+
 def expected_part_shapes(shape, bits: int, block_size: int, rank: int = 0, lowrank_dtype: str = "float16",
-                         overlay_rows: int = 0) -> dict[str, tuple[int, ...]]:
+                         overlay_rows: int = 0, scale_bits: int = 16) -> dict[str, tuple[int, ...]]:
     *lead, rows, cols = shape
     lead = tuple(lead)
     out = {
@@ -104,6 +130,8 @@ def expected_part_shapes(shape, bits: int, block_size: int, rank: int = 0, lowra
         "scales": (*lead, rows, -(-cols // block_size)),
         "grid": (*lead, 2**bits),
     }
+    if scale_bits == 8:
+        out["scale_max"] = (*lead, rows)
     if rank and lowrank_dtype == "int8":
         out.update(lr_uq=(*lead, rows, rank), lr_us=(*lead, rows), lr_vq=(*lead, rank, cols), lr_vs=(*lead, rank))
     elif rank:

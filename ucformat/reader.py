@@ -27,7 +27,7 @@ _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch
 _PART_DTYPES = {"codes": torch.uint8, "scales": torch.float16, "grid": torch.float32,
                 "lr_u": torch.float16, "lr_v": torch.float16,
                 "lr_uq": torch.int8, "lr_us": torch.float16, "lr_vq": torch.int8, "lr_vs": torch.float16,
-                "ov_rows": torch.int32, "ov_q": torch.int8, "ov_s": torch.float16}
+                "ov_rows": torch.int32, "ov_q": torch.int8, "ov_s": torch.float16, "scale_max": torch.float16}
 
 
 def torch_dtype(name: str) -> torch.dtype:
@@ -150,16 +150,16 @@ class PackReader:
 
     def _quantized(self, f, stored, rel: str, name: str, entry: TensorEntry) -> qtensor.QuantizedTensor:
         expected = qtensor.expected_part_shapes(entry.shape, entry.bits, entry.block_size, entry.rank,
-                                                entry.lowrank_dtype, entry.overlay_rows)
+                                                entry.lowrank_dtype, entry.overlay_rows, entry.scale_bits)
         parts = {}
         for part, shape in expected.items():
             key = name + qtensor.SUFFIX[part]
             t = self._get(f, stored, rel, key)
-            if tuple(t.shape) != shape or t.dtype != _PART_DTYPES[part]:
-                raise TensorError(str(self.path / rel), key,
-                                  f"{t.dtype} {tuple(t.shape)}, expected {_PART_DTYPES[part]} {shape}")
+            dtype = torch.uint8 if part == "scales" and entry.scale_bits == 8 else _PART_DTYPES[part]
+            if tuple(t.shape) != shape or t.dtype != dtype:
+                raise TensorError(str(self.path / rel), key, f"{t.dtype} {tuple(t.shape)}, expected {dtype} {shape}")
             parts[part] = t
-        q = qtensor.QuantizedTensor(shape=entry.shape, bits=entry.bits, block_size=entry.block_size, **parts)
+        q = qtensor.from_parts(entry.shape, entry.bits, entry.block_size, parts, entry.scale_bits)
         bad = qtensor.overlay_error(q)
         if bad:
             raise TensorError(str(self.path / rel), name + qtensor.SUFFIX["ov_rows"], bad)

@@ -70,7 +70,8 @@ def _nbytes(t: torch.Tensor | None) -> int:
 
 
 def parts_bytes(parts: Parts) -> int:
-    return sum(p.stored_bytes() if isinstance(p, qtensor.QuantizedTensor) else _nbytes(p) for p in parts.values())
+    """Bytes the parts hold in memory (what residency budgets and host-to-device copies move)."""
+    return sum(p.nbytes() if isinstance(p, qtensor.QuantizedTensor) else _nbytes(p) for p in parts.values())
 
 
 class Runtime:
