@@ -179,8 +179,11 @@ class LinearStats:
         return (self.gram[name] / max(self.tokens.get(name, 1), 1)).float()
 
 
-def head_grad(sk, hidden: torch.Tensor, batch: layerwise.Batch) -> tuple[torch.Tensor, float]:
+def head_grad(sk, hidden: torch.Tensor, batch: layerwise.Batch,
+              draw: torch.Generator | None = None) -> tuple[torch.Tensor, float]:
     """Gradient of the summed next-token NLL w.r.t. the last layer's output [B, T, H], and that NLL.
+    The labels are the text's next tokens, or with `draw` tokens sampled from the model's own distribution
+    (whose squared gradients average to the true Fisher rather than the empirical one).
 
     The head runs over (sequence, position) rows in chunks of LOGIT_FLOATS // vocab rows, so the logits,
     their log-softmax and their gradient stay bounded whatever the batch and the vocabulary (Gemma-3's
@@ -195,7 +198,12 @@ def head_grad(sk, hidden: torch.Tensor, batch: layerwise.Batch) -> tuple[torch.T
         step = max(1, LOGIT_FLOATS // sk.model.get_output_embeddings().weight.shape[0])
         for s in range(0, rows.shape[0], step):
             part = rows[s:s + step].requires_grad_(True)
-            loss = torch.nn.functional.cross_entropy(layerwise.logits(sk, part), targets[s:s + step], reduction="sum")
+            logits = layerwise.logits(sk, part)
+            tgt = targets[s:s + step]
+            if draw is not None:
+                probs = logits.detach().float().softmax(-1)
+                tgt = torch.multinomial(probs.cpu(), 1, generator=draw).squeeze(-1).to(logits.device)
+            loss = torch.nn.functional.cross_entropy(logits, tgt, reduction="sum")
             loss.backward()
             grad[s:s + step] = part.grad
             total += loss.item()

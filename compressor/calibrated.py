@@ -36,7 +36,7 @@ from ucformat.skeleton import Skeleton
 from . import allocate, calibrate, codecs, distill, finetune, lowrank, overlay
 from .activations import ActivationStore, SpillBudget
 from .checkpoint import SourceCheckpoint, nonlayer_state_dict
-from .config import PackConfig
+from .config import FISHER_DRAWS, PackConfig
 from .qweight import QWeight, quantize_group
 
 log = logging.getLogger(__name__)
@@ -246,11 +246,15 @@ class CalibratedLayers:
 
     def _fisher_pass(self) -> None:
         """F[name][r] = sum over tokens of (dNLL/dy_r)^2 for every profiled linear, one streamed backward."""
-        top = self._last_hidden
-        grads = []
+        top, c = self._last_hidden, self.cfg.calib
+        draws = FISHER_DRAWS if c.fisher_labels == "model" else 1
+        gen = torch.Generator().manual_seed(c.seed) if c.fisher_labels == "model" else None
+        grads, chunk = [], []  # per backward: the gradient at the top, and which kept input chunk it belongs to
         for k in range(len(self._fisher_inputs[0])):
-            g, _ = calibrate.head_grad(self.sk, top.store[k], top.batches[k])
-            grads.append(g)
+            for _ in range(draws):
+                g, _ = calibrate.head_grad(self.sk, top.store[k], top.batches[k], gen)
+                grads.append(g)
+                chunk.append(k)
         top.store.clear()
         bar = tqdm(reversed(range(self.ckpt.num_layers)), total=self.ckpt.num_layers, desc="fisher", unit="layer",
                    disable=not self.progress)
@@ -261,12 +265,12 @@ class CalibratedLayers:
                 p.requires_grad_(False)
             lin = calibrate.linear_modules(layer, self._names(i), f"{self.ckpt.layer_prefix}{i}.")
             with calibrate.LinearStats(layer, lin, gram=False, fisher=True) as st:
-                for k, x in enumerate(self._fisher_inputs[i]):
-                    x = x.detach().clone().requires_grad_(True)
+                for j, k in enumerate(chunk):
+                    x = self._fisher_inputs[i][k].detach().clone().requires_grad_(True)
                     with torch.enable_grad():
                         out = calibrate.call_layer(layer, x, top.batches[k].layer_kwargs[i])
-                        out.backward(grads[k])
-                    grads[k] = x.grad.detach()
+                        out.backward(grads[j])
+                    grads[j] = x.grad.detach()
             for n, f in st.fisher.items():
                 self.fisher[n] = (f / max(st.tokens.get(n, 1), 1)).float().cpu()
             self._fisher_inputs[i].clear()

@@ -13,6 +13,8 @@ from ucformat.bitpack import WIDTHS
 
 LOWRANK_DTYPES = ("float16", "int8")
 INPUT_MODES = ("online", "teacher")
+FISHER_LABELS = ("data", "model")
+FISHER_DRAWS = 4  # label draws per position with --fisher-labels model
 E2E_LR_FULL_KL = 0.1  # held-out KL before the stage from which it runs at the full --e2e-lr (finetune.py)
 E2E_LR_MIN_SHARE = 1 / 3  # below, the learning rate shrinks with that KL, down to this share of --e2e-lr
 E2E_TOKENS = 1024  # tokens per end-to-end distillation step (whole sequences: 4 of 256, 1 of 1024)
@@ -42,12 +44,17 @@ class CalibConfig:
     gptq: bool = True  # choose codes by activation-aware error feedback (GPTQ-style), not nearest level
     bf16: bool = True  # distillation steps under bfloat16 autocast where the hardware has it (checks stay fp32)
     fisher_samples: int = 4  # sequences whose loss gradients weight the allocation (0: activations only)
+    fisher_labels: str = "data"  # the labels of those gradients: "data" (the text's next tokens: empirical
+    # Fisher) or "model" (FISHER_DRAWS draws from the fp model's own distribution: the true Fisher, whose
+    # expectation is the Hessian of the KL to the fp model; bench/alloc_check.py)
     spill_mb: int = 1024  # activations beyond this many MiB are written to safetensors files under DST
     seed: int = 0
 
     def __post_init__(self) -> None:
         if self.inputs not in INPUT_MODES:
             raise ValueError(f"--inputs must be one of {', '.join(INPUT_MODES)}, got {self.inputs!r}")
+        if self.fisher_labels not in FISHER_LABELS:
+            raise ValueError(f"--fisher-labels must be one of {', '.join(FISHER_LABELS)}, got {self.fisher_labels!r}")
         if self.samples < 1 or self.seq_len < 8:
             raise ValueError(f"--calib-samples must be >= 1 and --calib-len >= 8, got {self.samples}, {self.seq_len}")
         if min(self.steps, self.e2e_steps, self.e2e_warmup, self.e2e_topk, self.e2e_samples, self.fisher_samples, self.spill_mb) < 0:

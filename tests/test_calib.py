@@ -168,12 +168,13 @@ def test_cli_flags_reach_the_config(tiny, tmp_path):
     out = subprocess.run([sys.executable, "-m", "uc", "pack", str(tiny()), str(dst), "--preset", "light-4",
                           "--block-size", "32", "--calib", str(WIKITEXT), "--calib-articles", "1-16",
                           "--calib-samples", "4", "--calib-len", "32", "--steps", "2", "--inputs", "teacher",
-                          "--json", "-q"], capture_output=True, text=True)
+                          "--fisher-labels", "model", "--json", "-q"], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     r = json.loads(out.stdout)
     assert r["bpw_allin"] <= 4.0 and r["calib"]["allocation"]
     q = PackReader(dst).manifest.quant
     assert q["target_bpw"] == 4.0 and q["calib"]["inputs"] == "teacher" and q["calib"]["steps"] == 2
+    assert q["calib"]["fisher_labels"] == "model"
     bad = subprocess.run([sys.executable, "-m", "uc", "pack", str(tiny()), str(tmp_path / "q"), "--calib",
                           str(tmp_path / "missing.txt")], capture_output=True, text=True)
     assert bad.returncode != 0 and "uc: error:" in bad.stderr and "missing.txt" in bad.stderr
@@ -239,6 +240,43 @@ def test_head_gradient_builds_no_weight_gradients(tiny, monkeypatch):
     grad1, nll1 = calibrate.head_grad(sk, hidden.clone(), batch)
     torch.testing.assert_close(grad1, grad, rtol=1e-4, atol=1e-6)  # float32 sums in another order
     assert abs(nll1 - nll) < 1e-4 * nll
+
+
+def test_model_drawn_labels_give_the_true_fisher(tiny):
+    """With labels drawn from the model's own distribution the head gradient averages to zero (E_y[p - e_y]
+    = 0, so its squares estimate the KL's curvature, not the text's); with the text's labels it does not.
+    The draws come from the generator: the same seed gives the same gradient."""
+    from compressor import layerwise
+    from compressor.checkpoint import SourceCheckpoint
+    from ucformat.skeleton import Skeleton
+
+    path = tiny()
+    ckpt = SourceCheckpoint(path)
+    sk = Skeleton(path)
+    sk.load({n: ckpt.get(n) for n in ckpt.nonlayer})
+    ids = torch.randint(0, 256, (1, 16), generator=torch.Generator().manual_seed(0))
+    hidden, batch = layerwise.embed(sk, ids)
+    for i in range(len(sk.layers)):
+        sk.load({n: ckpt.get(n) for n in ckpt.layers[i]})
+        hidden = layerwise.layer(sk, i, hidden, batch)
+    data, _ = calibrate.head_grad(sk, hidden.clone(), batch)
+    gen = torch.Generator().manual_seed(1)
+    draws = torch.stack([calibrate.head_grad(sk, hidden.clone(), batch, gen)[0] for _ in range(256)])
+    one = draws[0].norm()
+    assert draws.mean(0).norm() < 3 * one / 256 ** 0.5  # Monte Carlo mean of zero-mean draws
+    assert data.norm() > 0.5 * one and not torch.equal(draws[0], draws[1])
+    again = calibrate.head_grad(sk, hidden.clone(), batch, torch.Generator().manual_seed(1))[0]
+    torch.testing.assert_close(again, draws[0])
+
+
+def test_fisher_labels_reach_the_pack_and_bad_ones_are_refused(tiny, tmp_path):
+    cal = {**CAL, "steps": 0, "e2e_steps": 0}
+    r = pack(tiny(), tmp_path / "m", build_config(target_bpw=4.0, block_size=32, fisher_labels="model", **cal),
+             progress=False)
+    assert r.stats["bpw_allin"] <= 4.0 and "fisher" in r.calib["seconds"]
+    assert PackReader(tmp_path / "m").manifest.quant["calib"]["fisher_labels"] == "model"
+    with pytest.raises(ValueError, match="--fisher-labels must be one of data, model"):
+        build_config(target_bpw=4.0, fisher_labels="true", **cal)
 
 
 @pytest.mark.parametrize("arch", ["llama", "gemma3"])

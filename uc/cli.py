@@ -45,7 +45,8 @@ def cmd_pack(a) -> int:
         samples=a.calib_samples, seq_len=a.calib_len, inputs=a.inputs, steps=a.steps, lr=a.lr,
         refine_scales=a.refine_scales, refine_grid=a.refine_grid, e2e_steps=a.e2e_steps, e2e_lr=a.e2e_lr,
         e2e_warmup=a.e2e_warmup,
-        e2e_topk=a.e2e_topk, e2e_norms=a.e2e_norms, e2e_samples=a.e2e_samples, e2e_len=a.e2e_len, gptq=a.gptq, bf16=a.bf16, fisher_samples=a.fisher_samples, spill_mb=a.spill_mb)
+        e2e_topk=a.e2e_topk, e2e_norms=a.e2e_norms, e2e_samples=a.e2e_samples, e2e_len=a.e2e_len, gptq=a.gptq, bf16=a.bf16, fisher_samples=a.fisher_samples,
+        fisher_labels=a.fisher_labels, spill_mb=a.spill_mb)
     r = pack(a.src, a.dst, cfg, resume=a.resume, progress=not a.quiet)
     s = r.stats
     if a.json:
@@ -251,6 +252,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="distillation steps in float32 even where bfloat16 matmuls are fast")
     g.add_argument("--fisher-samples", type=int, help=f"sequences whose loss gradients weight the allocation "
                    f"(default {C.fisher_samples})")
+    g.add_argument("--fisher-labels", choices=["data", "model"],
+                   help="labels of those gradients: the text's next tokens (empirical Fisher) or draws from the "
+                   f"fp model's own distribution (true Fisher, the KL's curvature) (default {C.fisher_labels})")
     g.add_argument("--spill-mb", type=int, help=f"activations kept in memory before spilling to disk "
                    f"(default {C.spill_mb})")
     s.add_argument("--resume", action="store_true", help="finish an interrupted pack; finished layers are kept")
