@@ -216,22 +216,27 @@ def test_gptq_beats_nearest_and_grouping_changes_nothing():
         assert out_err(grouped[n]) < 0.8 * out_err(near)
 
 
-def test_head_gradient_builds_no_weight_gradients(tiny, monkeypatch):
-    """The Fisher pass differentiates the loss w.r.t. the last hidden states only: no parameter of the
-    skeleton (embeddings, head, norms) may collect a gradient (a 262k-token head's is 0.7 GB in fp32)."""
+def _top_hidden(path, sequences: int):
+    """A tiny model's skeleton, its last layer's output on random sequences of 16 tokens, and their batch."""
     from compressor import layerwise
     from compressor.checkpoint import SourceCheckpoint
     from ucformat.skeleton import Skeleton
 
-    path = tiny()
     ckpt = SourceCheckpoint(path)
     sk = Skeleton(path)
     sk.load({n: ckpt.get(n) for n in ckpt.nonlayer})
-    ids = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))
+    ids = torch.randint(0, 256, (sequences, 16), generator=torch.Generator().manual_seed(0))
     hidden, batch = layerwise.embed(sk, ids)
     for i in range(len(sk.layers)):
         sk.load({n: ckpt.get(n) for n in ckpt.layers[i]})
         hidden = layerwise.layer(sk, i, hidden, batch)
+    return sk, hidden, batch
+
+
+def test_head_gradient_builds_no_weight_gradients(tiny, monkeypatch):
+    """The Fisher pass differentiates the loss w.r.t. the last hidden states only: no parameter of the
+    skeleton (embeddings, head, norms) may collect a gradient (a 262k-token head's is 0.7 GB in fp32)."""
+    sk, hidden, batch = _top_hidden(tiny(), 2)
     grad, nll = calibrate.head_grad(sk, hidden.clone(), batch)  # a normal tensor, as the store holds
     assert grad.shape == hidden.shape and grad.abs().sum() > 0 and nll > 0
     assert [n for n, p in sk.model.named_parameters() if p.grad is not None] == []
@@ -246,19 +251,7 @@ def test_model_drawn_labels_give_the_true_fisher(tiny):
     """With labels drawn from the model's own distribution the head gradient averages to zero (E_y[p - e_y]
     = 0, so its squares estimate the KL's curvature, not the text's); with the text's labels it does not.
     The draws come from the generator: the same seed gives the same gradient."""
-    from compressor import layerwise
-    from compressor.checkpoint import SourceCheckpoint
-    from ucformat.skeleton import Skeleton
-
-    path = tiny()
-    ckpt = SourceCheckpoint(path)
-    sk = Skeleton(path)
-    sk.load({n: ckpt.get(n) for n in ckpt.nonlayer})
-    ids = torch.randint(0, 256, (1, 16), generator=torch.Generator().manual_seed(0))
-    hidden, batch = layerwise.embed(sk, ids)
-    for i in range(len(sk.layers)):
-        sk.load({n: ckpt.get(n) for n in ckpt.layers[i]})
-        hidden = layerwise.layer(sk, i, hidden, batch)
+    sk, hidden, batch = _top_hidden(tiny(), 1)
     data, _ = calibrate.head_grad(sk, hidden.clone(), batch)
     gen = torch.Generator().manual_seed(1)
     draws = torch.stack([calibrate.head_grad(sk, hidden.clone(), batch, gen)[0] for _ in range(256)])
