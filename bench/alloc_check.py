@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import re
 import sys
@@ -49,7 +48,7 @@ def statistics(model, names: list[str], ids: torch.Tensor, fisher_seqs: int, tru
     mods = dict(model.named_modules())
     lin = {n: mods[n.removesuffix(".weight")] for n in names}
     gram = {n: torch.zeros(m.in_features, m.in_features, dtype=torch.float64) for n, m in lin.items()}
-    tokens = [0]
+    tokens = 0
     hooks = []
 
     def fwd(name):
@@ -63,16 +62,16 @@ def statistics(model, names: list[str], ids: torch.Tensor, fisher_seqs: int, tru
     with torch.no_grad():
         for s in ids:
             model(input_ids=s[None], use_cache=False)
-            tokens[0] += s.numel()
+            tokens += s.numel()
     for h in hooks:
         h.remove()
-    gram = {n: (g / tokens[0]).float() for n, g in gram.items()}
+    gram = {n: (g / tokens).float() for n, g in gram.items()}
 
     fishers = {}
     gen = torch.Generator().manual_seed(seed)
     for kind in ("empirical", "true"):
         acc = {n: torch.zeros(m.out_features, dtype=torch.float64) for n, m in lin.items()}
-        count = [0]
+        count = 0
 
         def grad_hook(name):
             def add(g):
@@ -94,10 +93,10 @@ def statistics(model, names: list[str], ids: torch.Tensor, fisher_seqs: int, tru
                     with torch.no_grad():
                         target = torch.multinomial(logits.softmax(-1), 1, generator=gen).squeeze(-1)
                 torch.nn.functional.cross_entropy(logits, target, reduction="sum").backward()
-            count[0] += (s.numel() - 1) * reps
+            count += (s.numel() - 1) * reps
         for h in hooks:
             h.remove()
-        fishers[kind] = {n: (a / count[0]).float() for n, a in acc.items()}
+        fishers[kind] = {n: (a / count).float() for n, a in acc.items()}
     model.zero_grad(set_to_none=True)
     return gram, fishers
 

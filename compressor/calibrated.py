@@ -245,7 +245,8 @@ class CalibratedLayers:
         return allocate.Choice(max(fits) if fits else min(allocate.BITS))
 
     def _fisher_pass(self) -> None:
-        """F[name][r] = sum over tokens of (dNLL/dy_r)^2 for every profiled linear, one streamed backward."""
+        """F[name][r] = mean over tokens (and label draws) of (dNLL/dy_r)^2 for every profiled linear: one
+        streamed backward per kept chunk and draw."""
         top, c = self._last_hidden, self.cfg.calib
         draws = FISHER_DRAWS if c.fisher_labels == "model" else 1
         gen = torch.Generator().manual_seed(c.seed) if c.fisher_labels == "model" else None

@@ -169,7 +169,8 @@ def cmd_eval(a) -> int:
 
 # -- parser ---------------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
-    from compressor.config import E2E_LR_FULL_KL, E2E_LR_MIN_SHARE, E2E_TOKENS, PRESETS, CalibConfig, PackConfig
+    from compressor.config import (E2E_LR_FULL_KL, E2E_LR_MIN_SHARE, E2E_TOKENS, FISHER_LABELS, PRESETS, CalibConfig,
+                                   PackConfig)
     from compressor.evaluate import EvalConfig
 
     P, C, E = PackConfig(), CalibConfig(), EvalConfig()
@@ -252,7 +253,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="distillation steps in float32 even where bfloat16 matmuls are fast")
     g.add_argument("--fisher-samples", type=int, help=f"sequences whose loss gradients weight the allocation "
                    f"(default {C.fisher_samples})")
-    g.add_argument("--fisher-labels", choices=["data", "model"],
+    g.add_argument("--fisher-labels", choices=FISHER_LABELS,
                    help="labels of those gradients: the text's next tokens (empirical Fisher) or draws from the "
                    f"fp model's own distribution (true Fisher, the KL's curvature) (default {C.fisher_labels})")
     g.add_argument("--spill-mb", type=int, help=f"activations kept in memory before spilling to disk "
