@@ -122,7 +122,8 @@ def _pack(src: Path, dst: Path, args: list[str], env: dict) -> dict:
     p = json.loads(out.stdout)
     quant = json.loads((dst / "manifest.json").read_text())["quant"]
     return {"bpw_allin": p["bpw_allin"], "pack_seconds": p["seconds"], "peak_rss_bytes": p["peak_rss_bytes"],
-            "pack_bytes": p["pack_bytes"], "scale_bits": quant.get("scale_bits", 16), "calib": p.get("calib")}
+            "pack_bytes": p["pack_bytes"], "scale_bits": quant.get("scale_bits", 16),
+            "rotation": quant.get("rotation", 0), "calib": p.get("calib")}
 
 
 def main() -> None:
@@ -218,7 +219,8 @@ def main() -> None:
 def _fmt(r: dict) -> list:
     ours = f"ours, --target-bpw {r['setting']}"
     if r["method"] == "ours" and _recipe(r) != "current":
-        ours += " (earlier recipe \\*)" if _recipe(r) == "no-e2e" else " (earlier end-to-end stage \u2020)"
+        ours += {"no-e2e": " (earlier recipe \\*)", "e2e-v1": " (earlier end-to-end stage \u2020)",
+                 "no-rotation": " (before rotation \u2021)"}[_recipe(r)]
     label = {"ours": ours, "uniform": f"uniform (round-to-nearest), {r['setting']}-bit",
              "hqq": f"HQQ {r['setting']}-bit, group 64", "gguf": f"GGUF {r['setting']}"}.get(r["method"], r["setting"])
     return [label, f"{r['bpw_allin']:.3f}", f"{r['ppl']:.3f}", f"{r['ppl_ratio']:.4f}", f"{r['top1_agreement']:.1%}",
@@ -227,9 +229,14 @@ def _fmt(r: dict) -> list:
 
 def _recipe(r: dict) -> str:
     """Which default recipe packed an "ours" row: "no-e2e" (before the end-to-end stage), "e2e-v1" (the stage
-    on the calibration sequences, before it recorded its recipe), or "current"."""
+    on the calibration sequences, before it recorded its recipe), "no-rotation" (the current stage, before
+    the input rotation became the default), or "current"."""
     e2e = (r.get("calib") or {}).get("e2e")
-    return "no-e2e" if e2e is None else "current" if "recipe" in e2e else "e2e-v1"
+    if e2e is None:
+        return "no-e2e"
+    if "recipe" not in e2e:
+        return "e2e-v1"
+    return "current" if r.get("rotation") else "no-rotation"
 
 
 HEAD = ["method", "bpw_allin", "PPL", "ratio", "top-1", "pack s", "peak RSS"]
@@ -258,6 +265,9 @@ def write_docs(rows: list[dict], a) -> None:
         body.append("\u2020 packed with the first end-to-end stage (100 steps on the 32 x 256 calibration sequences, "
                     "lr 1e-3, norms fixed), before its defaults changed to 64 x 1024 sequences of its own, tuned "
                     "norms and lr 3e-3; not yet re-packed.")
+    if any(r["method"] == "ours" and _recipe(r) == "no-rotation" for r in rows):
+        body.append("\u2021 packed with the current end-to-end stage but before the Hadamard input rotation "
+                    "(`--rotation 64`, SPEC.md 2.5) became the default with `--calib`; not yet re-packed.")
     for model in dict.fromkeys(r["model"] for r in rows):
         mine = sorted((r for r in rows if r["model"] == model and r["method"] in order),
                       key=lambda r: (order[r["method"]], float(r["bpw_allin"])))

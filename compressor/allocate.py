@@ -22,10 +22,11 @@ from dataclasses import dataclass, field
 import torch
 
 from ucformat import bitpack, scalecodes
+from ucformat import rotation as rot
 
 from . import codecs, gptq, lowrank
 from .overlay import row_bits
-from .qweight import fit_grid
+from .qweight import fit_grid, rotated_group
 
 BITS = bitpack.WIDTHS
 # 2-bit codes are offered only to budgets less than this many bits above all-3-bit codes (with their
@@ -58,18 +59,22 @@ class Profile:
     captured: dict[int, dict[int, float]] = field(default_factory=dict)  # bits -> rank -> share removed
     fisher: torch.Tensor | None = None  # [R] output sensitivities (None: 1)
     fixed: Choice | None = None  # tensors without a profile (3-D stacks) get this choice
+    rotation: int = 0  # Hadamard block of the input rotation it was profiled (and will be stored) with
 
     @property
     def numel(self) -> int:
         return math.prod(self.shape)
 
 
-def stored_bits(shape: tuple[int, ...], c: Choice, block_size: int, lowrank_dtype: str, scale_bits: int = 16) -> int:
+def stored_bits(shape: tuple[int, ...], c: Choice, block_size: int, lowrank_dtype: str, scale_bits: int = 16,
+                rotation: int = 0) -> int:
     """Exact bits the pack stores for a tensor of this shape under choice c (QuantizedTensor.stored_bits)."""
     *lead, rows, cols = shape
     n = math.prod(lead)
     bits = (rows * bitpack.packed_row_bytes(cols, c.bits) * 8 + 2**c.bits * 32
             + scalecodes.storage_bits(rows, -(-cols // block_size), scale_bits))
+    if rotation:
+        bits += rot.packed_bytes(cols) * 8
     if c.rank:
         per = 16 if lowrank_dtype == "float16" else 8
         bits += (rows + cols) * c.rank * per + (0 if lowrank_dtype == "float16" else (rows + c.rank) * 16)
@@ -78,15 +83,19 @@ def stored_bits(shape: tuple[int, ...], c: Choice, block_size: int, lowrank_dtyp
 
 
 def profile(w: torch.Tensor, h: torch.Tensor | None, block_size: int, codec: str, use_gptq: bool,
-            ranks: list[int], bits_options=BITS, seed: int = 0, scale_bits: int = 16) -> Profile:
+            ranks: list[int], bits_options=BITS, seed: int = 0, scale_bits: int = 16, rotation: int = 0) -> Profile:
     """Measure one matrix w [R, C] (h: its mean input Gram [C, C] or None) at every code width."""
-    return profile_group({"": w}, h, block_size, codec, use_gptq, ranks, bits_options, seed, scale_bits)[""]
+    return profile_group({"": w}, h, block_size, codec, use_gptq, ranks, bits_options, seed, scale_bits, rotation)[""]
 
 
 def profile_group(ws: dict[str, torch.Tensor], h: torch.Tensor | None, block_size: int, codec: str,
                   use_gptq: bool, ranks: list[int], bits_options=BITS, seed: int = 0,
-                  scale_bits: int = 16) -> dict[str, Profile]:
-    """Profiles of matrices that share one input (and h): their GPTQ roundings run as one pass."""
+                  scale_bits: int = 16, rotation: int = 0) -> dict[str, Profile]:
+    """Profiles of matrices that share one input (and h): their GPTQ roundings run as one pass. With
+    `rotation`, measured in the rotated basis the pack will round in (errors e H e^T are the same in
+    either basis, so every number below keeps its meaning)."""
+    ws, h, signs = rotated_group(ws, h, rotation, seed)
+    rotation = rotation if signs is not None else 0
     col = torch.diagonal(h).clamp_min(0) if h is not None else None
     probe = RANK_PROBE_BITS if RANK_PROBE_BITS in bits_options else bits_options[len(bits_options) // 2]
     profiles, grids, samples, jobs, owners = {}, {}, {}, [], []
@@ -98,7 +107,7 @@ def profile_group(ws: dict[str, torch.Tensor], h: torch.Tensor | None, block_siz
         sample = torch.sort(torch.randperm(rows, generator=g)[:m]).values.to(w.device)
         samples[name] = w[sample]
         grids[name] = {b: fit_grid(w, b, block_size, codec, col, PROFILE_GRID_SAMPLES, scale_bits) for b in bits_options}
-        profiles[name] = Profile(shape=(rows, cols), rows=sample.cpu())
+        profiles[name] = Profile(shape=(rows, cols), rows=sample.cpu(), rotation=rotation)
         # The sampled rows at every width; with ranks to price, also every row at RANK_PROBE_BITS: the
         # share a rank removes is measured on that residual (as the pack will round it) and used for
         # every width, the rounding noise having about the same spectrum at each, only its level differing.
@@ -157,7 +166,7 @@ def options(p: Profile, block_size: int, lowrank_dtype: str, ranks: list[int], o
             zero_rank: bool = True, scale_bits: int = 16) -> list[Option]:
     """Every choice for one tensor with its exact cost and estimated loss (rank 0 among them if zero_rank)."""
     if p.fixed is not None:
-        return [Option(p.fixed, stored_bits(p.shape, p.fixed, block_size, lowrank_dtype, scale_bits), 0.0)]
+        return [Option(p.fixed, stored_bits(p.shape, p.fixed, block_size, lowrank_dtype, scale_bits, p.rotation), 0.0)]
     rows, cols = p.shape[-2:]
     m = len(p.rows)
     f = p.fisher[p.rows].float() if p.fisher is not None else torch.ones(m)
@@ -175,7 +184,8 @@ def options(p: Profile, block_size: int, lowrank_dtype: str, ranks: list[int], o
             for r in ([0] if zero_rank else []) + list(ranks):
                 share = p.captured.get(b, {}).get(r, 0.0) if r else 0.0
                 c = Choice(b, min(r, rows, cols), k)
-                out.append(Option(c, stored_bits(p.shape, c, block_size, lowrank_dtype, scale_bits), base * (1 - share)))
+                out.append(Option(c, stored_bits(p.shape, c, block_size, lowrank_dtype, scale_bits, p.rotation),
+                                  base * (1 - share)))
     return out
 
 

@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 from transformers import AutoTokenizer
 
 from ucformat import qtensor
+from ucformat import rotation as rot
 from ucformat.manifest import TensorEntry, atomic_write_bytes
 from ucformat.skeleton import Skeleton
 
@@ -221,7 +222,7 @@ class CalibratedLayers:
                     profiles.update(allocate.profile_group(
                         {n: self.ckpt.get(n).to(self.device) for n in two}, h, cfg.block_size, cfg.codec,
                         c.gptq and h is not None, self._ranks(),
-                        widths, c.seed, cfg.scale_bits))
+                        widths, c.seed, cfg.scale_bits, cfg.rotation_block))
         bar.close()
         if stream is not None:
             self._last_hidden = stream
@@ -230,8 +231,10 @@ class CalibratedLayers:
     def _bpw_at(self, bits: int) -> float:
         """All-in bpw of every quantized tensor at this code width, nothing else added."""
         shapes = [self.ckpt.shape_dtype(n)[0] for i in range(self.ckpt.num_layers) for n in self._names(i)]
+        rotation = self.cfg.rotation_block
         total = sum(allocate.stored_bits(s, allocate.Choice(bits), self.cfg.block_size, self.cfg.lowrank_dtype,
-                                         self.cfg.scale_bits) for s in shapes)
+                                         self.cfg.scale_bits, rotation if len(s) == 2 and rot.fits(s[-1], rotation) else 0)
+                    for s in shapes)
         return total / max(sum(math.prod(s) for s in shapes), 1)
 
     def _fixed_choice(self, shape) -> allocate.Choice:
@@ -317,7 +320,7 @@ class CalibratedLayers:
             h = grams.get(two[0])
             ws = {n: src[n].to(self.device) for n in two}
             qs = quantize_group(ws, {n: self.plan[n].bits for n in two}, cfg.block_size, cfg.codec, h, c.gptq,
-                                cfg.lowrank_dtype, cfg.scale_bits)
+                                cfg.lowrank_dtype, cfg.scale_bits, cfg.rotation_block, c.seed)
             for n, q in qs.items():
                 ch, f = self.plan[n], self.fisher.get(n)
                 if ch.overlay_rows:
@@ -465,8 +468,6 @@ def read_stored_layer(path: Path, entries: dict[str, TensorEntry]) -> dict[str, 
             if e.kind == "raw":
                 out[name] = f.get_tensor(name)
                 continue
-            shapes = qtensor.expected_part_shapes(e.shape, e.bits, e.block_size, e.rank, e.lowrank_dtype, e.overlay_rows,
-                                                  e.scale_bits)
-            parts = {p: f.get_tensor(name + qtensor.SUFFIX[p]) for p in shapes}
-            out[name] = qtensor.from_parts(e.shape, e.bits, e.block_size, parts, e.scale_bits)
+            parts = {p: f.get_tensor(name + qtensor.SUFFIX[p]) for p in qtensor.entry_part_shapes(e)}
+            out[name] = qtensor.from_entry(e, parts)
     return out

@@ -16,6 +16,7 @@ from typing import Callable
 import torch
 
 from ucformat import bitpack, scalecodes
+from ucformat import rotation as rot
 from ucformat.qtensor import QuantizedTensor
 
 GridFn = Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]
@@ -76,8 +77,10 @@ def block_scales(w: torch.Tensor, block_size: int, scale_bits: int = 16) -> tupl
     return scales, normed.reshape(*wp.shape)[..., :cols]
 
 
-def quantize(w: torch.Tensor, bits: int, block_size: int, codec: str, scale_bits: int = 16) -> QuantizedTensor:
-    """w: [*lead, rows, cols] (any float dtype, any device) -> QuantizedTensor with CPU parts."""
+def quantize(w: torch.Tensor, bits: int, block_size: int, codec: str, scale_bits: int = 16, rotation: int = 0,
+             seed: int = 0, name: str = "") -> QuantizedTensor:
+    """w: [*lead, rows, cols] (any float dtype, any device) -> QuantizedTensor with CPU parts. With `rotation`
+    (and cols divisible by it), W R is rounded instead, R's signs drawn from (seed, name) (SPEC.md 2.5)."""
     if codec not in GRIDS:
         raise ValueError(f"unknown codec {codec!r}; one of {', '.join(GRIDS)}")
     if bits not in bitpack.WIDTHS:
@@ -89,6 +92,10 @@ def quantize(w: torch.Tensor, bits: int, block_size: int, codec: str, scale_bits
     shape = tuple(w.shape)
     *lead, rows, cols = shape
     w = w.float()
+    signs = None
+    if rotation and rot.fits(cols, rotation):
+        signs = rot.random_signs(cols, seed, name).to(w.device).expand(*lead, cols)
+        w = rot.rotate(w, signs, rotation)
     scales, normed = block_scales(w, block_size, scale_bits)
     weight = scales.float().repeat_interleave(block_size, -1)[..., :cols] ** 2
     n_mat = 1
@@ -106,4 +113,5 @@ def quantize(w: torch.Tensor, bits: int, block_size: int, codec: str, scale_bits
     return QuantizedTensor(
         shape=shape, bits=bits, block_size=block_size,
         codes=bitpack.pack(codes_t, bits).cpu(), scales=scales.cpu(), grid=grid_t.float().cpu(), scale_bits=scale_bits,
+        rot_signs=None if signs is None else rot.pack_signs(signs.cpu()), rotation=0 if signs is None else rotation,
     )

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, fields, replace
 
 from ucformat.bitpack import WIDTHS
+from ucformat.rotation import BLOCKS as ROTATION_BLOCKS, DEFAULT_BLOCK as DEFAULT_ROTATION
 
 LOWRANK_DTYPES = ("float16", "int8")
 INPUT_MODES = ("online", "teacher")
@@ -81,6 +82,9 @@ class PackConfig:
     lowrank_dtype: str = "int8"  # how factors are stored: "int8" (per-row fp16 scale) or "float16"
     target_bpw: float | None = None  # all-in bits-per-weight budget: allocate bits/ranks/overlays per tensor
     overlay: float = 0.0  # share of rows restored at 8 bits in tensors of <= 3 bits (without target_bpw)
+    rotation: int | None = None  # Hadamard block of the incoherence rotation of every linear's inputs (SPEC.md
+    # 2.5); 0: none; None: DEFAULT_ROTATION with calibration data (bench/rotation_e2e.py: held-out KL -31% at
+    # 5 bpw before the end-to-end stage), none without (plain packs stay as the foundation measured them)
     calib: CalibConfig = field(default_factory=CalibConfig)
 
     def __post_init__(self) -> None:
@@ -102,6 +106,15 @@ class PackConfig:
             raise ValueError(f"--target-bpw must be in 2..16, got {self.target_bpw}")
         if not 0.0 <= self.overlay <= 0.5:
             raise ValueError(f"--overlay must be in 0..0.5, got {self.overlay}")
+        if self.rotation not in (None, 0, *ROTATION_BLOCKS):
+            raise ValueError(f"--rotation must be 0 or one of {', '.join(map(str, ROTATION_BLOCKS))}, got {self.rotation}")
+
+    @property
+    def rotation_block(self) -> int:
+        """The rotation in force: --rotation, else DEFAULT_ROTATION with calibration data, else 0."""
+        if self.rotation is not None:
+            return self.rotation
+        return DEFAULT_ROTATION if self.calib.file is not None else 0
 
     @property
     def calibrated(self) -> bool:
@@ -114,6 +127,7 @@ class PackConfig:
         identified by its content hash, added by the caller)."""
         d = asdict(self)
         d.pop("device")
+        d.pop("rotation")
         if self.scale_bits == 16:  # as journals written before the option have it
             d.pop("scale_bits")
         if not self.calibrated:  # plain packs keep the foundation's journal settings
@@ -122,6 +136,8 @@ class PackConfig:
         else:
             d["calib"].pop("spill_mb")
             d["calib"].pop("file")
+        if self.rotation_block:  # absent when 0, as journals written before the option have it
+            d["rotation"] = self.rotation_block
         return d
 
 

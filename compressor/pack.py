@@ -74,7 +74,8 @@ def pack(src: str | Path, dst: str | Path, cfg: PackConfig = PackConfig(), resum
         t = ckpt.get(name)
         if not quantize_fn(name, *ckpt.shape_dtype(name)):
             return t
-        return codecs.quantize(t.to(device), cfg.bits, cfg.block_size, cfg.codec, cfg.scale_bits)
+        return codecs.quantize(t.to(device), cfg.bits, cfg.block_size, cfg.codec, cfg.scale_bits, cfg.rotation_block,
+                               cfg.calib.seed, name)
 
     def write(rel: str, tensors: dict[str, ucformat.qtensor.QuantizedTensor | torch.Tensor]) -> None:
         stored, entries = {}, {}
@@ -117,7 +118,8 @@ def pack(src: str | Path, dst: str | Path, cfg: PackConfig = PackConfig(), resum
         calibrated.finetune(stored, lambda i, tensors: write(layer_file(i), tensors))
 
     stats = pack_stats(writer.tensors, writer.files, ckpt.total_bytes())
-    quant = {"codec": cfg.codec, "bits": cfg.bits, "block_size": cfg.block_size, "scale_bits": cfg.scale_bits}
+    quant = {"codec": cfg.codec, "bits": cfg.bits, "block_size": cfg.block_size, "scale_bits": cfg.scale_bits,
+             "rotation": cfg.rotation_block}
     if cfg.calibrated:
         quant.update(target_bpw=cfg.target_bpw, rank=cfg.rank, lowrank_dtype=cfg.lowrank_dtype,
                      calib={k: v for k, v in cfg.settings()["calib"].items()} if cfg.calib.file else None)
@@ -159,7 +161,7 @@ def encode(rel: str, name: str, t: ucformat.qtensor.QuantizedTensor | torch.Tens
     return parts, TensorEntry(file=rel, kind="quantized", shape=tuple(t.shape), dtype=_DTYPE_NAMES.get(src_dtype, src_dtype),
                               codec=codec, bits=t.bits, block_size=t.block_size, rank=t.rank,
                               lowrank_dtype=t.lowrank_dtype, overlay_rows=t.overlay_rows,
-                              scale_bits=t.scale_bits, stored_bytes=t.stored_bits() // 8)
+                              scale_bits=t.scale_bits, rotation=t.rotation, stored_bytes=t.stored_bits() // 8)
 
 
 # safetensors dtype names (checkpoint headers) -> torch names (manifest entries)

@@ -7,6 +7,8 @@
   grid    float32 [2**b]    levels
   u, v    float32 [R, r], [r, C]   optional low-rank correction, W += u @ v
   ov_rows int64 [k], ov_q int8 [k, C], ov_s float16 [k]   optional rows restored at 8 bits
+  rot_signs float32 [C] of +-1, rotation   optional input rotation: codes and scales hold W R, and
+                            grid[code] * scale is rotated back by R^T first (ucformat/rotation.py)
 `weight()` is the reconstruction formula of SPEC.md 2.2 (differentiable in scales, grid, u, v);
 `freeze()` rounds every part to its stored dtype and bit-packs the codes.
 """
@@ -18,6 +20,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ucformat import bitpack, scalecodes
+from ucformat import rotation as rot
 from ucformat.qtensor import QuantizedTensor
 
 from . import codecs, gptq
@@ -39,6 +42,8 @@ class QWeight:
     ov_q: torch.Tensor | None = None
     ov_s: torch.Tensor | None = None
     scale_bits: int = 16
+    rot_signs: torch.Tensor | None = None
+    rotation: int = 0
     _flat: torch.Tensor | None = field(default=None, repr=False)  # codes as int64 [R*C], cached
     _levels: tuple | None = field(default=None, repr=False)  # (grid, grid[codes]) for a fixed grid
 
@@ -52,8 +57,8 @@ class QWeight:
 
     def base(self, scales: torch.Tensor | None = None, grid: torch.Tensor | None = None,
              dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """grid[code] * scale (then the overlay rows), [R, C] in `dtype` (bfloat16: what autocast would
-        make of it anyway, without a float32 copy)."""
+        """grid[code] * scale (rotated back, then the overlay rows), [R, C] in `dtype` (bfloat16: what
+        autocast would make of it anyway, without a float32 copy)."""
         scales = self.scales if scales is None else scales
         grid = self.grid if grid is None else grid
         rows, cols = self.shape
@@ -70,6 +75,8 @@ class QWeight:
         if nb * bs != cols:
             levels = torch.nn.functional.pad(levels, (0, nb * bs - cols))
         w = (levels.reshape(rows, nb, bs) * scales.to(dtype).unsqueeze(-1)).reshape(rows, nb * bs)[:, :cols]
+        if self.rotation:
+            w = rot.unrotate(w, self.rot_signs, self.rotation)
         if self.ov_rows is not None:
             w = w.index_copy(0, self.ov_rows, overlay_values(self.ov_q, self.ov_s).to(w.dtype))
         return w
@@ -95,10 +102,12 @@ class QWeight:
         elif q.lr_u is not None:
             u, v = q.lr_u.float(), q.lr_v.float()
         ov_rows = None if q.ov_rows is None else q.ov_rows.long()
+        signs = rot.unpack_signs(q.rot_signs, cols) if q.rotation else None
         t = lambda x: None if x is None else x.to(device)  # noqa: E731
         return cls(bits=q.bits, block_size=q.block_size, codes=t(codes), scales=t(q.scales.float()),
                    grid=t(q.grid.float()), u=t(u), v=t(v), lowrank_dtype=q.lowrank_dtype,
-                   ov_rows=t(ov_rows), ov_q=t(q.ov_q), ov_s=t(q.ov_s), scale_bits=q.scale_bits)
+                   ov_rows=t(ov_rows), ov_q=t(q.ov_q), ov_s=t(q.ov_s), scale_bits=q.scale_bits,
+                   rot_signs=t(signs), rotation=q.rotation)
 
     def freeze(self) -> QuantizedTensor:
         """Round to the stored dtypes; the result reconstructs (qtensor.dequantize) to what it stores."""
@@ -106,6 +115,8 @@ class QWeight:
                             codes=bitpack.pack(self.codes.cpu(), self.bits),
                             scales=stored_scales(self.scales, self.scale_bits).cpu(), grid=self.grid.float().cpu(),
                             scale_bits=self.scale_bits)
+        if self.rotation:
+            q.rot_signs, q.rotation = rot.pack_signs(self.rot_signs.cpu()), self.rotation
         if self.u is not None:
             if self.lowrank_dtype == "int8":
                 q.lr_uq, q.lr_us = int8_rows(self.u.cpu())
@@ -172,18 +183,33 @@ def fit_grid(w: torch.Tensor, bits: int, block_size: int, codec: str, col_weight
 
 
 def quantize_matrix(w: torch.Tensor, bits: int, block_size: int, codec: str, h: torch.Tensor | None = None,
-                    use_gptq: bool = True, lowrank_dtype: str = "int8", scale_bits: int = 16) -> QWeight:
+                    use_gptq: bool = True, lowrank_dtype: str = "int8", scale_bits: int = 16,
+                    rotation: int = 0, seed: int = 0) -> QWeight:
     """w [R, C] -> QWeight: grid fitted with activation weights, codes by GPTQ rounding when h is known."""
-    return quantize_group({"": w}, {"": bits}, block_size, codec, h, use_gptq, lowrank_dtype, scale_bits)[""]
+    return quantize_group({"": w}, {"": bits}, block_size, codec, h, use_gptq, lowrank_dtype, scale_bits,
+                          rotation, seed)[""]
+
+
+def rotated_group(ws: dict[str, torch.Tensor], h: torch.Tensor | None, rotation: int, seed: int):
+    """(ws, h, signs) in the rotated basis when the group's inputs split into Hadamard blocks of `rotation`
+    (one rotation per group: it shares h; signs drawn from the seed and the group's first name), else as
+    given with signs None. ws float32 [R, C], h [C, C]."""
+    ws = {n: w.float() for n, w in ws.items()}
+    cols = next(iter(ws.values())).shape[1]
+    if not rotation or not rot.fits(cols, rotation):
+        return ws, h, None
+    signs = rot.random_signs(cols, seed, next(iter(ws))).to(next(iter(ws.values())).device)
+    ws = {n: rot.rotate(w, signs, rotation) for n, w in ws.items()}
+    return ws, (None if h is None else rot.rotate_gram(h.float(), signs, rotation)), signs
 
 
 def quantize_group(ws: dict[str, torch.Tensor], bits: dict[str, int], block_size: int, codec: str,
                    h: torch.Tensor | None = None, use_gptq: bool = True, lowrank_dtype: str = "int8",
-                   scale_bits: int = 16) -> dict[str, QWeight]:
+                   scale_bits: int = 16, rotation: int = 0, seed: int = 0) -> dict[str, QWeight]:
     """Matrices sharing one input Gram matrix h (q/k/v, gate/up), each at its own width; with h, their
-    GPTQ rounding runs as one pass."""
+    GPTQ rounding runs as one pass. With `rotation`, rounded as W R (rotated_group); the QWeights rotate back."""
+    ws, h, signs = rotated_group(ws, h, rotation, seed)
     col = torch.diagonal(h).clamp_min(0) if h is not None else None
-    ws = {n: w.float() for n, w in ws.items()}
     grids = {n: fit_grid(w, bits[n], block_size, codec, col, scale_bits=scale_bits) for n, w in ws.items()}
     if h is not None and use_gptq:
         rounded = dict(zip(ws, gptq.round_many([(ws[n], grids[n]) for n in ws], h, block_size,
@@ -194,4 +220,5 @@ def quantize_group(ws: dict[str, torch.Tensor], bits: dict[str, int], block_size
             scales, normed = codecs.block_scales(w, block_size, scale_bits)
             rounded[n] = (codecs.nearest(normed, grids[n]).to(torch.uint8), scales)
     return {n: QWeight(bits=bits[n], block_size=block_size, codes=rounded[n][0], scales=rounded[n][1].float(),
-                       grid=grids[n].float(), lowrank_dtype=lowrank_dtype, scale_bits=scale_bits) for n in ws}
+                       grid=grids[n].float(), lowrank_dtype=lowrank_dtype, scale_bits=scale_bits,
+                       rot_signs=signs, rotation=rotation if signs is not None else 0) for n in ws}

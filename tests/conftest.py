@@ -106,3 +106,22 @@ def dequantized_checkpoint(pack_dir: Path, out: Path) -> Path:
     save_file({k: v.contiguous() for k, v in sd.items()}, str(out / "model.safetensors"))
     shutil.copy(pack_dir / "config.json", out / "config.json")
     return out
+
+
+def rewrite_stored(pack_dir: Path, name: str, fn) -> dict:
+    """Change the stored parts of tensor `name` (fn gets the dict of its file's tensors) and refresh the
+    manifest's size and hash of that file, so that only the change itself is wrong. Returns the manifest."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    from ucformat.manifest import MANIFEST_NAME, sha256_file
+
+    m = json.loads((pack_dir / MANIFEST_NAME).read_text())
+    rel = m["tensors"][name]["file"]
+    tensors = load_file(str(pack_dir / rel))
+    fn(tensors)
+    save_file(tensors, str(pack_dir / rel))
+    m["files"][rel] = {"bytes": (pack_dir / rel).stat().st_size, "sha256": sha256_file(pack_dir / rel)}
+    (pack_dir / MANIFEST_NAME).write_text(json.dumps(m))
+    return m

@@ -4,7 +4,7 @@ import json
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from compressor import allocate, codecs
 from compressor.allocate import Choice
@@ -12,8 +12,9 @@ from compressor.config import build_config
 from compressor.distill import Trainable
 from compressor.pack import pack
 from compressor.qweight import quantize_matrix
+from conftest import rewrite_stored
 from ucformat import PackReader, errors, qtensor, scalecodes
-from ucformat.manifest import MANIFEST_NAME, sha256_file
+from ucformat.manifest import MANIFEST_NAME
 
 
 def test_level_table_pinned():
@@ -129,18 +130,6 @@ def test_budgeted_pack_with_8bit_scales(u8_pack, tiny_templates, tmp_path):
     assert all(e.scale_bits == 16 for e in p.manifest.tensors.values())
 
 
-def _rewrite(pack_dir, name, fn):
-    """Change one stored part (fn(dict of the file's tensors)) and refresh the manifest's size and hash."""
-    m = json.loads((pack_dir / MANIFEST_NAME).read_text())
-    rel = m["tensors"][name]["file"]
-    tensors = load_file(str(pack_dir / rel))
-    fn(tensors)
-    save_file(tensors, str(pack_dir / rel))
-    m["files"][rel] = {"bytes": (pack_dir / rel).stat().st_size, "sha256": sha256_file(pack_dir / rel)}
-    (pack_dir / MANIFEST_NAME).write_text(json.dumps(m))
-    return m
-
-
 @pytest.mark.parametrize("damage,match", [
     (lambda t, n: t.__setitem__(n + ".qscales", t[n + ".qscales"].to(torch.float16)), r"\.qscales.*expected torch\.uint8"),
     (lambda t, n: t.pop(n + ".qsmax"), r"\.qsmax.*missing"),
@@ -150,7 +139,7 @@ def test_bad_scale_parts_name_the_tensor(u8_pack, tmp_path, damage, match):
 
     dst = shutil.copytree(u8_pack, tmp_path / "p")
     name = next(n for n, e in PackReader(dst).manifest.tensors.items() if e.kind == "quantized")
-    _rewrite(dst, name, lambda t: damage(t, name))
+    rewrite_stored(dst, name, lambda t: damage(t, name))
     with pytest.raises(errors.TensorError, match=match):
         PackReader(dst).read_quantized(name)
 

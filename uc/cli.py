@@ -40,6 +40,7 @@ def cmd_pack(a) -> int:
 
     cfg = build_config(
         a.preset, bits=a.bits, block_size=a.block_size, scale_bits=a.scale_bits, codec=a.codec, device=a.device,
+        rotation=a.rotation,
         quantize_embeddings=a.quantize_embeddings or None, target_bpw=a.target_bpw, rank=a.rank, max_rank=a.max_rank,
         lowrank_dtype=a.lowrank_dtype, overlay=a.overlay, file=a.calib, articles=a.calib_articles,
         samples=a.calib_samples, seq_len=a.calib_len, inputs=a.inputs, steps=a.steps, lr=a.lr,
@@ -85,7 +86,8 @@ def cmd_info(a) -> int:
     q = s["quant"]
     print(f"{s['path']}: {s['format']} v{s['version']}  model_type={s['model_type']}  layers={s['num_layers']}")
     what = f"target_bpw {q['target_bpw']:g}" if q.get("target_bpw") else f"bits {q.get('bits')}"
-    print(f"  codec {q.get('codec')}  {what}  block {q.get('block_size')}  scales {q.get('scale_bits', 16)}-bit  "
+    rotated = f"rotation h{q['rotation']}  " if q.get("rotation") else ""
+    print(f"  codec {q.get('codec')}  {what}  block {q.get('block_size')}  scales {q.get('scale_bits', 16)}-bit  {rotated}"
           f"bpw_allin {s['bpw_allin']:.3f} over {s['quantized_params']:,} quantized params "
           f"({s['raw_params']:,} kept in source dtype)")
     print(f"  pack {_size(s['pack_bytes'])} in {s['files']} files; source {_size(s['source_bytes'])}; "
@@ -169,8 +171,8 @@ def cmd_eval(a) -> int:
 
 # -- parser ---------------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
-    from compressor.config import (E2E_LR_FULL_KL, E2E_LR_MIN_SHARE, E2E_TOKENS, FISHER_LABELS, PRESETS, CalibConfig,
-                                   PackConfig)
+    from compressor.config import (DEFAULT_ROTATION, E2E_LR_FULL_KL, E2E_LR_MIN_SHARE, E2E_TOKENS, FISHER_LABELS,
+                                   PRESETS, ROTATION_BLOCKS, CalibConfig, PackConfig)
     from compressor.evaluate import EvalConfig
 
     P, C, E = PackConfig(), CalibConfig(), EvalConfig()
@@ -201,6 +203,10 @@ def build_parser() -> argparse.ArgumentParser:
                    f"codes under a float16 row maximum: 0.14 instead of 0.25 bits a weight at block 64; "
                    f"default {P.scale_bits})")
     s.add_argument("--codec", choices=("gsq", "uniform"), help=f"gsq: learned grid; uniform: round-to-nearest (default {P.codec})")
+    s.add_argument("--rotation", type=int, metavar="N", help="round every linear's weights after "
+                   "a random-sign Hadamard rotation of its inputs in blocks of this size, undone when the pack is "
+                   "read (spreads outlier weights over their block; 1 bit per input column per matrix); N is 0 (none) or "
+                   f"one of {', '.join(map(str, ROTATION_BLOCKS))} (default {DEFAULT_ROTATION} with --calib, else 0)")
     s.add_argument("--device", help=f"cpu or cuda (default {P.device})")
     s.add_argument("--quantize-embeddings", action="store_true", help="also quantize embeddings and lm_head")
     g = s.add_argument_group("allocation and corrections")

@@ -19,7 +19,8 @@ def summary(reader: PackReader) -> dict:
             numel *= s
         tensors.append({
             "name": name, "kind": e.kind, "codec": e.codec, "bits": e.bits, "block_size": e.block_size,
-            "rank": e.rank, "shape": list(e.shape), "dtype": e.dtype, "stored_bytes": e.stored_bytes,
+            "rank": e.rank, "rotation": e.rotation, "shape": list(e.shape), "dtype": e.dtype,
+            "stored_bytes": e.stored_bytes,
             "bpw": e.stored_bytes * 8 / numel if numel else None, "file": e.file,
         })
     q = [t for t in tensors if t["kind"] == "quantized"]

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ManifestError, UnsupportedFeature, UnsupportedVersion
+from .rotation import BLOCKS as ROTATION_BLOCKS
 
 FORMAT = "ucpack"
 VERSION = "0.3"
@@ -17,7 +18,8 @@ MAJOR = VERSION.split(".")[0]
 MANIFEST_NAME = "manifest.json"
 PROGRESS_NAME = ".uc-progress.json"
 NONLAYER_FILE = "nonlayer.safetensors"
-KNOWN_FEATURES = frozenset({"lowrank", "lowrank-int8", "overlay", "scales-u8"})
+KNOWN_FEATURES = frozenset({"lowrank", "lowrank-int8", "overlay", "scales-u8", "rotation"})
+
 
 
 def layer_file(index: int) -> str:
@@ -46,6 +48,7 @@ class TensorEntry:
     lowrank_dtype: str = "float16"  # "int8": factors stored as .lr_uq/.lr_vq with row scales (feature lowrank-int8)
     overlay_rows: int = 0  # rows restored at 8 bits (.ov_rows/.ov_q/.ov_s; feature overlay)
     scale_bits: int = 16  # 8: block scales stored as uint8 codes plus .qsmax row maxima (feature scales-u8)
+    rotation: int = 0  # Hadamard block size of the input rotation, signs in .rsigns (feature rotation); 0: none
 
     @staticmethod
     def from_json(name: str, d: dict[str, Any], path: str) -> "TensorEntry":
@@ -56,6 +59,7 @@ class TensorEntry:
                 block_size=d.get("block_size"), rank=int(d.get("rank", 0)),
                 stored_bytes=int(d.get("stored_bytes", 0)), lowrank_dtype=str(d.get("lowrank_dtype", "float16")),
                 overlay_rows=int(d.get("overlay_rows", 0)), scale_bits=int(d.get("scale_bits", 16)),
+                rotation=int(d.get("rotation", 0)),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise ManifestError(path, f"tensor {name!r}: bad entry ({exc})") from None
@@ -65,6 +69,9 @@ class TensorEntry:
             raise ManifestError(path, f"tensor {name!r}: quantized entry needs bits, block_size and a >=2-D shape")
         if e.lowrank_dtype not in ("float16", "int8") or e.rank < 0 or e.overlay_rows < 0 or e.scale_bits not in (16, 8):
             raise ManifestError(path, f"tensor {name!r}: bad rank, lowrank_dtype, overlay_rows or scale_bits")
+        if e.rotation and (e.kind != "quantized" or e.rotation not in ROTATION_BLOCKS or e.shape[-1] % e.rotation):
+            raise ManifestError(path, f"tensor {name!r}: rotation {e.rotation} must be one of "
+                                      f"{', '.join(map(str, ROTATION_BLOCKS))} and divide the {e.shape[-1]} inputs")
         return e
 
     def features(self) -> set[str]:
@@ -78,6 +85,8 @@ class TensorEntry:
             out.add("overlay")
         if self.scale_bits == 8:
             out.add("scales-u8")
+        if self.rotation:
+            out.add("rotation")
         return out
 
 

@@ -13,6 +13,8 @@ experts are lead=(experts,)), block size B, width b:
   ov_rows int32   [*lead, k]                      optional row overlay: these rows (increasing) are
   ov_q    int8    [*lead, k, cols]                replaced by ov_q * ov_s before the low-rank term
   ov_s    float16 [*lead, k]
+  rot_signs uint8 [*lead, ceil(cols/8)]           optional rotation signs: grid[code] * scale is W R, and
+                                                  W = that times R^T (rotation.py; block size `rotation`)
 """
 
 from __future__ import annotations
@@ -22,15 +24,16 @@ from dataclasses import dataclass
 
 import torch
 
-from . import bitpack, cpu_dequant, scalecodes
+from . import bitpack, cpu_dequant, rotation as rot, scalecodes
 
 # Suffixes appended to the source tensor name inside a layer file. Data, not code paths: the writer,
 # the reader and the spec all use this table.
 SUFFIX = {"codes": ".qcodes", "scales": ".qscales", "grid": ".qgrid", "lr_u": ".lr_u", "lr_v": ".lr_v",
           "lr_uq": ".lr_uq", "lr_us": ".lr_us", "lr_vq": ".lr_vq", "lr_vs": ".lr_vs",
-          "ov_rows": ".ov_rows", "ov_q": ".ov_q", "ov_s": ".ov_s", "scale_max": ".qsmax"}
+          "ov_rows": ".ov_rows", "ov_q": ".ov_q", "ov_s": ".ov_s", "scale_max": ".qsmax",
+          "rot_signs": ".rsigns"}
 REQUIRED_PARTS = ("codes", "scales", "grid")
-OPTIONAL_PARTS = ("lr_u", "lr_v", "lr_uq", "lr_us", "lr_vq", "lr_vs", "ov_rows", "ov_q", "ov_s")
+OPTIONAL_PARTS = ("lr_u", "lr_v", "lr_uq", "lr_us", "lr_vq", "lr_vs", "ov_rows", "ov_q", "ov_s", "rot_signs")
 LOWRANK_DTYPES = ("float16", "int8")
 
 
@@ -52,6 +55,8 @@ class QuantizedTensor:
     ov_q: torch.Tensor | None = None
     ov_s: torch.Tensor | None = None
     scale_bits: int = 16  # how `scales` (always float16 here) are stored: float16, or 8-bit codes
+    rot_signs: torch.Tensor | None = None  # packed signs of the rotation (SPEC.md 2.5), with `rotation`
+    rotation: int = 0  # Hadamard block size of the input rotation; 0: none
 
     def parts(self) -> dict[str, torch.Tensor]:
         """The stored parts (SUFFIX keys): with scale_bits 8, `scales` as uint8 codes plus `scale_max`."""
@@ -96,7 +101,7 @@ class QuantizedTensor:
 
     def expected_shapes(self) -> dict[str, tuple[int, ...]]:
         return expected_part_shapes(self.shape, self.bits, self.block_size, self.rank, self.lowrank_dtype,
-                                    self.overlay_rows, self.scale_bits)
+                                    self.overlay_rows, self.scale_bits, self.rotation)
 
     @property
     def rank(self) -> int:
@@ -112,17 +117,19 @@ class QuantizedTensor:
         return 0 if self.ov_rows is None else int(self.ov_rows.shape[-1])
 
 
-def from_parts(shape, bits: int, block_size: int, parts: dict[str, torch.Tensor], scale_bits: int = 16) -> QuantizedTensor:
+def from_parts(shape, bits: int, block_size: int, parts: dict[str, torch.Tensor], scale_bits: int = 16,
+               rotation: int = 0) -> QuantizedTensor:
     """The inverse of QuantizedTensor.parts(): stored parts (SUFFIX keys) -> QuantizedTensor, 8-bit scale
     codes decoded to float16 (SPEC.md 2.4) so that every consumer sees one kind of scales."""
     parts = dict(parts)
     if scale_bits == 8:
         parts["scales"] = scalecodes.decode(parts["scales"], parts.pop("scale_max"))
-    return QuantizedTensor(shape=tuple(shape), bits=bits, block_size=block_size, scale_bits=scale_bits, **parts)
+    return QuantizedTensor(shape=tuple(shape), bits=bits, block_size=block_size, scale_bits=scale_bits,
+                           rotation=rotation, **parts)
 
 
 def expected_part_shapes(shape, bits: int, block_size: int, rank: int = 0, lowrank_dtype: str = "float16",
-                         overlay_rows: int = 0, scale_bits: int = 16) -> dict[str, tuple[int, ...]]:
+                         overlay_rows: int = 0, scale_bits: int = 16, rotation: int = 0) -> dict[str, tuple[int, ...]]:
     *lead, rows, cols = shape
     lead = tuple(lead)
     out = {
@@ -139,7 +146,20 @@ def expected_part_shapes(shape, bits: int, block_size: int, rank: int = 0, lowra
         out["lr_v"] = (*lead, rank, cols)
     if overlay_rows:
         out.update(ov_rows=(*lead, overlay_rows), ov_q=(*lead, overlay_rows, cols), ov_s=(*lead, overlay_rows))
+    if rotation:
+        out["rot_signs"] = (*lead, rot.packed_bytes(cols))
     return out
+
+
+def entry_part_shapes(e) -> dict[str, tuple[int, ...]]:
+    """The parts a manifest entry (manifest.TensorEntry) calls for, with their shapes."""
+    return expected_part_shapes(e.shape, e.bits, e.block_size, e.rank, e.lowrank_dtype, e.overlay_rows, e.scale_bits,
+                                e.rotation)
+
+
+def from_entry(e, parts: dict[str, torch.Tensor]) -> QuantizedTensor:
+    """from_parts with the settings of a manifest entry (manifest.TensorEntry)."""
+    return from_parts(e.shape, e.bits, e.block_size, parts, e.scale_bits, e.rotation)
 
 
 def overlay_error(q: QuantizedTensor) -> str | None:
@@ -155,8 +175,9 @@ def overlay_error(q: QuantizedTensor) -> str | None:
 
 
 def dequantize(q: QuantizedTensor, dtype: torch.dtype = torch.float32, native: bool = True) -> torch.Tensor:
-    """Exact reconstruction: W[..., r, j] = grid[..., code[r, j]] * scale[r, j // B], overlay rows replaced
-    by ov_q * ov_s, then + (U @ V)[r, j] (U, V from fp16 parts, or int8 parts times their row scales).
+    """Exact reconstruction: W[..., r, j] = grid[..., code[r, j]] * scale[r, j // B], rotated back by R^T when
+    the weight was rounded rotated, overlay rows replaced by ov_q * ov_s, then + (U @ V)[r, j] (U, V from
+    fp16 parts, or int8 parts times their row scales).
 
     Computed in float32 and cast to `dtype` once at the end, so CPU results are deterministic. On the CPU
     the first product runs in a native kernel (cpu_dequant.py) when it is available: the same floats,
@@ -165,6 +186,8 @@ def dequantize(q: QuantizedTensor, dtype: torch.dtype = torch.float32, native: b
     w = cpu_dequant.dequant_levels(q.codes, q.scales, q.grid, q.bits, q.block_size, q.shape) if native else None
     if w is None:
         w = _levels_times_scales(q)
+    if q.rotation:
+        w = rot.unrotate(w, rot.unpack_signs(q.rot_signs, q.shape[-1]), q.rotation)
     return _corrections(q, w).to(dtype)
 
 

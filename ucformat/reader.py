@@ -27,7 +27,8 @@ _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch
 _PART_DTYPES = {"codes": torch.uint8, "scales": torch.float16, "grid": torch.float32,
                 "lr_u": torch.float16, "lr_v": torch.float16,
                 "lr_uq": torch.int8, "lr_us": torch.float16, "lr_vq": torch.int8, "lr_vs": torch.float16,
-                "ov_rows": torch.int32, "ov_q": torch.int8, "ov_s": torch.float16, "scale_max": torch.float16}
+                "ov_rows": torch.int32, "ov_q": torch.int8, "ov_s": torch.float16, "scale_max": torch.float16,
+                "rot_signs": torch.uint8}
 
 
 def torch_dtype(name: str) -> torch.dtype:
@@ -149,8 +150,7 @@ class PackReader:
         return f.get_tensor(key)
 
     def _quantized(self, f, stored, rel: str, name: str, entry: TensorEntry) -> qtensor.QuantizedTensor:
-        expected = qtensor.expected_part_shapes(entry.shape, entry.bits, entry.block_size, entry.rank,
-                                                entry.lowrank_dtype, entry.overlay_rows, entry.scale_bits)
+        expected = qtensor.entry_part_shapes(entry)
         parts = {}
         for part, shape in expected.items():
             key = name + qtensor.SUFFIX[part]
@@ -159,7 +159,7 @@ class PackReader:
             if tuple(t.shape) != shape or t.dtype != dtype:
                 raise TensorError(str(self.path / rel), key, f"{t.dtype} {tuple(t.shape)}, expected {dtype} {shape}")
             parts[part] = t
-        q = qtensor.from_parts(entry.shape, entry.bits, entry.block_size, parts, entry.scale_bits)
+        q = qtensor.from_entry(entry, parts)
         bad = qtensor.overlay_error(q)
         if bad:
             raise TensorError(str(self.path / rel), name + qtensor.SUFFIX["ov_rows"], bad)
