@@ -192,7 +192,9 @@ def test_smollm2_calibrated_beats_plain(smollm2, tmp_path):
                progress=False)
     assert cal.calib["e2e"]["steps"] == 20 and cal.calib["e2e"]["kl_after"] <= cal.calib["e2e"]["kl_before"]
     rc = evaluate(tmp_path / "cal", text, base=smollm2, cfg=ecfg, progress=False)
-    plain = pack(smollm2, tmp_path / "plain", build_config(bits=4), progress=False)
+    # calibrated packs rotate by default (SPEC.md 2.5): the plain one too, so only calibration differs
+    assert PackReader(tmp_path / "cal").manifest.quant["rotation"] == 64
+    plain = pack(smollm2, tmp_path / "plain", build_config(bits=4, rotation=64), progress=False)
     rp = evaluate(tmp_path / "plain", text, base=smollm2, cfg=ecfg, progress=False)
     assert cal.stats["bpw_allin"] == plain.stats["bpw_allin"]
     assert rc.ppl_ratio < rp.ppl_ratio and rc.top1_agreement > rp.top1_agreement
