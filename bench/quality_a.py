@@ -36,7 +36,8 @@ MODELS = ("smollm2-135m", "gemma3-270m")
 HQQ_BITS = (3, 4, 5)
 GGUF_TYPES = ("Q4_0", "Q5_0", "Q8_0")
 UNIFORM_BITS = (3, 4, 5)
-# Ablation on SmolLM2 at 5 bpw: each row adds one thing to the one above (ranks are fixed per row).
+# Ablation on SmolLM2 at 5 bpw: each row adds one thing to the one above (ranks are fixed per row). With
+# --calib every row but the "no rotation" one rotates (the default since stop 18).
 NO_E2E = ["--e2e-steps", "0"]
 ABLATION = [
     ("codec only (GSQ, data-free allocation)", ["--target-bpw", "5"]),
@@ -47,6 +48,7 @@ ABLATION = [
     ("  same (online), r=8", ["--target-bpw", "5", *CALIB, "--rank", "8", "--steps", "200", *NO_E2E]),
     ("  same (online), r=32", ["--target-bpw", "5", *CALIB, "--rank", "32", "--steps", "200", *NO_E2E]),
     ("GPTQ + end-to-end distillation (100 steps), no low-rank", ["--target-bpw", "5", *CALIB, "--max-rank", "0"]),
+    ("GPTQ + end-to-end distillation, allocator's ranks, no rotation", ["--target-bpw", "5", *CALIB, "--rotation", "0"]),
     ("GPTQ + end-to-end distillation, ranks chosen by the allocator (default)", ["--target-bpw", "5", *CALIB]),
 ]
 
