@@ -35,6 +35,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from compressor import calibrate, codecs, gptq  # noqa: E402
+from ucformat import rotation  # noqa: E402
 from compressor.fetch import fetch_model  # noqa: E402
 
 TEXT = ROOT.parent / "shared" / "data" / "wikitext-2-raw-test.txt"
@@ -43,11 +44,8 @@ FP16_BITS = 16
 
 
 def hadamard(n: int) -> torch.Tensor:
-    """Orthonormal Sylvester Hadamard matrix [n, n], n a power of two."""
-    h = torch.ones(1, 1, dtype=torch.float64)
-    while h.shape[0] < n:
-        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)])
-    return h / math.sqrt(n)
+    """Orthonormal Sylvester Hadamard matrix [n, n] in float64 (the format's own, ucformat/rotation.py)."""
+    return rotation.hadamard(n, dtype=torch.float64)
 
 
 def block_hadamard(cols: int, block: int, seed: int) -> torch.Tensor:
