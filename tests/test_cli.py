@@ -36,6 +36,11 @@ def test_pack_info_verify(tiny_llama, tmp_path):
     assert 5.5 < info["bpw_allin"] < 5.8
     assert info["ratio"] > 1.5
     assert uc("verify", dst, "--deep").returncode == 0
+    # a reader that goes away (`uc info PACK | head -1`; `true` reads nothing, so the pipe is surely closed
+    # before uc writes): a quiet exit 141, as for SIGPIPE, no error text
+    piped = subprocess.run(["bash", "-c", 'set -o pipefail; "$0" -m uc info "$1" | true', sys.executable, str(dst)],
+                           capture_output=True, text=True)
+    assert (piped.returncode, piped.stderr) == (141, ""), piped
     p = dst / layer_file(1)
     p.write_bytes(p.read_bytes()[:-2] + b"xx")
     bad = uc("verify", dst)

@@ -9,10 +9,12 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
 EXIT_ERROR, EXIT_VERIFY_FAILED, EXIT_INTERRUPTED = 2, 1, 130
+EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, what a tool killed by the signal reports (`uc info PACK | head`)
 
 
 def _size(n: float | None) -> str:
@@ -337,7 +339,12 @@ def main(argv: list[str] | None = None) -> int:
     for mod in _plugins():
         expected += tuple(getattr(mod, "ERRORS", ()))
     try:
-        return args.fn(args)
+        code = args.fn(args)
+        sys.stdout.flush()  # inside the try: a pipe closed early fails here, not at interpreter exit
+        return code
+    except BrokenPipeError:  # the reader of our stdout went away: stop quietly, as `git log | head` does
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error when Python flushes
+        return EXIT_BROKEN_PIPE
     except KeyboardInterrupt:
         print("uc: interrupted" + ("; run the same command with --resume to continue" if args.command == "pack" else ""),
               file=sys.stderr)
