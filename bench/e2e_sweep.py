@@ -58,6 +58,9 @@ VARIANTS = {
     # articles 1-16 (the protocol's calibration text) hold 75 windows of 1024 tokens, so this is all of it
     # (71 trained on, 4 held out): 100 steps then see each sequence 1.4 times instead of 1.7
     "current-data75": (75, 1024, {}),
+    # shorter sequences, half the teacher's stream; with --tokens 512 one a step, so a step costs about half
+    # of one of 1024 (without it, two a step: the same tokens as 1024)
+    "current-len512": (64, 512, {}),
     # the current defaults, plus sequences the fp model samples itself (GENERATED) added to the training set,
     # so that 100 steps see no sequence twice (60 + 40); the 4 held-out sequences stay real text. Not yet run to
     # the end: on 2 CPU cores the sampling alone ran over 30 minutes (docs/BENCHMARKS.md, e2e-stage section)
@@ -124,8 +127,11 @@ def main() -> None:
     ap.add_argument("--windows", type=int, default=12)
     ap.add_argument("--work", default=str(ROOT / "work" / "sweep"))
     ap.add_argument("--steps", type=int, help="override every variant's step count (a quick check)")
+    ap.add_argument("--tokens", type=int, help="override the tokens per step (finetune.E2E_TOKENS, whole sequences)")
     ap.add_argument("--results", default=str(RESULTS))
     a = ap.parse_args()
+    if a.tokens is not None:
+        finetune.E2E_TOKENS = a.tokens
     torch.set_grad_enabled(False)
     cache = Path(os.environ.get("UC_CACHE", ROOT / ".uc-cache"))
     src = fetch_model(a.model, cache / "models" / a.model, cache_dir=cache)
@@ -165,6 +171,7 @@ def main() -> None:
         st = token_stats(sk_eval, MemorySource(reader, layers, tuned), windows, progress=False)
         ev = compare(st, base, cfg.ctx, len(windows), 0.0)
         row = {"model": a.model, "bpw": a.bpw, "variant": name, "samples": samples, "seq_len": seq_len,
+               "tokens_per_step": finetune.E2E_TOKENS, "rotation": reader.manifest.quant.get("rotation", 0),
                "generated": GENERATED.get(name, 0),
                **over,
                "lr": r.lr, "kl_before": r.kl_before, "kl_after": r.kl_after, "kl_tuned": r.kl_tuned, "kept": r.kept,
