@@ -11,6 +11,14 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 WIKITEXT = REPO.parent / "shared" / "data" / "wikitext-2-raw-test.txt"
 
+
+def pytest_sessionstart(session):
+    """The calibration and evaluation tests read WikiText-2 from ../shared/data beside the checkout (README):
+    without it, one clear line instead of dozens of FileNotFoundErrors."""
+    if not WIKITEXT.is_file():
+        pytest.exit(f"WikiText-2 test split not found at {WIKITEXT}: the tests read it from ../shared/data "
+                    "beside the repository (README, 'Evaluation text')", returncode=pytest.ExitCode.USAGE_ERROR)
+
 TINY = dict(vocab_size=256, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, max_position_embeddings=256)
 
