@@ -35,17 +35,12 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from compressor import calibrate, codecs, gptq  # noqa: E402
-from ucformat import rotation  # noqa: E402
 from compressor.fetch import fetch_model  # noqa: E402
+from ucformat import rotation  # noqa: E402
 
 TEXT = ROOT.parent / "shared" / "data" / "wikitext-2-raw-test.txt"
 RESULTS = ROOT / "bench" / "results" / "rotation_proxy.json"
 FP16_BITS = 16
-
-
-def hadamard(n: int) -> torch.Tensor:
-    """Orthonormal Sylvester Hadamard matrix [n, n] in float64 (the format's own, ucformat/rotation.py)."""
-    return rotation.hadamard(n, dtype=torch.float64)
 
 
 def block_hadamard(cols: int, block: int, seed: int) -> torch.Tensor:
@@ -53,7 +48,7 @@ def block_hadamard(cols: int, block: int, seed: int) -> torch.Tensor:
     if cols % block or block & (block - 1):
         raise SystemExit(f"a linear with {cols} inputs does not split into Hadamard blocks of {block}")
     signs = torch.randint(0, 2, (cols,), generator=torch.Generator().manual_seed(seed)).double() * 2 - 1
-    return signs.unsqueeze(1) * torch.block_diag(*[hadamard(block)] * (cols // block))
+    return signs.unsqueeze(1) * torch.block_diag(*[rotation.hadamard(block, dtype=torch.float64)] * (cols // block))
 
 
 def random_orthogonal(cols: int, seed: int) -> torch.Tensor:
