@@ -20,6 +20,9 @@ proportion to that KL (a student closer to its teacher takes smaller steps), dow
 Measured on SmolLM2 (bench/e2e_sweep.py): at 4 bpw (KL 0.112) 3e-3 beat 1e-3 (ppl ratio 1.088 against
 1.104); at 5 bpw (KL 0.041) 3e-3 raised the held-out KL and was discarded (1.045) where 1e-3 gave 1.027.
 
+Skipped when the held-out KL before the stage is below `e2e_min_kl`: a student that close to its teacher
+gained nothing from it in measurement (SmolLM2 at 6 bpw), and the stage is most of a calibrated pack's time.
+
 Memory: this is the one stage that holds the whole model (its codes, and per step its weights and
 activations) instead of one layer, about `BYTES_PER_WEIGHT` bytes per quantized weight. When that does
 not fit the memory available, the stage is skipped with a warning (`--e2e-steps 0` skips it always).
@@ -231,7 +234,7 @@ def finetune(sk: Skeleton, model: Student, ids: torch.Tensor, teacher_hidden: to
 
     before = check() if held else math.nan
     peak_lr = learning_rate(cfg.e2e_lr, before)
-    if steps <= 0 or len(train_idx) == 0:
+    if steps <= 0 or len(train_idx) == 0 or before < cfg.e2e_min_kl:  # NaN (none held out) is never below
         return FinetuneResult(before, before, False, 0, time.perf_counter() - t0, lr=peak_lr)
     saved = {k: (q.scales, q.grid, q.u, q.v) for k, q in qweights.items()}
     train = {k: Trainable(q, cfg) for k, q in qweights.items()}

@@ -51,8 +51,9 @@ def tiny(tmp_path_factory):
 
 
 # the end-to-end stage on the calibration sequences themselves (its own are tested where named)
+# e2e_min_kl 0: the random tiny models start closer to their teachers than the default threshold; the stage runs
 CAL = dict(file=str(WIKITEXT), articles="1-16", samples=6, seq_len=32, steps=4, fisher_samples=4, e2e_steps=2,
-           e2e_samples=0, e2e_len=0)
+           e2e_samples=0, e2e_len=0, e2e_min_kl=0.0)
 
 
 def test_calibration_ids_are_spread_and_deterministic(tiny):
@@ -306,6 +307,23 @@ def test_embedded_chunks_keep_their_own_layer_kwargs(tiny, arch):
         for got, want in zip(batch.layer_kwargs, fresh.layer_kwargs):
             a, b = flat(got), flat(want)
             assert len(a) == len(b) and all(x.shape == y.shape and torch.equal(x, y) for x, y in zip(a, b))
+
+
+def test_end_to_end_distillation_is_skipped_for_a_student_close_to_its_teacher(tiny, tmp_path):
+    """Below --e2e-min-kl the stage measures the held-out KL and stops there: no step runs, the report says
+    why, and the pack is byte for byte the one without the stage."""
+    cal = {**CAL, "samples": 8, "steps": 0}
+    src = tiny("llama", initializer_range=0.3)
+    a = pack(src, tmp_path / "a", build_config(target_bpw=3.0, block_size=32, **{**cal, "e2e_steps": 0}), progress=False)
+    b = pack(src, tmp_path / "b", build_config(target_bpw=3.0, block_size=32, **{**cal, "e2e_steps": 8, "e2e_min_kl": 1e9}),
+             progress=False)
+    e = b.calib["e2e"]
+    assert e["steps"] == 0 and not e["kept"] and e["kl_after"] == e["kl_before"] > 0
+    assert e["skipped"].startswith("held-out KL") and "--e2e-min-kl 1e+09" in e["skipped"]
+    fa, fb = _files(tmp_path / "a"), _files(tmp_path / "b")
+    assert {k: v for k, v in fa.items() if k.startswith("layers/")} == {k: v for k, v in fb.items() if k.startswith("layers/")}
+    with pytest.raises(ValueError, match="--e2e-min-kl must be >= 0"):
+        build_config(e2e_min_kl=-1.0)
 
 
 @pytest.mark.parametrize("arch,topk", [("llama", 0), ("gemma3", 0), ("llama", 16)])

@@ -48,7 +48,7 @@ def cmd_pack(a) -> int:
         samples=a.calib_samples, seq_len=a.calib_len, inputs=a.inputs, steps=a.steps, lr=a.lr,
         refine_scales=a.refine_scales, refine_grid=a.refine_grid, e2e_steps=a.e2e_steps, e2e_lr=a.e2e_lr,
         e2e_warmup=a.e2e_warmup,
-        e2e_topk=a.e2e_topk, e2e_norms=a.e2e_norms, e2e_samples=a.e2e_samples, e2e_len=a.e2e_len, gptq=a.gptq, bf16=a.bf16, fisher_samples=a.fisher_samples,
+        e2e_topk=a.e2e_topk, e2e_min_kl=a.e2e_min_kl, e2e_norms=a.e2e_norms, e2e_samples=a.e2e_samples, e2e_len=a.e2e_len, gptq=a.gptq, bf16=a.bf16, fisher_samples=a.fisher_samples,
         fisher_labels=a.fisher_labels, spill_mb=a.spill_mb)
     r = pack(a.src, a.dst, cfg, resume=a.resume, progress=not a.quiet)
     s = r.stats
@@ -240,6 +240,8 @@ def build_parser() -> argparse.ArgumentParser:
                    f"below {E2E_LR_MIN_SHARE:.2g} of it (default {C.e2e_lr})")
     g.add_argument("--e2e-warmup", type=int, help="end-to-end distillation: steps of linear learning-rate warmup "
                    f"before the cosine decay (default {C.e2e_warmup})")
+    g.add_argument("--e2e-min-kl", type=float, help="end-to-end distillation runs only when the held-out KL before it "
+                   f"is at least this (closer students measured no gain); 0 = always (default {C.e2e_min_kl})")
     g.add_argument("--e2e-topk", type=int, help="end-to-end KL over the original model's k most likely tokens per "
                    f"position, both sides renormalised over them; 0 = the whole vocabulary (default {C.e2e_topk})")
     g.add_argument("--e2e-samples", type=int, help="sequences of end-to-end distillation, taken from the calibration "
