@@ -258,7 +258,8 @@ def write_docs(rows: list[dict], a) -> None:
         "per 64 weights, GGUF its block bytes. Pack time and peak RSS are those of the compressing process "
         "(HQQ/GGUF: quantization only; RSS includes Python, torch and transformers). The default recipe: GPTQ "
         "rounding, bits/ranks/overlay rows allocated under the budget with Fisher-weighted losses, then 100 steps "
-        "of end-to-end distillation (KL to the original model's next-token distribution).",
+        "of end-to-end distillation (KL to the original model's next-token distribution), skipped when the "
+        "held-out KL before it is below 0.01 (`--e2e-min-kl`).",
     ]
     if any(r["method"] == "ours" and _recipe(r) == "no-e2e" for r in rows):
         body.append("\\* packed with the earlier default recipe (per-layer distillation, 200 steps a layer, no "
