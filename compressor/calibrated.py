@@ -419,10 +419,8 @@ class CalibratedLayers:
 
         r = finetune.finetune(self.sk, model, self.e2e_ids.to(self.device), teacher, c, progress)
         bar.close()
-        skipped = r.steps == 0
-        if skipped:
-            log.info("end-to-end distillation skipped: held-out KL %.4g is below --e2e-min-kl %g", r.kl_before,
-                     c.e2e_min_kl)
+        if r.skipped:
+            log.info("end-to-end distillation skipped: %s", r.skipped)
         else:
             log.info("end-to-end distillation (lr %.3g): held-out KL %.4g -> %.4g%s", r.lr, r.kl_before, r.kl_tuned,
                      "" if r.kept else " (not lower: the stage's weights are discarded)")
@@ -437,8 +435,8 @@ class CalibratedLayers:
                            "recipe": {"sequences": list(self.e2e_ids.shape), "lr": r.lr, "lr_max": c.e2e_lr,
                                       "warmup": c.e2e_warmup,
                                       "norms": c.e2e_norms, "topk": c.e2e_topk}}
-        if skipped:
-            self.report.e2e["skipped"] = f"held-out KL {r.kl_before:.4g} below --e2e-min-kl {c.e2e_min_kl:g}"
+        if r.skipped:
+            self.report.e2e["skipped"] = r.skipped
         self.report.seconds["e2e"] = self.report.e2e["seconds"]
         atomic_write_bytes(marker, json.dumps(self.report.e2e).encode())
 

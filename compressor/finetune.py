@@ -65,6 +65,7 @@ class FinetuneResult:
     kl_tuned: float = math.nan  # held-out KL of the tuned weights, kept or not (kl_after is before's when discarded)
     norms: dict[str, torch.Tensor] = field(default_factory=dict)  # tuned norm weights (stored dtype), if kept
     lr: float = math.nan  # the learning rate the stage ran at (learning_rate())
+    skipped: str = ""  # why no step ran, when the stage was asked for steps but judged them not worth it
 
 
 def fits(numel: int, device: torch.device, extra: int = 0) -> tuple[bool, int, int]:
@@ -234,8 +235,10 @@ def finetune(sk: Skeleton, model: Student, ids: torch.Tensor, teacher_hidden: to
 
     before = check() if held else math.nan
     peak_lr = learning_rate(cfg.e2e_lr, before)
-    if steps <= 0 or len(train_idx) == 0 or before < cfg.e2e_min_kl:  # NaN (none held out) is never below
-        return FinetuneResult(before, before, False, 0, time.perf_counter() - t0, lr=peak_lr)
+    close = before < cfg.e2e_min_kl  # NaN (none held out) is never below
+    if steps <= 0 or len(train_idx) == 0 or close:
+        why = f"held-out KL {before:.4g} below --e2e-min-kl {cfg.e2e_min_kl:g}" if close else ""
+        return FinetuneResult(before, before, False, 0, time.perf_counter() - t0, lr=peak_lr, skipped=why)
     saved = {k: (q.scales, q.grid, q.u, q.v) for k, q in qweights.items()}
     train = {k: Trainable(q, cfg) for k, q in qweights.items()}
     groups = [g for t in train.values() for g in t.groups(peak_lr)]
