@@ -422,8 +422,8 @@ class CalibratedLayers:
         if r.skipped:
             log.info("end-to-end distillation skipped: %s", r.skipped)
         else:
-            log.info("end-to-end distillation (lr %.3g): held-out KL %.4g -> %.4g%s", r.lr, r.kl_before, r.kl_tuned,
-                     "" if r.kept else " (not lower: the stage's weights are discarded)")
+            log.info("end-to-end distillation (lr %.3g, %s): held-out KL %.4g -> %.4g%s", r.lr, r.dtype, r.kl_before,
+                     r.kl_tuned, "" if r.kept else " (not lower: the stage's weights are discarded)")
         for i, tensors in enumerate(layers):
             if r.kept:
                 tensors = {n: (qweights[n].freeze() if n in qweights else r.norms.get(n, t)) for n, t in tensors.items()}
@@ -431,7 +431,7 @@ class CalibratedLayers:
             self.sk.unload_layer(i)
         tuned = r.kl_tuned if math.isfinite(r.kl_tuned) else None  # JSON has no NaN
         self.report.e2e = {"kl_before": r.kl_before, "kl_after": r.kl_after, "kl_tuned": tuned, "kept": r.kept,
-                           "steps": r.steps, "seconds": time.perf_counter() - t0,
+                           "steps": r.steps, "seconds": time.perf_counter() - t0, "dtype": r.dtype,
                            "recipe": {"sequences": list(self.e2e_ids.shape), "lr": r.lr, "lr_max": c.e2e_lr,
                                       "warmup": c.e2e_warmup,
                                       "norms": c.e2e_norms, "topk": c.e2e_topk}}

@@ -50,7 +50,7 @@ from .qweight import QWeight
 log = logging.getLogger(__name__)
 
 CHECK_SEQUENCES = 4  # held out: the keep-or-discard check
-BYTES_PER_WEIGHT = 16  # codes, their levels, the weight and its gradient (bf16), the fp32 check weights
+BYTES_PER_WEIGHT = 18  # codes, their levels (fp32), the weight and its gradient (bf16), the fp32 check weights
 LOGIT_FLOATS = 16 << 20  # logits per chunk of the KL (64 MiB of float32)
 RECOMPUTE_FLOATS = 64 << 20  # a step's student logits beyond this are recomputed in backward, not kept
 
@@ -66,6 +66,7 @@ class FinetuneResult:
     norms: dict[str, torch.Tensor] = field(default_factory=dict)  # tuned norm weights (stored dtype), if kept
     lr: float = math.nan  # the learning rate the stage ran at (learning_rate())
     skipped: str = ""  # why no step ran, when the stage was asked for steps but judged them not worth it
+    dtype: str = "float32"  # what its steps computed in: "bfloat16" under autocast (native_bf16), else float32
 
 
 def fits(numel: int, device: torch.device, extra: int = 0) -> tuple[bool, int, int]:
@@ -220,6 +221,7 @@ def finetune(sk: Skeleton, model: Student, ids: torch.Tensor, teacher_hidden: to
     target = head.targets(teacher_hidden)
     device = next(iter(qweights.values())).codes.device
     autocast = cfg.bf16 and native_bf16(device)
+    dtype = torch.bfloat16 if autocast else torch.float32
 
     norms = {k: t.to(device=device, dtype=torch.float32).clone().requires_grad_(True)
              for k, t in model.norms.items()} if cfg.e2e_norms else {}
@@ -238,7 +240,8 @@ def finetune(sk: Skeleton, model: Student, ids: torch.Tensor, teacher_hidden: to
     close = before < cfg.e2e_min_kl  # NaN (none held out) is never below
     if steps <= 0 or len(train_idx) == 0 or close:
         why = f"held-out KL {before:.4g} below --e2e-min-kl {cfg.e2e_min_kl:g}" if close else ""
-        return FinetuneResult(before, before, False, 0, time.perf_counter() - t0, lr=peak_lr, skipped=why)
+        return FinetuneResult(before, before, False, 0, time.perf_counter() - t0, lr=peak_lr, skipped=why,
+                              dtype=str(dtype).removeprefix("torch."))
     saved = {k: (q.scales, q.grid, q.u, q.v) for k, q in qweights.items()}
     train = {k: Trainable(q, cfg) for k, q in qweights.items()}
     groups = [g for t in train.values() for g in t.groups(peak_lr)]
@@ -247,7 +250,6 @@ def finetune(sk: Skeleton, model: Student, ids: torch.Tensor, teacher_hidden: to
     base_lr = [g["lr"] for g in opt.param_groups]
     gen = torch.Generator().manual_seed(cfg.seed)
     order = train_idx[torch.randperm(len(train_idx), generator=gen)]
-    dtype = torch.bfloat16 if autocast else torch.float32
     for step in range(steps):
         start = (step * batch) % len(order)
         rows = order[start:start + batch]
@@ -274,5 +276,6 @@ def finetune(sk: Skeleton, model: Student, ids: torch.Tensor, teacher_hidden: to
         for k, q in qweights.items():
             q.scales, q.grid, q.u, q.v = saved[k]
         after, tuned_norms = before, {}
-    return FinetuneResult(before, after, kept, steps, time.perf_counter() - t0, tuned, tuned_norms, peak_lr)
+    return FinetuneResult(before, after, kept, steps, time.perf_counter() - t0, tuned, tuned_norms, peak_lr,
+                          dtype=str(dtype).removeprefix("torch."))
 

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from compressor import calibrate, finetune
+from compressor.distill import native_bf16
 from compressor.activations import ActivationStore, SpillBudget
 from compressor.calibrated import WORK_DIR, CalibratedLayers
 from compressor.config import E2E_LR_FULL_KL, E2E_LR_MIN_SHARE, build_config
@@ -341,6 +342,7 @@ def test_end_to_end_distillation_lowers_the_held_out_kl(tiny, tmp_path, arch, to
     assert a.calib["e2e"] == {} and e["steps"] == 8 and e["kept"]
     assert e["kl_after"] < e["kl_before"]
     assert e["recipe"]["lr"] == finetune.learning_rate(e["recipe"]["lr_max"], e["kl_before"])
+    assert e["dtype"] == ("bfloat16" if native_bf16(torch.device("cpu")) else "float32")  # what the steps ran in
     assert b.stats["bpw_allin"] == a.stats["bpw_allin"]
     assert all(err is None for _, err in verify(PackReader(tmp_path / "b"), deep=True))
     fa, fb = _files(tmp_path / "a"), _files(tmp_path / "b")
@@ -436,6 +438,26 @@ def test_stored_weight_round_trips_through_qweight():
         again = QWeight.from_stored(stored).freeze()
         assert stored.parts().keys() == again.parts().keys()
         assert all(torch.equal(x, again.parts()[k]) for k, x in stored.parts().items())
+
+
+def test_a_bfloat16_training_weight_is_the_float32_weight_rounded_once():
+    """Distillation under bfloat16 builds a weight in float32 and rounds only the result, so a trained block
+    scale's step far below bfloat16's resolution (0.4%) still moves each block's weights, on average by the
+    step (rotated back, a block's 64 weights all differ, and rounding them dithers it). Rounding the scales
+    to bfloat16 first hid such steps in most blocks."""
+    from compressor.qweight import quantize_matrix
+
+    w = torch.randn(16, 256, generator=torch.Generator().manual_seed(0))
+    q = quantize_matrix(w, 5, 64, "gsq", rotation=64)  # rotation blocks = scale blocks: a scale moves 64 weights
+    want = q.weight().to(torch.bfloat16)
+    assert torch.equal(q.weight(dtype=torch.bfloat16), want)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # as the distillation steps build it
+        assert torch.equal(q.weight(dtype=torch.bfloat16), want)
+    step = 1e-3
+    a = q.weight(dtype=torch.bfloat16).float().reshape(16, 4, 64).abs().sum(-1)
+    b = q.weight(q.scales * (1 + step), dtype=torch.bfloat16).float().reshape(16, 4, 64).abs().sum(-1)
+    seen = b / a - 1
+    assert seen.min() > 0.3 * step and (seen.mean() - step).abs() < 0.1 * step, seen
 
 
 @pytest.mark.parametrize("short", ["model", "targets"])
