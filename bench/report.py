@@ -29,11 +29,9 @@ def machine() -> str:
 def cpu_matmul() -> str:
     """Whether this CPU multiplies bfloat16 natively (AVX512-BF16/AMX): the calibration stages run in bfloat16
     there and in float32 elsewhere, which is most of the difference in pack time between machines."""
-    try:
-        bf16 = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        bf16 = False
-    return "native bfloat16" if bf16 else "no native bfloat16"
+    from compressor.distill import native_bf16
+
+    return "native bfloat16" if native_bf16(torch.device("cpu")) else "no native bfloat16"
 
 
 def write_section(name: str, body: str) -> None:

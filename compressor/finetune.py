@@ -222,6 +222,7 @@ def finetune(sk: Skeleton, model: Student, ids: torch.Tensor, teacher_hidden: to
     device = next(iter(qweights.values())).codes.device
     autocast = cfg.bf16 and native_bf16(device)
     dtype = torch.bfloat16 if autocast else torch.float32
+    ran_in = str(dtype).removeprefix("torch.")
 
     norms = {k: t.to(device=device, dtype=torch.float32).clone().requires_grad_(True)
              for k, t in model.norms.items()} if cfg.e2e_norms else {}
@@ -241,7 +242,7 @@ def finetune(sk: Skeleton, model: Student, ids: torch.Tensor, teacher_hidden: to
     if steps <= 0 or len(train_idx) == 0 or close:
         why = f"held-out KL {before:.4g} below --e2e-min-kl {cfg.e2e_min_kl:g}" if close else ""
         return FinetuneResult(before, before, False, 0, time.perf_counter() - t0, lr=peak_lr, skipped=why,
-                              dtype=str(dtype).removeprefix("torch."))
+                              dtype=ran_in)
     saved = {k: (q.scales, q.grid, q.u, q.v) for k, q in qweights.items()}
     train = {k: Trainable(q, cfg) for k, q in qweights.items()}
     groups = [g for t in train.values() for g in t.groups(peak_lr)]
@@ -277,5 +278,5 @@ def finetune(sk: Skeleton, model: Student, ids: torch.Tensor, teacher_hidden: to
             q.scales, q.grid, q.u, q.v = saved[k]
         after, tuned_norms = before, {}
     return FinetuneResult(before, after, kept, steps, time.perf_counter() - t0, tuned, tuned_norms, peak_lr,
-                          dtype=str(dtype).removeprefix("torch."))
+                          dtype=ran_in)
 

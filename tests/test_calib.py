@@ -11,10 +11,10 @@ import pytest
 import torch
 
 from compressor import calibrate, finetune
-from compressor.distill import native_bf16
 from compressor.activations import ActivationStore, SpillBudget
 from compressor.calibrated import WORK_DIR, CalibratedLayers
 from compressor.config import E2E_LR_FULL_KL, E2E_LR_MIN_SHARE, build_config
+from compressor.distill import native_bf16
 from compressor.pack import pack
 from conftest import WIKITEXT, make_tiny
 from ucformat import PackReader
