@@ -9,7 +9,8 @@
 3. A synthetic 12-layer Llama (hidden 2048, 0.6 B parameters) packed at 4 bits on the device: streamed
    logits equal dense logits; decode tok/s at batch 1 and 8 and prefill tok/s per residency mode; stall
    seconds and prefetch hits with and without prefetch at a 25% budget (does the side stream overlap?);
-   decode ms/step at KV lengths not seen before with cuDNN attention on and off.
+   decode ms/step at KV lengths not seen before with cuDNN attention on and off, and our dense residency
+   next to the same checkpoint loaded by plain transformers.
 4. With --tokenizer (any HF tokenizer folder; its vocabulary sizes the synthetic model): the server's
    engine on the device, dense and stream 25%: greedy tokens equal to transformers' generate, and
    aggregate decode tok/s at 1, 8 and 32 concurrent requests.
@@ -156,33 +157,43 @@ def residency(dev: torch.device, src: Path, tmp: Path, low: str, mid: str) -> di
     return r
 
 
-def cudnn_decode(dev: torch.device, tmp: Path) -> dict:
+def cudnn_decode(dev: torch.device, tmp: Path, src: Path) -> dict:
     """Decode ms/step at KV lengths never seen before, cuDNN attention on and off (ucformat.load turns it
-    off on CUDA by default; see ucformat.runtime.avoid_cudnn_attention)."""
+    off on CUDA by default; see ucformat.runtime.avoid_cudnn_attention); then the same checkpoint loaded by
+    plain transformers next to our dense residency, cuDNN attention off, at lengths both have seen."""
+    import inspect
+
     import ucformat
-    from transformers import DynamicCache
+    from transformers import AutoModelForCausalLM, DynamicCache
 
     m = ucformat.load(tmp / "pack", device=dev.type, residency="dense", cudnn_attention=True)
     vocab = m.config.vocab_size
     r = {}
 
     @torch.inference_mode()
-    def step_ms(prompt: int, steps: int = 16) -> float:
-        cache = DynamicCache(config=m.config)
-        out = m(input_ids=torch.randint(0, vocab, (1, prompt), device=dev), cache=cache, use_cache=True)
+    def step_ms(model, prompt: int, steps: int = 16) -> float:
+        kw = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+        cache = DynamicCache(config=model.config)
+        out = model(input_ids=torch.randint(0, vocab, (1, prompt), device=dev), use_cache=True, **{kw: cache})
         nxt = out.logits[:, -1].argmax(-1, keepdim=True)
         sync(dev)
         t0 = time.perf_counter()
         for _ in range(steps):
-            nxt = m(input_ids=nxt, cache=cache, use_cache=True).logits[:, -1].argmax(-1, keepdim=True)
+            nxt = model(input_ids=nxt, use_cache=True, **{kw: cache}).logits[:, -1].argmax(-1, keepdim=True)
         sync(dev)
         return (time.perf_counter() - t0) / steps * 1e3
 
     for on, prompt in ((True, 100), (False, 200)):
         torch.backends.cuda.enable_cudnn_sdp(on)
-        r[f"cudnn_{'on' if on else 'off'}_new_shapes_ms"] = step_ms(prompt)
-        r[f"cudnn_{'on' if on else 'off'}_seen_shapes_ms"] = step_ms(prompt)
+        r[f"cudnn_{'on' if on else 'off'}_new_shapes_ms"] = step_ms(m, prompt)
+        r[f"cudnn_{'on' if on else 'off'}_seen_shapes_ms"] = step_ms(m, prompt)
     torch.backends.cuda.enable_cudnn_sdp(False)
+    r["dtype"] = str(m.dtype)
+    hf = AutoModelForCausalLM.from_pretrained(src, dtype=m.dtype).to(dev).eval()  # same dtype as ours
+    for name, model in (("transformers", hf), ("ours_dense", m), ("transformers_again", hf), ("ours_dense_again", m)):
+        step_ms(model, 300)  # lengths 300..316 seen by both after the first pass
+        r[f"{name}_seen_shapes_ms"] = min(step_ms(model, 300) for _ in range(3))
+    del hf
     m.uc_runtime.close()
     return r
 
@@ -256,6 +267,22 @@ def engine(dev: torch.device, tmp: Path, small: bool, low: str) -> dict:
             raise RuntimeError(f"engine: {errors[0]}")
         return outs, time.perf_counter() - t0
 
+    def mismatches(outs: list[list[int]]) -> list[dict]:
+        """Where a greedy run leaves the reference: the step, and the reference model's top-1 minus top-2
+        logit there (a near-tie that bfloat16 rounding in another kernel can flip), next to the logits' std."""
+        m = ucformat.load(tmp / "pack", device=dev.type, residency="dense", dtype=torch.bfloat16)
+        found = []
+        with torch.inference_mode():
+            for p, got, want in zip(prompts * 2, outs, refs * 2):
+                if got == want:
+                    continue
+                at = next((i for i, (x, y) in enumerate(zip(got, want)) if x != y), min(len(got), len(want)))
+                logits = m(torch.tensor([tok(p).input_ids + want[:at]], device=dev)).logits[0, -1].float()
+                top = logits.topk(2).values
+                found.append({"prompt": p, "step": at, "top2_gap": float(top[0] - top[1]), "logit_std": float(logits.std())})
+        m.uc_runtime.close()
+        return found
+
     errors: list[str] = []
     r = {}
     for mode, budget in (("dense", None), ("stream", low)):
@@ -271,6 +298,7 @@ def engine(dev: torch.device, tmp: Path, small: bool, low: str) -> dict:
             row["greedy_alone_equal_generate"] = sum(a == b for a, b in zip(alone, refs))
             row["greedy_batched_equal_generate"] = sum(a == b for a, b in zip(busy, refs))
             row["of"] = len(refs)
+            row["mismatches"] = mismatches(alone + busy)
             g = torch.Generator().manual_seed(0)
             for c in (1, 8, 32):
                 ids = [torch.randint(0, len(tok), (64,), generator=g).tolist() for _ in range(c)]
@@ -343,7 +371,7 @@ def main() -> None:
         section(out, "residency")(lambda: residency(dev, src, tmp, low, mid))
         section(out, "moe")(lambda: moe(dev, tmp))
         if (tmp / "pack").exists():
-            section(out, "cudnn_decode")(lambda: cudnn_decode(dev, tmp))
+            section(out, "cudnn_decode")(lambda: cudnn_decode(dev, tmp, src))
         if a.tokenizer and (tmp / "pack").exists():
             section(out, "engine")(lambda: engine(dev, tmp, a.small, low))
         if a.tokenizer and a.calib:
