@@ -113,7 +113,8 @@ def profile_group(ws: dict[str, torch.Tensor], h: torch.Tensor | None, block_siz
         # every width, the rounding noise having about the same spectrum at each, only its level differing.
         jobs += [(samples[name], grids[name][b]) for b in bits_options] + ([(w, grids[name][probe])] if ranks else [])
         owners += [(name, b) for b in bits_options] + ([(name, None)] if ranks else [])
-    deq = _round_all(jobs, h if use_gptq else None, block_size, scale_bits)
+    search = codec in codecs.SEARCHED
+    deq = _round_all(jobs, h if use_gptq else None, block_size, scale_bits, search, col)
     for (name, b), d in zip(owners, deq):
         p = profiles[name]
         if b is not None:
@@ -131,15 +132,19 @@ def profile_group(ws: dict[str, torch.Tensor], h: torch.Tensor | None, block_siz
 
 
 def _round_all(jobs: list[tuple[torch.Tensor, torch.Tensor]], h: torch.Tensor | None,
-               block_size: int, scale_bits: int = 16) -> list[torch.Tensor]:
-    """Dequantized roundings of each (rows [n, C], grid): GPTQ in one pass with h, else nearest level."""
+               block_size: int, scale_bits: int = 16, search: bool = False,
+               col: torch.Tensor | None = None) -> list[torch.Tensor]:
+    """Dequantized roundings of each (rows [n, C], grid): GPTQ in one pass with h, else nearest level;
+    search: block scales searched as the pack will (codecs.fitted_scales, columns weighted by col)."""
     out = []
     if h is None:
         for x, grid in jobs:
-            scales, normed = codecs.block_scales(x, block_size, scale_bits)
-            out.append(grid[codecs.nearest(normed, grid)] * _expand(scales, block_size, x.shape[1]))
+            scales = codecs.fitted_scales(x, grid, block_size, col, scale_bits, search)
+            out.append(grid[codecs.nearest(codecs.normalise(x, scales, block_size), grid)]
+                       * _expand(scales, block_size, x.shape[1]))
         return out
-    for (x, grid), (codes, scales) in zip(jobs, gptq.round_many(jobs, h, block_size, scale_bits=scale_bits)):
+    for (x, grid), (codes, scales) in zip(jobs, gptq.round_many(jobs, h, block_size, scale_bits=scale_bits,
+                                                                search=search)):
         out.append(grid[codes.long()] * _expand(scales, block_size, x.shape[1]))
     return out
 

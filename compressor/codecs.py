@@ -24,6 +24,11 @@ GridFn = Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]
 KMEANS_SAMPLES = 1 << 18  # values per matrix the grid is fitted on (subsampled with a fixed seed)
 KMEANS_ITERS = 30
 KMEANS_SEED = 0
+# Block-scale search (fitted_scales): candidate scales as multiples of the one that puts the block's absmax on
+# the grid's outermost level. Measured on SmolLM2 (rotated, nearest rounding): squared error -12% at 4 bits,
+# -17% at 5 bits against absmax scales.
+SCALE_SEARCH = torch.linspace(0.84, 1.12, 15)
+SEARCHED = {"gsq"}  # codecs whose block scales are searched; uniform stays plain absmax round-to-nearest
 
 
 def uniform_grid(values: torch.Tensor, weights: torch.Tensor, levels: int) -> torch.Tensor:
@@ -77,6 +82,48 @@ def block_scales(w: torch.Tensor, block_size: int, scale_bits: int = 16) -> tupl
     return scales, normed.reshape(*wp.shape)[..., :cols]
 
 
+def fitted_scales(w: torch.Tensor, grid: torch.Tensor, block_size: int, col_weight: torch.Tensor | None = None,
+                  scale_bits: int = 16, search: bool = True, factors: torch.Tensor = SCALE_SEARCH) -> torch.Tensor:
+    """Block scales chosen for a fixed grid: fp16 [rows, nb] for w float32 [rows, cols], sorted grid [L].
+
+    Each block tries its absmax scale and the scales that put its absmax at `factors` times the grid's
+    outermost level, and keeps the one whose nearest-level rounding has the least squared error, each
+    column weighted by col_weight (its input energy E[x_j^2], when known). The absmax scale itself is
+    always a candidate, so no block rounds worse than before (as llama.cpp's k-quants search their
+    scales; here the grid is per matrix and learned, so the search is along the block's scale alone).
+    With scale_bits 8 the chosen scales are then snapped to what a row can store. search False: absmax."""
+    if not search:
+        return block_scales(w, block_size, scale_bits)[0]
+    rows, cols = w.shape
+    pad = (-cols) % block_size
+    wb = torch.nn.functional.pad(w.float(), (0, pad)).reshape(rows, -1, block_size)
+    cw = torch.ones(cols, device=w.device) if col_weight is None else col_weight.float().to(w.device)
+    cw = torch.nn.functional.pad(cw, (0, pad)).reshape(1, -1, block_size)
+    grid = grid.float().to(w.device)
+    absmax = wb.abs().amax(-1)
+    top = grid.abs().max().clamp_min(1e-30)
+    best_s = absmax.to(torch.float16).float()
+    best_e = None
+    for f in [None, *factors.tolist()]:
+        s = best_s if f is None else (absmax * (f / top)).to(torch.float16).float()
+        safe = s.clamp_min(1e-30).unsqueeze(-1)
+        q = grid[nearest(wb / safe, grid)] * s.unsqueeze(-1)
+        e = ((wb - q).square() * cw).sum(-1)
+        if best_e is None:
+            best_e = e
+            continue
+        better = e < best_e
+        best_e = torch.where(better, e, best_e)
+        best_s = torch.where(better, s, best_s)
+    return scalecodes.snap(best_s) if scale_bits == 8 else best_s.to(torch.float16)
+
+
+def normalise(w: torch.Tensor, scales: torch.Tensor, block_size: int) -> torch.Tensor:
+    """w float32 [*lead, rows, cols] divided by its fp16 block scales [*lead, rows, nb] (0 where a scale is 0)."""
+    s = scales.float().repeat_interleave(block_size, -1)[..., :w.shape[-1]]
+    return torch.where(s > 0, w / s.clamp_min(1e-30), torch.zeros_like(w))
+
+
 def quantize(w: torch.Tensor, bits: int, block_size: int, codec: str, scale_bits: int = 16, rotation: int = 0,
              seed: int = 0, name: str = "") -> QuantizedTensor:
     """w: [*lead, rows, cols] (any float dtype, any device) -> QuantizedTensor with CPU parts. With `rotation`
@@ -96,18 +143,22 @@ def quantize(w: torch.Tensor, bits: int, block_size: int, codec: str, scale_bits
     if rotation and rot.fits(cols, rotation):
         signs = rot.random_signs(cols, seed, name).to(w.device).expand(*lead, cols)
         w = rot.rotate(w, signs, rotation)
-    scales, normed = block_scales(w, block_size, scale_bits)
-    weight = scales.float().repeat_interleave(block_size, -1)[..., :cols] ** 2
+    absmax, normed = block_scales(w, block_size, scale_bits)
+    weight = absmax.float().repeat_interleave(block_size, -1)[..., :cols] ** 2
     n_mat = 1
     for d in lead:
         n_mat *= d
+    w_m = w.reshape(n_mat, rows, cols)
     normed_m = normed.reshape(n_mat, rows, cols)
     weight_m = weight.reshape(n_mat, rows, cols)
-    grids, codes = [], []
+    grids, codes, scales = [], [], []
     for m in range(n_mat):
         grid = GRIDS[codec](normed_m[m], weight_m[m], 2**bits).to(w.device)
+        s = fitted_scales(w_m[m], grid, block_size, None, scale_bits, codec in SEARCHED)
         grids.append(grid)
-        codes.append(nearest(normed_m[m], grid).to(torch.uint8))
+        scales.append(s)
+        codes.append(nearest(normalise(w_m[m], s, block_size), grid).to(torch.uint8))
+    scales = torch.stack(scales).reshape(absmax.shape)
     grid_t = torch.stack(grids).reshape(*lead, 2**bits)
     codes_t = torch.stack(codes).reshape(*lead, rows, cols)
     return QuantizedTensor(

@@ -36,7 +36,8 @@ def inverse_cholesky(h: torch.Tensor, damp: float = DAMP) -> torch.Tensor:
 
 
 def round_gptq(w: torch.Tensor, h: torch.Tensor, grid: torch.Tensor, block_size: int,
-               act_order: bool = True, scale_bits: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
+               act_order: bool = True, scale_bits: int = 16,
+               scales: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """w float32 [R, C], h [C, C], sorted grid [L] (or one per row, [R, L]: several grids at once)
     -> (codes uint8 [R, C], fp16 scales [R, ceil(C/B)]).
 
@@ -44,34 +45,42 @@ def round_gptq(w: torch.Tensor, h: torch.Tensor, grid: torch.Tensor, block_size:
     the many columns still free); block scales are then fixed up front, from w, as they must not depend on
     a column order that differs from the blocks'. 8-bit scales (scale_bits 8) are always fixed up front:
     a row's codes are relative to its largest scale, which must be known before the first block.
+    scales: fixed fp16 block scales [R, nb] to round against (codecs.fitted_scales; static orders only),
+    instead of each block's absmax.
     """
     if w.device.type != "cpu":
-        return _round_gptq(w, h, grid, block_size, act_order, scale_bits)
+        return _round_gptq(w, h, grid, block_size, act_order, scale_bits, scales)
     # thousands of tiny ops: one thread avoids OpenMP barrier waits (up to 100x faster on a busy CPU)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        return _round_gptq(w, h, grid, block_size, act_order, scale_bits)
+        return _round_gptq(w, h, grid, block_size, act_order, scale_bits, scales)
     finally:
         torch.set_num_threads(threads)
 
 
 def round_many(jobs: list[tuple[torch.Tensor, torch.Tensor]], h: torch.Tensor, block_size: int,
-               act_order: bool = True, scale_bits: int = 16) -> list[tuple[torch.Tensor, torch.Tensor]]:
+               act_order: bool = True, scale_bits: int = 16,
+               search: bool = False) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Several matrices sharing one input (q/k/v, gate/up, or one matrix at several widths) rounded in
     one pass: jobs of (rows [n, C], sorted grid [L]); their rows are stacked, each with its own grid
     padded by +inf levels that are never nearest. Same result as one call per job, a fraction of the
-    per-column overhead. Returns (codes uint8 [n, C], fp16 scales [n, nb]) per job."""
+    per-column overhead. search: each job's block scales are searched for its grid first (codecs.fitted_scales,
+    columns weighted by h's diagonal). Returns (codes uint8 [n, C], fp16 scales [n, nb]) per job."""
     width = max(g.numel() for _, g in jobs)
     stacked = torch.cat([x.float() for x, _ in jobs])
     grids = torch.cat([torch.nn.functional.pad(g.float(), (0, width - g.numel()), value=math.inf).expand(len(x), width)
                        for x, g in jobs])
-    codes, scales = round_gptq(stacked, h, grids, block_size, act_order, scale_bits)
+    fixed = None
+    if search and (act_order or scale_bits == 8):
+        col = torch.diagonal(h).clamp_min(0)
+        fixed = torch.cat([codecs.fitted_scales(x.float(), g, block_size, col, scale_bits) for x, g in jobs])
+    codes, scales = round_gptq(stacked, h, grids, block_size, act_order, scale_bits, fixed)
     sizes = [len(x) for x, _ in jobs]
     return list(zip(codes.split(sizes), scales.split(sizes)))
 
 
-def _round_gptq(w, h, grid, block_size, act_order, scale_bits):
+def _round_gptq(w, h, grid, block_size, act_order, scale_bits, fixed=None):
     w = w.float().clone()
     rows, cols = w.shape
     dead = torch.diagonal(h) <= 0
@@ -86,7 +95,7 @@ def _round_gptq(w, h, grid, block_size, act_order, scale_bits):
     if static:
         perm = (torch.argsort(torch.diagonal(h), descending=True, stable=True) if act_order
                 else torch.arange(cols)).to(w.device)
-        scales = codecs.block_scales(w, block_size, scale_bits)[0]  # fp16 [R, nb], static
+        scales = codecs.block_scales(w, block_size, scale_bits)[0] if fixed is None else fixed  # fp16 [R, nb], static
         col_scale = scales.float()[:, perm // block_size]  # [R, C] in rounding order
         w, h = w[:, perm], h[perm][:, perm]
     else:

@@ -219,12 +219,12 @@ def quantize_group(ws: dict[str, torch.Tensor], bits: dict[str, int], block_size
     grids = {n: fit_grid(w, bits[n], block_size, codec, col, scale_bits=scale_bits) for n, w in ws.items()}
     if h is not None and use_gptq:
         rounded = dict(zip(ws, gptq.round_many([(ws[n], grids[n]) for n in ws], h, block_size,
-                                               scale_bits=scale_bits)))
+                                               scale_bits=scale_bits, search=codec in codecs.SEARCHED)))
     else:
         rounded = {}
         for n, w in ws.items():
-            scales, normed = codecs.block_scales(w, block_size, scale_bits)
-            rounded[n] = (codecs.nearest(normed, grids[n]).to(torch.uint8), scales)
+            scales = codecs.fitted_scales(w, grids[n], block_size, col, scale_bits, codec in codecs.SEARCHED)
+            rounded[n] = (codecs.nearest(codecs.normalise(w, scales, block_size), grids[n]).to(torch.uint8), scales)
     return {n: QWeight(bits=bits[n], block_size=block_size, codes=rounded[n][0], scales=rounded[n][1].float(),
                        grid=grids[n].float(), lowrank_dtype=lowrank_dtype, scale_bits=scale_bits,
                        rot_signs=signs, rotation=rotation if signs is not None else 0) for n in ws}

@@ -203,7 +203,7 @@ def test_smollm2_calibrated_beats_plain(smollm2, tmp_path):
 
 
 def test_gptq_beats_nearest_and_grouping_changes_nothing():
-    from compressor import gptq
+    from compressor import codecs, gptq
     from compressor.qweight import fit_grid, quantize_group
 
     g = torch.Generator().manual_seed(0)
@@ -213,7 +213,9 @@ def test_gptq_beats_nearest_and_grouping_changes_nothing():
     bits = {"a": 3, "b": 4}
     grouped = quantize_group(ws, bits, 16, "gsq", h)
     for n, w in ws.items():
-        codes, scales = gptq.round_gptq(w, h, fit_grid(w, bits[n], 16, "gsq", torch.diagonal(h)), 16)
+        grid = fit_grid(w, bits[n], 16, "gsq", torch.diagonal(h))
+        searched = codecs.fitted_scales(w, grid, 16, torch.diagonal(h))  # the pack's block scales
+        codes, scales = gptq.round_gptq(w, h, grid, 16, scales=searched)
         assert torch.equal(codes, grouped[n].codes) and torch.equal(scales, grouped[n].scales.half())
         near = quantize_group({n: w}, bits, 16, "gsq", h, use_gptq=False)[n]
         out_err = lambda q: ((w - q.base()) @ x.T).square().mean()  # noqa: E731
