@@ -129,7 +129,7 @@ def _pack(src: Path, dst: Path, args: list[str], env: dict) -> dict:
     quant = json.loads((dst / "manifest.json").read_text())["quant"]
     return {"bpw_allin": p["bpw_allin"], "pack_seconds": p["seconds"], "peak_rss_bytes": p["peak_rss_bytes"],
             "pack_bytes": p["pack_bytes"], "scale_bits": quant.get("scale_bits", 16),
-            "rotation": quant.get("rotation", 0), "calib": p.get("calib")}
+            "rotation": quant.get("rotation", 0), "scales": quant.get("scales", "absmax"), "calib": p.get("calib")}
 
 
 def main() -> None:
@@ -226,12 +226,9 @@ def main() -> None:
 
 
 def _fmt(r: dict) -> list:
-    ours = f"ours, --target-bpw {r['setting']}"
-    if r["method"] == "ours" and _recipe(r) != "current":
-        ours += {"no-e2e": " (earlier recipe \\*)", "e2e-v1": " (earlier end-to-end stage \u2020)",
-                 "no-rotation": " (before rotation \u2021)"}[_recipe(r)]
-    label = {"ours": ours, "ours-fp32": f"ours, --target-bpw {r['setting']}{_mark(r)}",
-             "defaults": "ours, default settings (`--calib` only)",
+    label = {"ours": f"ours, --target-bpw {r['setting']}{_mark(r)}",
+             "ours-fp32": f"ours, --target-bpw {r['setting']}{_mark(r)}",
+             "defaults": f"ours, default settings (`--calib` only){_mark(r)}",
              "uniform": f"uniform (round-to-nearest), {r['setting']}-bit",
              "hqq": f"HQQ {r['setting']}-bit, group 64", "gguf": f"GGUF {r['setting']}"}.get(r["method"], r["setting"])
     return [label, f"{r['bpw_allin']:.3f}", f"{r['ppl']:.3f}", f"{r['ppl_ratio']:.4f}", f"{r['top1_agreement']:.1%}",
@@ -239,7 +236,13 @@ def _fmt(r: dict) -> list:
 
 
 def _mark(r: dict) -> str:
-    return FP32_MARK if r["method"] == "ours-fp32" else ""
+    """The footnote mark of an "ours" row not packed by the current recipe on a CPU with native bfloat16."""
+    if r["method"] == "ours-fp32":
+        return FP32_MARK
+    if r["method"] in ("ours", "defaults") and _recipe(r) != "current":
+        return {"no-e2e": " (earlier recipe \\*)", "e2e-v1": " (earlier end-to-end stage \u2020)",
+                "no-rotation": " (before rotation \u2021)"}[_recipe(r)]
+    return ""
 
 
 def _recipe(r: dict) -> str:

@@ -83,14 +83,16 @@ def stored_bits(shape: tuple[int, ...], c: Choice, block_size: int, lowrank_dtyp
 
 
 def profile(w: torch.Tensor, h: torch.Tensor | None, block_size: int, codec: str, use_gptq: bool,
-            ranks: list[int], bits_options=BITS, seed: int = 0, scale_bits: int = 16, rotation: int = 0) -> Profile:
+            ranks: list[int], bits_options=BITS, seed: int = 0, scale_bits: int = 16, rotation: int = 0,
+            search: bool = False) -> Profile:
     """Measure one matrix w [R, C] (h: its mean input Gram [C, C] or None) at every code width."""
-    return profile_group({"": w}, h, block_size, codec, use_gptq, ranks, bits_options, seed, scale_bits, rotation)[""]
+    return profile_group({"": w}, h, block_size, codec, use_gptq, ranks, bits_options, seed, scale_bits, rotation,
+                         search)[""]
 
 
 def profile_group(ws: dict[str, torch.Tensor], h: torch.Tensor | None, block_size: int, codec: str,
                   use_gptq: bool, ranks: list[int], bits_options=BITS, seed: int = 0,
-                  scale_bits: int = 16, rotation: int = 0) -> dict[str, Profile]:
+                  scale_bits: int = 16, rotation: int = 0, search: bool = False) -> dict[str, Profile]:
     """Profiles of matrices that share one input (and h): their GPTQ roundings run as one pass. With
     `rotation`, measured in the rotated basis the pack will round in (errors e H e^T are the same in
     either basis, so every number below keeps its meaning)."""
@@ -113,7 +115,7 @@ def profile_group(ws: dict[str, torch.Tensor], h: torch.Tensor | None, block_siz
         # every width, the rounding noise having about the same spectrum at each, only its level differing.
         jobs += [(samples[name], grids[name][b]) for b in bits_options] + ([(w, grids[name][probe])] if ranks else [])
         owners += [(name, b) for b in bits_options] + ([(name, None)] if ranks else [])
-    search = codec in codecs.SEARCHED
+    search = search and codec in codecs.SEARCHED  # block scales as the pack will choose them
     deq = _round_all(jobs, h if use_gptq else None, block_size, scale_bits, search, col)
     for (name, b), d in zip(owners, deq):
         p = profiles[name]

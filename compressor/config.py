@@ -80,6 +80,10 @@ class PackConfig:
     # maximum: 0.125 + 16/C bits a weight instead of 0.25 at block 64). Not the default: at a 5 bpw budget on
     # SmolLM2 the allocator's use of the freed 0.1 bpw measured within noise (docs/BENCHMARKS.md, stop 16)
     codec: str = "gsq"  # "gsq" (learned grid) or "uniform" (round-to-nearest baseline)
+    scale_search: bool = False  # gsq: each block's scale searched for the grid (codecs.fitted_scales), not its absmax.
+    # Not the default: on SmolLM2 at 5 bpw it lowers the held-out KL before the end-to-end stage by 10% and the
+    # ppl ratio from 1.0306 to 1.0247, but the stage then gains nothing (1.0247), or with --no-refine-scales
+    # 1.0220, against 1.0215 for the default (docs/BENCHMARKS.md, stop 23)
     device: str = "cpu"  # where quantization runs: "cpu" or "cuda"
     quantize_embeddings: bool = False  # also quantize token embeddings / lm_head (kept in source dtype by default)
     rank: int = 0  # low-rank correction rank of every linear (0: none, unless the allocator picks one)
@@ -135,6 +139,8 @@ class PackConfig:
         d.pop("rotation")
         if self.scale_bits == 16:  # as journals written before the option have it
             d.pop("scale_bits")
+        if self.codec != "gsq":  # only the learned grid searches its scales
+            d.pop("scale_search")
         if not self.calibrated:  # plain packs keep the foundation's journal settings
             for k in ("rank", "max_rank", "lowrank_dtype", "target_bpw", "overlay", "calib"):
                 d.pop(k)

@@ -1,10 +1,12 @@
-"""Activation-aware rounding (GPTQ-style error feedback) onto a fixed grid with per-block absmax scales.
+"""Activation-aware rounding (GPTQ-style error feedback) onto a fixed grid with per-block scales.
 
 Plain rounding picks the nearest level for every weight alone. Here the columns of W [R, C] are rounded
 in order and each rounding error is pushed onto the columns not yet rounded, through the inverse of the
 input Gram matrix H = E[x x^T] [C, C], so the error of the *output* W x is minimised rather than that of
-the weights (Frantar et al., 2022, "GPTQ"). A block's scale is its absmax when rounding reaches it, taken
-from the already-updated weights, then rounded to fp16 as stored. Rows are independent.
+the weights (Frantar et al., 2022, "GPTQ"). With act_order (the default) the block scales are fixed up
+front: the searched ones the caller passes (codecs.fitted_scales), or each block's absmax; without it, a
+block's scale is its absmax when rounding reaches it, taken from the already-updated weights. Scales are
+rounded to fp16 as stored. Rows are independent.
 """
 
 from __future__ import annotations

@@ -211,19 +211,21 @@ def rotated_group(ws: dict[str, torch.Tensor], h: torch.Tensor | None, rotation:
 
 def quantize_group(ws: dict[str, torch.Tensor], bits: dict[str, int], block_size: int, codec: str,
                    h: torch.Tensor | None = None, use_gptq: bool = True, lowrank_dtype: str = "int8",
-                   scale_bits: int = 16, rotation: int = 0, seed: int = 0) -> dict[str, QWeight]:
+                   scale_bits: int = 16, rotation: int = 0, seed: int = 0, search: bool = False) -> dict[str, QWeight]:
     """Matrices sharing one input Gram matrix h (q/k/v, gate/up), each at its own width; with h, their
-    GPTQ rounding runs as one pass. With `rotation`, rounded as W R (rotated_group); the QWeights rotate back."""
+    GPTQ rounding runs as one pass. With `rotation`, rounded as W R (rotated_group); the QWeights rotate back.
+    search: block scales searched for each grid (codecs.fitted_scales) where the codec does that."""
+    search = search and codec in codecs.SEARCHED
     ws, h, signs = rotated_group(ws, h, rotation, seed)
     col = torch.diagonal(h).clamp_min(0) if h is not None else None
     grids = {n: fit_grid(w, bits[n], block_size, codec, col, scale_bits=scale_bits) for n, w in ws.items()}
     if h is not None and use_gptq:
         rounded = dict(zip(ws, gptq.round_many([(ws[n], grids[n]) for n in ws], h, block_size,
-                                               scale_bits=scale_bits, search=codec in codecs.SEARCHED)))
+                                               scale_bits=scale_bits, search=search)))
     else:
         rounded = {}
         for n, w in ws.items():
-            scales = codecs.fitted_scales(w, grids[n], block_size, col, scale_bits, codec in codecs.SEARCHED)
+            scales = codecs.fitted_scales(w, grids[n], block_size, col, scale_bits, search)
             rounded[n] = (codecs.nearest(codecs.normalise(w, scales, block_size), grids[n]).to(torch.uint8), scales)
     return {n: QWeight(bits=bits[n], block_size=block_size, codes=rounded[n][0], scales=rounded[n][1].float(),
                        grid=grids[n].float(), lowrank_dtype=lowrank_dtype, scale_bits=scale_bits,

@@ -67,6 +67,9 @@ def test_presets_and_flags_resolve_in_order():
     assert set(PRESETS) >= {"lossless-6", "prod-5", "light-4", "aggressive-3", "extreme-2.8"}
     with pytest.raises(ValueError, match="--preset"):
         build_config("nope")
+    # the block-scale search is part of what --resume checks (stored scales depend on it), for gsq only
+    assert build_config(scale_search=True).settings() != build_config().settings()
+    assert build_config(codec="uniform", scale_search=True).settings() == build_config(codec="uniform").settings()
 
 
 @pytest.mark.parametrize("target", [2.8, 4.0])

@@ -212,11 +212,14 @@ def test_gptq_beats_nearest_and_grouping_changes_nothing():
     ws = {"a": torch.randn(20, 48, generator=g), "b": torch.randn(12, 48, generator=g)}
     bits = {"a": 3, "b": 4}
     grouped = quantize_group(ws, bits, 16, "gsq", h)
+    searched = quantize_group(ws, bits, 16, "gsq", h, search=True)  # --scale-search
     for n, w in ws.items():
         grid = fit_grid(w, bits[n], 16, "gsq", torch.diagonal(h))
-        searched = codecs.fitted_scales(w, grid, 16, torch.diagonal(h))  # the pack's block scales
-        codes, scales = gptq.round_gptq(w, h, grid, 16, scales=searched)
+        codes, scales = gptq.round_gptq(w, h, grid, 16)
         assert torch.equal(codes, grouped[n].codes) and torch.equal(scales, grouped[n].scales.half())
+        fitted = codecs.fitted_scales(w, grid, 16, torch.diagonal(h))
+        codes, scales = gptq.round_gptq(w, h, grid, 16, scales=fitted)
+        assert torch.equal(codes, searched[n].codes) and torch.equal(scales, searched[n].scales.half())
         near = quantize_group({n: w}, bits, 16, "gsq", h, use_gptq=False)[n]
         out_err = lambda q: ((w - q.base()) @ x.T).square().mean()  # noqa: E731
         assert out_err(grouped[n]) < 0.8 * out_err(near)

@@ -76,8 +76,8 @@ def test_searched_block_scales_round_better_than_absmax(bits):
     before, after = block_err(absmax), block_err(searched)
     assert (after <= before).all()
     assert after.sum() < 0.95 * before.sum()
-    # a quantized matrix stores the searched scales: its reconstruction error is lower than absmax rounding
-    q = codecs.quantize(w, bits, 64, "gsq")
+    # with search, a quantized matrix stores the searched scales: its error is lower than absmax rounding
+    q = codecs.quantize(w, bits, 64, "gsq", search=True)
     plain = grid[codecs.nearest(normed, grid)] * absmax.float().repeat_interleave(64, -1)[:, :200]
     assert ((dequantize(q) - w) ** 2).sum() < ((plain - w) ** 2).sum()
 
@@ -89,6 +89,8 @@ def test_uniform_codec_and_eight_bit_scales_under_the_search():
     # search off (the uniform baseline): exactly the absmax scales
     assert torch.equal(codecs.fitted_scales(w, grid, 64, search=False), codecs.block_scales(w, 64)[0])
     assert torch.equal(codecs.quantize(w, 4, 64, "uniform").scales, codecs.block_scales(w, 64)[0])
+    assert torch.equal(codecs.quantize(w, 4, 64, "gsq").scales, codecs.block_scales(w, 64)[0])  # off by default
+    assert not torch.equal(codecs.quantize(w, 4, 64, "gsq", search=True).scales, codecs.block_scales(w, 64)[0])
     # 8-bit scales: the searched scales are snapped to what each row can store
     s8 = codecs.fitted_scales(w, grid, 64, scale_bits=8)
     from ucformat import scalecodes

@@ -42,6 +42,7 @@ def cmd_pack(a) -> int:
 
     cfg = build_config(
         a.preset, bits=a.bits, block_size=a.block_size, scale_bits=a.scale_bits, codec=a.codec, device=a.device,
+        scale_search=a.scale_search,
         rotation=a.rotation,
         quantize_embeddings=a.quantize_embeddings or None, target_bpw=a.target_bpw, rank=a.rank, max_rank=a.max_rank,
         lowrank_dtype=a.lowrank_dtype, overlay=a.overlay, file=a.calib, articles=a.calib_articles,
@@ -205,6 +206,11 @@ def build_parser() -> argparse.ArgumentParser:
                    f"codes under a float16 row maximum: 0.14 instead of 0.25 bits a weight at block 64; "
                    f"default {P.scale_bits})")
     s.add_argument("--codec", choices=("gsq", "uniform"), help=f"gsq: learned grid; uniform: round-to-nearest (default {P.codec})")
+    s.add_argument("--scale-search", dest="scale_search", action="store_const", const=True,
+                   help="gsq: each block picks the scale that rounds it best on the learned grid, of its absmax and "
+                   f"15 around it{' (default)' if P.scale_search else ''}")
+    s.add_argument("--no-scale-search", dest="scale_search", action="store_const", const=False,
+                   help=f"gsq: each block's scale is its absmax{'' if P.scale_search else ' (default)'}")
     s.add_argument("--rotation", type=int, metavar="N", help="round every linear's weights after "
                    "a random-sign Hadamard rotation of its inputs in blocks of this size, undone when the pack is "
                    "read (spreads outlier weights over their block; 1 bit per input column per matrix); N is 0 (none) or "
