@@ -128,6 +128,20 @@ def grams(model, ids: torch.Tensor, layers: list[int]) -> dict[tuple[int, str], 
     return {(i, p): g for i, st in stats.items() for p, g in st.gram.items()}
 
 
+def model_and_calibration(name: str, layers: str | None):
+    """(fp32 model, its decoder layers to measure: the comma-separated list or every third, the pack's
+    calibration ids: 32 x 256 tokens of WikiText-2 test articles 1-16)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    cache = Path(os.environ.get("UC_CACHE", ROOT / ".uc-cache"))
+    src = fetch_model(name, cache / "models" / name, cache_dir=cache)
+    tok = AutoTokenizer.from_pretrained(str(src))
+    model = AutoModelForCausalLM.from_pretrained(str(src), dtype=torch.float32).eval()
+    n_layers = len(model.model.layers)
+    chosen = [int(x) for x in layers.split(",")] if layers else list(range(0, n_layers, 3))
+    return model, chosen, calibrate.calibration_ids(tok, TEXT.read_text(encoding="utf-8"), 32, 256, "1-16")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2-135m")
@@ -147,15 +161,7 @@ def main() -> None:
         print_summary(out["summary"])
         path.write_text(json.dumps(out, indent=1))
         return
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    cache = Path(os.environ.get("UC_CACHE", ROOT / ".uc-cache"))
-    src = fetch_model(a.model, cache / "models" / a.model, cache_dir=cache)
-    tok = AutoTokenizer.from_pretrained(str(src))
-    model = AutoModelForCausalLM.from_pretrained(str(src), dtype=torch.float32).eval()
-    n_layers = len(model.model.layers)
-    layers = [int(x) for x in a.layers.split(",")] if a.layers else list(range(0, n_layers, 3))
-    ids = calibrate.calibration_ids(tok, TEXT.read_text(encoding="utf-8"), 32, 256, "1-16")
+    model, layers, ids = model_and_calibration(a.model, a.layers)
     t0 = time.perf_counter()
     g = grams(model, ids, layers)
     rows = []

@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import sys
 import time
 from pathlib import Path
@@ -29,9 +28,8 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.rotation_proxy import TEXT, block_hadamard, grams  # noqa: E402
-from compressor import calibrate, codecs, gptq  # noqa: E402
-from compressor.fetch import fetch_model  # noqa: E402
+from bench.rotation_proxy import block_hadamard, grams, model_and_calibration  # noqa: E402
+from compressor import codecs, gptq  # noqa: E402
 from compressor.qweight import fit_grid  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results" / "scale_search.json"
@@ -87,15 +85,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--results", default=str(RESULTS))
     a = ap.parse_args()
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    cache = Path(os.environ.get("UC_CACHE", ROOT / ".uc-cache"))
-    src = fetch_model(a.model, cache / "models" / a.model, cache_dir=cache)
-    tok = AutoTokenizer.from_pretrained(str(src))
-    model = AutoModelForCausalLM.from_pretrained(str(src), dtype=torch.float32).eval()
-    n_layers = len(model.model.layers)
-    layers = [int(x) for x in a.layers.split(",")] if a.layers else list(range(0, n_layers, 3))
-    ids = calibrate.calibration_ids(tok, TEXT.read_text(encoding="utf-8"), 32, 256, "1-16")
+    model, layers, ids = model_and_calibration(a.model, a.layers)
     t0 = time.perf_counter()
     rows = []
     for (i, name), g in grams(model, ids, layers).items():
