@@ -28,7 +28,8 @@ def test_pack_info_verify(tiny_llama, tmp_path):
     assert out.returncode == 0, out.stderr
     assert "bpw_allin" in out.stdout and "peak process memory" in out.stdout
     info = json.loads(uc("info", dst, "--json").stdout)
-    assert info["quant"] == {"codec": "uniform", "bits": 5, "block_size": 32, "scale_bits": 16, "rotation": 0}
+    assert info["quant"] == {"codec": "uniform", "bits": 5, "block_size": 32, "scale_bits": 16, "scales": "absmax",
+                             "rotation": 0}
     # all-in: 5-bit codes + one fp16 scale per 32 weights + the 32-level fp32 grid, per tensor
     q = [t for t in info["tensors"] if t["kind"] == "quantized"]
     bits = sum(r * (-(-c // 8) * 5 * 8 + -(-c // 32) * 16) + 32 * 32 for r, c in (t["shape"] for t in q))
