@@ -226,8 +226,8 @@ def main() -> None:
 
 
 def _fmt(r: dict) -> list:
-    label = {"ours": f"ours, --target-bpw {r['setting']}{_mark(r)}",
-             "ours-fp32": f"ours, --target-bpw {r['setting']}{_mark(r)}",
+    ours = f"ours, --target-bpw {r['setting']}{_mark(r)}"
+    label = {"ours": ours, "ours-fp32": ours,
              "defaults": f"ours, default settings (`--calib` only){_mark(r)}",
              "uniform": f"uniform (round-to-nearest), {r['setting']}-bit",
              "hqq": f"HQQ {r['setting']}-bit, group 64", "gguf": f"GGUF {r['setting']}"}.get(r["method"], r["setting"])

@@ -115,7 +115,6 @@ def profile_group(ws: dict[str, torch.Tensor], h: torch.Tensor | None, block_siz
         # every width, the rounding noise having about the same spectrum at each, only its level differing.
         jobs += [(samples[name], grids[name][b]) for b in bits_options] + ([(w, grids[name][probe])] if ranks else [])
         owners += [(name, b) for b in bits_options] + ([(name, None)] if ranks else [])
-    search = search and codec in codecs.SEARCHED  # block scales as the pack will choose them
     deq = _round_all(jobs, h if use_gptq else None, block_size, scale_bits, search, col)
     for (name, b), d in zip(owners, deq):
         p = profiles[name]

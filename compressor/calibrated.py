@@ -222,7 +222,7 @@ class CalibratedLayers:
                     profiles.update(allocate.profile_group(
                         {n: self.ckpt.get(n).to(self.device) for n in two}, h, cfg.block_size, cfg.codec,
                         c.gptq and h is not None, self._ranks(),
-                        widths, c.seed, cfg.scale_bits, cfg.rotation_block, cfg.scale_search))
+                        widths, c.seed, cfg.scale_bits, cfg.rotation_block, cfg.searches_scales))
         bar.close()
         if stream is not None:
             self._last_hidden = stream
@@ -312,7 +312,7 @@ class CalibratedLayers:
             for n in group:
                 if src[n].dim() != 2:  # fused expert stacks: the plain codec at the planned width
                     out[n] = codecs.quantize(src[n].to(self.device), self.plan[n].bits, cfg.block_size, cfg.codec,
-                                             cfg.scale_bits, search=cfg.scale_search)
+                                             cfg.scale_bits, search=cfg.searches_scales)
                 else:
                     two.append(n)
             if not two:
@@ -320,7 +320,7 @@ class CalibratedLayers:
             h = grams.get(two[0])
             ws = {n: src[n].to(self.device) for n in two}
             qs = quantize_group(ws, {n: self.plan[n].bits for n in two}, cfg.block_size, cfg.codec, h, c.gptq,
-                                cfg.lowrank_dtype, cfg.scale_bits, cfg.rotation_block, c.seed, cfg.scale_search)
+                                cfg.lowrank_dtype, cfg.scale_bits, cfg.rotation_block, c.seed, cfg.searches_scales)
             for n, q in qs.items():
                 ch, f = self.plan[n], self.fisher.get(n)
                 if ch.overlay_rows:

@@ -28,7 +28,6 @@ KMEANS_SEED = 0
 # the grid's outermost level. Measured on SmolLM2 (bench/scale_search.py): output error of GPTQ rounding -5% at
 # 4 bits, -9% at 5 bits against absmax scales; weight error of nearest rounding -12% and -17%.
 SCALE_SEARCH = torch.linspace(0.84, 1.12, 15)
-SEARCHED = {"gsq"}  # codecs whose block scales can be searched; uniform stays plain absmax round-to-nearest
 
 
 def uniform_grid(values: torch.Tensor, weights: torch.Tensor, levels: int) -> torch.Tensor:
@@ -70,16 +69,16 @@ def nearest(values: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
 def block_scales(w: torch.Tensor, block_size: int, scale_bits: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
     """w float32 [*lead, rows, cols] -> (fp16 scales [*lead, rows, nb], normalised w, same shape as w).
     scale_bits 8: each absmax snapped to the nearest scale its row can store as an 8-bit code."""
-    cols = w.shape[-1]
-    pad = (-cols) % block_size
-    wp = torch.nn.functional.pad(w, (0, pad)) if pad else w
-    blocks = wp.reshape(*w.shape[:-1], -1, block_size)
-    absmax = blocks.abs().amax(-1)
+    absmax = _blocks(w, block_size).abs().amax(-1)
     scales = scalecodes.snap(absmax) if scale_bits == 8 else absmax.to(torch.float16)
-    s = scales.float()
     # Normalise by the fp16-rounded scale so that reconstruction uses exactly the stored number.
-    normed = torch.where(s.unsqueeze(-1) > 0, blocks / s.unsqueeze(-1).clamp_min(1e-30), torch.zeros_like(blocks))
-    return scales, normed.reshape(*wp.shape)[..., :cols]
+    return scales, normalise(w, scales, block_size)
+
+
+def _blocks(x: torch.Tensor, block_size: int) -> torch.Tensor:
+    """[..., cols] -> [..., ceil(cols / block_size), block_size], the last block zero-padded."""
+    pad = (-x.shape[-1]) % block_size
+    return (torch.nn.functional.pad(x, (0, pad)) if pad else x).reshape(*x.shape[:-1], -1, block_size)
 
 
 def fitted_scales(w: torch.Tensor, grid: torch.Tensor, block_size: int, col_weight: torch.Tensor | None = None,
@@ -94,11 +93,9 @@ def fitted_scales(w: torch.Tensor, grid: torch.Tensor, block_size: int, col_weig
     With scale_bits 8 the chosen scales are then snapped to what a row can store. search False: absmax."""
     if not search:
         return block_scales(w, block_size, scale_bits)[0]
-    rows, cols = w.shape
-    pad = (-cols) % block_size
-    wb = torch.nn.functional.pad(w.float(), (0, pad)).reshape(rows, -1, block_size)
-    cw = torch.ones(cols, device=w.device) if col_weight is None else col_weight.float().to(w.device)
-    cw = torch.nn.functional.pad(cw, (0, pad)).reshape(1, -1, block_size)
+    wb = _blocks(w.float(), block_size)
+    cw = _blocks(torch.ones(w.shape[-1], device=w.device) if col_weight is None else col_weight.float().to(w.device),
+                 block_size)
     grid = grid.float().to(w.device)
     absmax = wb.abs().amax(-1)
     top = grid.abs().max().clamp_min(1e-30)
@@ -128,7 +125,7 @@ def quantize(w: torch.Tensor, bits: int, block_size: int, codec: str, scale_bits
              seed: int = 0, name: str = "", search: bool = False) -> QuantizedTensor:
     """w: [*lead, rows, cols] (any float dtype, any device) -> QuantizedTensor with CPU parts. With `rotation`
     (and cols divisible by it), W R is rounded instead, R's signs drawn from (seed, name) (SPEC.md 2.5).
-    search: block scales searched for the grid (fitted_scales) where the codec does that (SEARCHED)."""
+    search: block scales searched for the grid (fitted_scales) instead of each block's absmax."""
     if codec not in GRIDS:
         raise ValueError(f"unknown codec {codec!r}; one of {', '.join(GRIDS)}")
     if bits not in bitpack.WIDTHS:
@@ -155,7 +152,7 @@ def quantize(w: torch.Tensor, bits: int, block_size: int, codec: str, scale_bits
     grids, codes, scales = [], [], []
     for m in range(n_mat):
         grid = GRIDS[codec](normed_m[m], weight_m[m], 2**bits).to(w.device)
-        s = fitted_scales(w_m[m], grid, block_size, None, scale_bits, search and codec in SEARCHED)
+        s = fitted_scales(w_m[m], grid, block_size, None, scale_bits, search)
         grids.append(grid)
         scales.append(s)
         codes.append(nearest(normalise(w_m[m], s, block_size), grid).to(torch.uint8))

@@ -126,6 +126,11 @@ class PackConfig:
         return DEFAULT_ROTATION if self.calib.file is not None else 0
 
     @property
+    def searches_scales(self) -> bool:
+        """Whether block scales are searched (--scale-search): for the learned grid only; uniform is absmax."""
+        return self.scale_search and self.codec == "gsq"
+
+    @property
     def calibrated(self) -> bool:
         """Whether the pack goes through the calibrated pipeline (anything beyond the plain codec)."""
         return (self.calib.file is not None or self.target_bpw is not None or self.rank > 0
@@ -139,7 +144,7 @@ class PackConfig:
         d.pop("rotation")
         if self.scale_bits == 16:  # as journals written before the option have it
             d.pop("scale_bits")
-        if self.codec != "gsq":  # only the learned grid searches its scales
+        if not self.searches_scales:  # only the learned grid searches its scales
             d.pop("scale_search")
         if not self.calibrated:  # plain packs keep the foundation's journal settings
             for k in ("rank", "max_rank", "lowrank_dtype", "target_bpw", "overlay", "calib"):

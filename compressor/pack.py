@@ -75,7 +75,7 @@ def pack(src: str | Path, dst: str | Path, cfg: PackConfig = PackConfig(), resum
         if not quantize_fn(name, *ckpt.shape_dtype(name)):
             return t
         return codecs.quantize(t.to(device), cfg.bits, cfg.block_size, cfg.codec, cfg.scale_bits, cfg.rotation_block,
-                               cfg.calib.seed, name, cfg.scale_search)
+                               cfg.calib.seed, name, cfg.searches_scales)
 
     def write(rel: str, tensors: dict[str, ucformat.qtensor.QuantizedTensor | torch.Tensor]) -> None:
         stored, entries = {}, {}
@@ -119,7 +119,7 @@ def pack(src: str | Path, dst: str | Path, cfg: PackConfig = PackConfig(), resum
 
     stats = pack_stats(writer.tensors, writer.files, ckpt.total_bytes())
     quant = {"codec": cfg.codec, "bits": cfg.bits, "block_size": cfg.block_size, "scale_bits": cfg.scale_bits,
-             "scales": "searched" if cfg.scale_search and cfg.codec in codecs.SEARCHED else "absmax",
+             "scales": "searched" if cfg.searches_scales else "absmax",
              "rotation": cfg.rotation_block}
     if cfg.calibrated:
         quant.update(target_bpw=cfg.target_bpw, rank=cfg.rank, lowrank_dtype=cfg.lowrank_dtype,

@@ -214,8 +214,7 @@ def quantize_group(ws: dict[str, torch.Tensor], bits: dict[str, int], block_size
                    scale_bits: int = 16, rotation: int = 0, seed: int = 0, search: bool = False) -> dict[str, QWeight]:
     """Matrices sharing one input Gram matrix h (q/k/v, gate/up), each at its own width; with h, their
     GPTQ rounding runs as one pass. With `rotation`, rounded as W R (rotated_group); the QWeights rotate back.
-    search: block scales searched for each grid (codecs.fitted_scales) where the codec does that."""
-    search = search and codec in codecs.SEARCHED
+    search: block scales searched for each grid (codecs.fitted_scales) instead of each block's absmax."""
     ws, h, signs = rotated_group(ws, h, rotation, seed)
     col = torch.diagonal(h).clamp_min(0) if h is not None else None
     grids = {n: fit_grid(w, bits[n], block_size, codec, col, scale_bits=scale_bits) for n, w in ws.items()}
