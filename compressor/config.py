@@ -16,8 +16,10 @@ LOWRANK_DTYPES = ("float16", "int8")
 INPUT_MODES = ("online", "teacher")
 FISHER_LABELS = ("data", "model")
 FISHER_DRAWS = 4  # label draws per position with --fisher-labels model
-E2E_LR_FULL_KL = 0.1  # held-out KL before the stage from which it runs at the full --e2e-lr (finetune.py)
-E2E_LR_MIN_SHARE = 1 / 3  # below, the learning rate shrinks with that KL, down to this share of --e2e-lr
+E2E_LR_FULL_KL = 0.12  # held-out KL before the stage from which it runs at the full --e2e-lr (finetune.py)
+E2E_LR_MIN_SHARE = 1 / 6  # below, the learning rate shrinks with that KL, down to this share of --e2e-lr.
+# With searched scales SmolLM2 at 5 bpw starts at 0.0204: 1e-3 raised its held-out KL, 5e-4 lowered it by 4.6%
+# (docs/BENCHMARKS.md, stop 24); from 0.1 / 1/3 to 0.12 / 1/6 so that such a student gets 5.1e-4
 E2E_TOKENS = 1024  # tokens per end-to-end distillation step (whole sequences: 4 of 256, 1 of 1024)
 
 
@@ -80,10 +82,10 @@ class PackConfig:
     # maximum: 0.125 + 16/C bits a weight instead of 0.25 at block 64). Not the default: at a 5 bpw budget on
     # SmolLM2 the allocator's use of the freed 0.1 bpw measured within noise (docs/BENCHMARKS.md, stop 16)
     codec: str = "gsq"  # "gsq" (learned grid) or "uniform" (round-to-nearest baseline)
-    scale_search: bool = False  # gsq: each block's scale searched for the grid (codecs.fitted_scales), not its absmax.
-    # Not the default: on SmolLM2 at 5 bpw it lowers the held-out KL before the end-to-end stage by 10% and the
-    # ppl ratio from 1.0306 to 1.0247, but the stage then gains nothing (1.0247), or with --no-refine-scales
-    # 1.0220, against 1.0215 for the default (docs/BENCHMARKS.md, stop 23)
+    scale_search: bool | None = None  # gsq: each block's scale searched for the grid (codecs.fitted_scales), not
+    # its absmax; None: with calibration data only (plain packs stay as the foundation measured them). On SmolLM2
+    # at 5 bpw it lowers the held-out KL before the end-to-end stage by 10%, and with the stage's lower learning
+    # rate for such a student (E2E_LR_MIN_SHARE) the ppl ratio goes 1.0215 -> 1.0188 (docs/BENCHMARKS.md, stop 24)
     device: str = "cpu"  # where quantization runs: "cpu" or "cuda"
     quantize_embeddings: bool = False  # also quantize token embeddings / lm_head (kept in source dtype by default)
     rank: int = 0  # low-rank correction rank of every linear (0: none, unless the allocator picks one)
@@ -127,8 +129,10 @@ class PackConfig:
 
     @property
     def searches_scales(self) -> bool:
-        """Whether block scales are searched (--scale-search): for the learned grid only; uniform is absmax."""
-        return self.scale_search and self.codec == "gsq"
+        """Whether block scales are searched (--scale-search; by default with calibration data): for the learned
+        grid only, uniform is absmax."""
+        wanted = self.calib.file is not None if self.scale_search is None else self.scale_search
+        return wanted and self.codec == "gsq"
 
     @property
     def calibrated(self) -> bool:
@@ -144,8 +148,9 @@ class PackConfig:
         d.pop("rotation")
         if self.scale_bits == 16:  # as journals written before the option have it
             d.pop("scale_bits")
-        if not self.searches_scales:  # only the learned grid searches its scales
-            d.pop("scale_search")
+        d.pop("scale_search")
+        if self.searches_scales:  # absent otherwise, as journals written before the option have it
+            d["scale_search"] = True
         if not self.calibrated:  # plain packs keep the foundation's journal settings
             for k in ("rank", "max_rank", "lowrank_dtype", "target_bpw", "overlay", "calib"):
                 d.pop(k)

@@ -70,6 +70,10 @@ def test_presets_and_flags_resolve_in_order():
     # the block-scale search is part of what --resume checks (stored scales depend on it), for gsq only
     assert build_config(scale_search=True).settings() != build_config().settings()
     assert build_config(codec="uniform", scale_search=True).settings() == build_config(codec="uniform").settings()
+    # searched by default with calibration data, absmax without (plain packs as the foundation measured them)
+    assert build_config(file="calib.txt").searches_scales and not build_config().searches_scales
+    assert not build_config(file="calib.txt", scale_search=False).searches_scales
+    assert build_config(file="calib.txt").settings() == build_config(file="calib.txt", scale_search=True).settings()
 
 
 @pytest.mark.parametrize("target", [2.8, 4.0])

@@ -208,9 +208,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--codec", choices=("gsq", "uniform"), help=f"gsq: learned grid; uniform: round-to-nearest (default {P.codec})")
     s.add_argument("--scale-search", dest="scale_search", action="store_const", const=True,
                    help="gsq: each block picks the scale that rounds it best on the learned grid, of its absmax and "
-                   f"15 around it{' (default)' if P.scale_search else ''}")
+                   "15 around it (default with --calib)")
     s.add_argument("--no-scale-search", dest="scale_search", action="store_const", const=False,
-                   help=f"gsq: each block's scale is its absmax{'' if P.scale_search else ' (default)'}")
+                   help="gsq: each block's scale is its absmax (default without --calib)")
     s.add_argument("--rotation", type=int, metavar="N", help="round every linear's weights after "
                    "a random-sign Hadamard rotation of its inputs in blocks of this size, undone when the pack is "
                    "read (spreads outlier weights over their block; 1 bit per input column per matrix); N is 0 (none) or "
