@@ -196,7 +196,7 @@ def main() -> None:
                 save({**done[same], "key": key, "method": method, "setting": setting})
                 continue
             if base is None:
-                base = token_stats(sk, CheckpointSource(SourceCheckpoint(src)), windows, progress=False)
+                base = token_stats(sk, CheckpointSource(SourceCheckpoint(src)), windows, progress=False, keep=True)
             dst = work / f"{model}-{method}-{setting}".replace(" ", "_").replace(",", "").replace(":", "")[:120]
             if args is not None:
                 p = _pack(src, dst, args, env)
@@ -210,7 +210,7 @@ def main() -> None:
                 p = json.loads(out.stdout.strip().splitlines()[-1])
                 source = CheckpointSource(SourceCheckpoint(dst))
             t0 = time.perf_counter()
-            st = token_stats(sk, source, windows, progress=False)
+            st = token_stats(sk, source, windows, progress=False, reference=base)
             r = compare(st, base, cfg.ctx, len(windows), time.perf_counter() - t0)
             row = {"key": key, "model": model, "method": method, "setting": setting, "args": args, **p, **r.to_dict(),
                    "machine": machine()}
@@ -231,7 +231,8 @@ def _fmt(r: dict) -> list:
              "defaults": f"ours, default settings (`--calib` only){_mark(r)}",
              "uniform": f"uniform (round-to-nearest), {r['setting']}-bit",
              "hqq": f"HQQ {r['setting']}-bit, group 64", "gguf": f"GGUF {r['setting']}"}.get(r["method"], r["setting"])
-    return [label, f"{r['bpw_allin']:.3f}", f"{r['ppl']:.3f}", f"{r['ppl_ratio']:.4f}", f"{r['top1_agreement']:.1%}",
+    return [label, f"{r['bpw_allin']:.3f}", f"{r['ppl']:.3f}", f"{r['ppl_ratio']:.4f}",
+            "-" if r.get("kl") is None else f"{r['kl']:.4f}", f"{r['top1_agreement']:.1%}",
             f"{r['pack_seconds']:.0f}", f"{r['peak_rss_bytes'] / 2**20:.0f} MiB"]
 
 
@@ -241,23 +242,26 @@ def _mark(r: dict) -> str:
         return FP32_MARK
     if r["method"] in ("ours", "defaults") and _recipe(r) != "current":
         return {"no-e2e": " (earlier recipe \\*)", "e2e-v1": " (earlier end-to-end stage \u2020)",
-                "no-rotation": " (before rotation \u2021)"}[_recipe(r)]
+                "no-rotation": " (before rotation \u2021)", "absmax": " (absmax scales \u2016)"}[_recipe(r)]
     return ""
 
 
 def _recipe(r: dict) -> str:
     """Which default recipe packed an "ours" row: "no-e2e" (before the end-to-end stage), "e2e-v1" (the stage
     on the calibration sequences, before it recorded its recipe), "no-rotation" (the current stage, before
-    the input rotation became the default), or "current"."""
+    the input rotation became the default), "absmax" (rotated, before the block-scale search and the stage's
+    lower learning rate for a close student became the default), or "current"."""
     e2e = (r.get("calib") or {}).get("e2e")
     if e2e is None:
         return "no-e2e"
     if "recipe" not in e2e:
         return "e2e-v1"
-    return "current" if r.get("rotation") else "no-rotation"
+    if not r.get("rotation"):
+        return "no-rotation"
+    return "current" if r.get("scales") == "searched" else "absmax"
 
 
-HEAD = ["method", "bpw_allin", "PPL", "ratio", "top-1", "pack s", "peak RSS"]
+HEAD = ["method", "bpw_allin", "PPL", "ratio", "KL", "top-1", "pack s", "peak RSS"]
 GOALS = [(5.0, 1.02, 0.90), (4.0, 1.10, 0.80), (3.0, 1.5, None)]
 
 
@@ -275,7 +279,9 @@ def write_docs(rows: list[dict], a) -> None:
         "(HQQ/GGUF: quantization only; RSS includes Python, torch and transformers). The default recipe: GPTQ "
         "rounding, bits/ranks/overlay rows allocated under the budget with Fisher-weighted losses, then 100 steps "
         "of end-to-end distillation (KL to the original model's next-token distribution), skipped when the "
-        "held-out KL before it is below 0.01 (`--e2e-min-kl`).",
+        "held-out KL before it is below 0.01 (`--e2e-min-kl`). KL: the mean KL divergence from the original "
+        "model's next-token distribution to the row's, nats per prediction on the same windows (`-`: rows "
+        "measured before it was recorded).",
     ]
     if any(r["method"] == "ours" and _recipe(r) == "no-e2e" for r in rows):
         body.append("\\* packed with the earlier default recipe (per-layer distillation, 200 steps a layer, no "
@@ -287,11 +293,15 @@ def write_docs(rows: list[dict], a) -> None:
     if any(r["method"] == "ours" and _recipe(r) == "no-rotation" for r in rows):
         body.append("\u2021 packed with the current end-to-end stage but before the Hadamard input rotation "
                     "(`--rotation 64`, SPEC.md 2.5) became the default with `--calib`; not yet re-packed.")
+    if any(r["method"] in ("ours", "defaults") and _recipe(r) == "absmax" for r in rows):
+        body.append("\u2016 packed with the current recipe except two later defaults: block scales searched for the "
+                    "learned grid (`--scale-search`, default with `--calib`) and the end-to-end stage's learning rate "
+                    "down to 1/6 of `--e2e-lr` for a student already close to its teacher; not yet re-packed.")
     if any(r["method"] == "ours-fp32" for r in rows):
-        body.append("\u00a7 packed with the current recipe on a machine of the same kind without native bfloat16 "
-                    "(AMD EPYC, 2 cores, AVX2 only), where the end-to-end stage runs in float32 at about 15 s a step; "
-                    "the other rows of the current recipe come from a CPU with AVX512-BF16, where it runs in "
-                    "bfloat16 (5 s a step). Kept for the pack time on such a machine.")
+        body.append("\u00a7 packed with the recipe of stops 18-23 (absmax block scales, as \u2016) on a machine of the same "
+                    "kind without native bfloat16 (AMD EPYC, 2 cores, AVX2 only), where the end-to-end stage runs in "
+                    "float32 at about 15 s a step; the other rows of the current recipe come from a CPU with "
+                    "AVX512-BF16, where it runs in bfloat16 (5 s a step). Kept for the pack time on such a machine.")
     for model in dict.fromkeys(r["model"] for r in rows):
         mine = sorted((r for r in rows if r["model"] == model and r["method"] in order),
                       key=lambda r: (order[r["method"]], float(r["bpw_allin"])))
@@ -302,6 +312,7 @@ def write_docs(rows: list[dict], a) -> None:
         lines = []
         for bpw, ratio, top1 in GOALS:
             cand = [r for r in ours if r["bpw_allin"] <= bpw + 1e-9]
+            cand = [r for r in cand if not _mark(r)] or cand  # judged by the current recipe where it has a row
             if not cand:
                 continue
             best = min(cand, key=lambda r: r["ppl_ratio"])

@@ -1,4 +1,4 @@
-"""`uc eval`: perplexity and next-token agreement of a pack against its base, layer by layer.
+"""`uc eval`: perplexity, next-token agreement and KL divergence of a pack against its base, layer by layer.
 
 Both models run over the same non-overlapping windows; only one decoder layer's weights are in memory at
 a time (see layerwise.py), so a model far larger than memory can be evaluated.
@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Protocol
 
 import torch
+import torch.nn.functional as F
 from tqdm.auto import tqdm
 from transformers import AutoTokenizer
 
@@ -46,6 +47,8 @@ class EvalResult:
     ctx: int
     windows: int
     seconds: float
+    kl: float | None = None  # mean KL(base || pack) of the next-token distributions, nats per prediction
+    kl_p99: float | None = None  # its 99th percentile over the predictions
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -117,6 +120,11 @@ class TokenStats:
 
     nll: torch.Tensor  # float64 [P]
     top10: torch.Tensor  # int64 [P, 10], best first
+    # with keep: the inputs of the output embedding [P, H] and that embedding (the logits are rebuilt from them,
+    # [P, H] instead of [P, vocab]), so that another model's pass can measure its KL to this one
+    normed: torch.Tensor | None = None
+    head: tuple[torch.Tensor, torch.Tensor | None] | None = None  # weight, bias (copies: the skeleton is reused)
+    kl: torch.Tensor | None = None  # float64 [P]: KL(reference || this model), with a reference
 
     @property
     def ppl(self) -> float:
@@ -125,8 +133,11 @@ class TokenStats:
 
 @torch.inference_mode()
 def token_stats(sk: Skeleton, src: WeightSource, windows: torch.Tensor, batch: int = 1,
-                desc: str = "eval", progress: bool = True) -> TokenStats:
-    """Run one model over all windows, one decoder layer at a time (only that layer's weights loaded)."""
+                desc: str = "eval", progress: bool = True, keep: bool = False,
+                reference: TokenStats | None = None) -> TokenStats:
+    """Run one model over all windows, one decoder layer at a time (only that layer's weights loaded).
+    keep: also keep what the KL of another model to this one needs; reference: stats made with keep, whose
+    KL to this model is measured per prediction."""
     sk.load(src.nonlayer())
     hidden, batches = [], []
     for c in windows.split(batch):
@@ -137,7 +148,8 @@ def token_stats(sk: Skeleton, src: WeightSource, windows: torch.Tensor, batch: i
         sk.load(src.layer(i))
         hidden = [layerwise.layer(sk, i, h, b) for h, b in zip(hidden, batches)]
         sk.unload_layer(i)
-    nll, top10 = [], []
+    nll, top10, kept, kl = [], [], [], []
+    done = 0  # predictions so far: where this chunk's rows of reference.normed start
     for h, b in zip(hidden, batches):
         normed = layerwise.final_hidden(sk, h, b)[:, :-1]  # predictions for positions 1..T-1
         targets = b.input_ids[:, 1:].to(normed.device)
@@ -145,7 +157,23 @@ def token_stats(sk: Skeleton, src: WeightSource, windows: torch.Tensor, batch: i
             logp = torch.log_softmax(layerwise.logits(sk, part), dim=-1)
             nll.append(-logp.gather(-1, tgt.unsqueeze(-1)).squeeze(-1).flatten().double().cpu())
             top10.append(logp.topk(10, dim=-1).indices.reshape(-1, 10).cpu())
-    return TokenStats(torch.cat(nll), torch.cat(top10))
+            rows = part.reshape(-1, part.shape[-1])
+            if keep:
+                kept.append(rows.float().cpu())
+            if reference is not None:
+                ref = reference.normed[done:done + len(rows)].to(rows.device)
+                w, bias = reference.head
+                ref_logp = torch.log_softmax(layerwise.softcap(sk, F.linear(ref.to(w.dtype), w, bias).float()), -1)
+                kl.append((ref_logp.exp() * (ref_logp - logp.reshape(len(rows), -1))).sum(-1).double().cpu())
+            done += len(rows)
+    return TokenStats(torch.cat(nll), torch.cat(top10), normed=torch.cat(kept) if keep else None,
+                      head=_head_copy(sk) if keep else None,
+                      kl=torch.cat(kl) if reference is not None else None)
+
+
+def _head_copy(sk: Skeleton) -> tuple[torch.Tensor, torch.Tensor | None]:
+    out = sk.model.get_output_embeddings()
+    return out.weight.detach().clone(), None if out.bias is None else out.bias.detach().clone()
 
 
 def compare(pack: TokenStats, base: TokenStats | None, ctx: int, windows: int, seconds: float) -> EvalResult:
@@ -157,6 +185,8 @@ def compare(pack: TokenStats, base: TokenStats | None, ctx: int, windows: int, s
         r.top1_agreement = (pack.top10[:, 0] == base.top10[:, 0]).double().mean().item()
         same = (pack.top10.unsqueeze(-1) == base.top10.unsqueeze(-2)).any(-1)
         r.top10_overlap = (same.double().sum(-1) / 10).mean().item()
+    if pack.kl is not None:
+        r.kl, r.kl_p99 = pack.kl.mean().item(), pack.kl.quantile(0.99).item()
     return r
 
 
@@ -175,6 +205,7 @@ def evaluate(pack: str | Path, text: str, base: str | Path | None = None, cfg: E
     sk = Skeleton(pack, dtype=torch.float32, device=cfg.device)
     base_stats = None
     if base is not None:
-        base_stats = token_stats(sk, CheckpointSource(SourceCheckpoint(base)), windows, cfg.batch, "eval base", progress)
-    pack_stats = token_stats(sk, PackSource(reader), windows, cfg.batch, "eval pack", progress)
+        base_stats = token_stats(sk, CheckpointSource(SourceCheckpoint(base)), windows, cfg.batch, "eval base", progress,
+                                 keep=True)
+    pack_stats = token_stats(sk, PackSource(reader), windows, cfg.batch, "eval pack", progress, reference=base_stats)
     return compare(pack_stats, base_stats, cfg.ctx, len(windows), time.perf_counter() - t0)

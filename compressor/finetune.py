@@ -18,7 +18,8 @@ dtypes, are kept only if they lower the KL on those.
 Learning rate: `e2e_lr` while the held-out KL before the stage is at least E2E_LR_FULL_KL; below it, in
 proportion to that KL (a student closer to its teacher takes smaller steps), down to E2E_LR_MIN_SHARE of it.
 Measured on SmolLM2 (bench/e2e_sweep.py): at 4 bpw (KL 0.112) 3e-3 beat 1e-3 (ppl ratio 1.088 against
-1.104); at 5 bpw (KL 0.041) 3e-3 raised the held-out KL and was discarded (1.045) where 1e-3 gave 1.027.
+1.104); at 5 bpw (KL 0.041) 3e-3 raised the held-out KL and was discarded (1.045) where 1e-3 gave 1.027;
+at 5 bpw with searched block scales (KL 0.0204) 1e-3 raised it again, 5e-4 lowered it by 4.6% (stop 24).
 
 Skipped when the held-out KL before the stage is below `e2e_min_kl`: a student that close to its teacher
 gained nothing from it in measurement (SmolLM2 at 6 bpw), and the stage is most of a calibrated pack's time.

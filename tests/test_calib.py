@@ -177,6 +177,7 @@ def test_cli_flags_reach_the_config(tiny, tmp_path):
     q = PackReader(dst).manifest.quant
     assert q["target_bpw"] == 4.0 and q["calib"]["inputs"] == "teacher" and q["calib"]["steps"] == 2
     assert q["calib"]["fisher_labels"] == "model"
+    assert q["scales"] == "searched"  # the default with calibration data
     bad = subprocess.run([sys.executable, "-m", "uc", "pack", str(tiny()), str(tmp_path / "q"), "--calib",
                           str(tmp_path / "missing.txt")], capture_output=True, text=True)
     assert bad.returncode != 0 and "uc: error:" in bad.stderr and "missing.txt" in bad.stderr
@@ -199,7 +200,7 @@ def test_smollm2_calibrated_beats_plain(smollm2, tmp_path):
     plain = pack(smollm2, tmp_path / "plain", build_config(bits=4, rotation=64), progress=False)
     rp = evaluate(tmp_path / "plain", text, base=smollm2, cfg=ecfg, progress=False)
     assert cal.stats["bpw_allin"] == plain.stats["bpw_allin"]
-    assert rc.ppl_ratio < rp.ppl_ratio and rc.top1_agreement > rp.top1_agreement
+    assert rc.ppl_ratio < rp.ppl_ratio and rc.top1_agreement > rp.top1_agreement and rc.kl < rp.kl
 
 
 def test_gptq_beats_nearest_and_grouping_changes_nothing():

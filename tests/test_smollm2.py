@@ -40,6 +40,7 @@ def test_eval_against_base(smol_pack, smollm2):
     assert r["tokens"] == 3 * 255 and r["ctx"] == 256
     assert 5 < r["ppl_base"] < 60  # a real language model on English text
     assert 1.0 < r["ppl_ratio"] < 1.3 and r["top1_agreement"] > 0.7 and r["top10_overlap"] > 0.7
+    assert 0 < r["kl"] < 0.5 and r["kl_p99"] > r["kl"]  # nats per token, against the base on the same windows
 
 
 def test_generate_talks(smol_pack):

@@ -167,6 +167,7 @@ def cmd_eval(a) -> int:
     if r.ppl_base is not None:
         print(f"  ppl base {r.ppl_base:.3f}  pack {r.ppl:.3f}  ratio {r.ppl_ratio:.4f}")
         print(f"  top-1 agreement {r.top1_agreement:.2%}  top-10 overlap {r.top10_overlap:.2%}")
+        print(f"  KL(base || pack) mean {r.kl:.5f}  p99 {r.kl_p99:.4f} nats per token")
     else:
         print(f"  ppl {r.ppl:.3f}")
     return 0
@@ -243,7 +244,7 @@ def build_parser() -> argparse.ArgumentParser:
                    f"distribution; holds the whole model in memory, 0 = none (default {C.e2e_steps})")
     g.add_argument("--e2e-lr", type=float, help="end-to-end distillation peak learning rate; where the held-out KL before "
                    f"the stage is under {E2E_LR_FULL_KL:g}, scaled down in proportion to it, never "
-                   f"below {E2E_LR_MIN_SHARE:.2g} of it (default {C.e2e_lr})")
+                   f"below 1/{round(1 / E2E_LR_MIN_SHARE)} of it (default {C.e2e_lr})")
     g.add_argument("--e2e-warmup", type=int, help="end-to-end distillation: steps of linear learning-rate warmup "
                    f"before the cosine decay (default {C.e2e_warmup})")
     g.add_argument("--e2e-min-kl", type=float, help="end-to-end distillation runs only when the held-out KL before it "
@@ -294,7 +295,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("eval", help="perplexity and agreement of a pack vs its base model",
                        description="Perplexity of BASE and PACK on the same non-overlapping windows of --text, "
-                       "their ratio, top-1 agreement and top-10 overlap. Runs layer by layer.")
+                       "their ratio, top-1 agreement, top-10 overlap and the KL divergence from the base's next-token "
+                       "distribution to the pack's (mean and 99th percentile, nats per token). Runs layer by layer.")
     s.add_argument("pack")
     s.add_argument("--base", help="source checkpoint to compare against")
     s.add_argument("--text", required=True, help="UTF-8 text file (CRLF normalised to LF)")
