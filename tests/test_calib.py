@@ -339,7 +339,9 @@ def test_end_to_end_distillation_lowers_the_held_out_kl(tiny, tmp_path, arch, to
     and rewrites the layers it changed (the pack still verifies and the bits are unchanged)."""
     # With the top-16 KL on the rotated pack of this random tiny model, 8 (and 16) steps raised the held-out
     # full KL (0.618 -> 0.628) and the stage was rightly discarded; that case runs unrotated, where it falls.
-    cal = {**CAL, "samples": 8, "steps": 0, "rotation": 0 if topk else None}
+    # Absmax scales: on the random tiny llama at 3 bpw searched ones start at a higher held-out KL (0.803 against
+    # 0.768) that 8 or 16 steps did not lower (measured in stop 24); this test is about the stage, not the scales.
+    cal = {**CAL, "samples": 8, "steps": 0, "rotation": 0 if topk else None, "scale_search": False}
     src = tiny(arch, initializer_range=0.3)  # sharp next-token distributions: a random tiny model's are flat
     a = pack(src, tmp_path / "a", build_config(target_bpw=3.0, block_size=32, **{**cal, "e2e_steps": 0}), progress=False)
     b = pack(src, tmp_path / "b", build_config(target_bpw=3.0, block_size=32, **{**cal, "e2e_steps": 8, "e2e_topk": topk}),
@@ -381,7 +383,7 @@ def test_end_to_end_distillation_that_raises_the_held_out_kl_is_discarded(tiny, 
 def test_end_to_end_distillation_tunes_norms_in_their_stored_dtype(tiny, tmp_path, arch):
     """With e2e_norms the stage also tunes every decoder layer's normalisation weights: they are stored again
     in the source dtype (bf16 here), changed, and the held-out KL is taken with exactly those values."""
-    cal = {**CAL, "samples": 8, "steps": 0, "e2e_steps": 8}
+    cal = {**CAL, "samples": 8, "steps": 0, "e2e_steps": 8, "scale_search": False}  # absmax: as the test above
     src = tiny(arch, initializer_range=0.3)
     a = pack(src, tmp_path / "a", build_config(target_bpw=3.0, block_size=32, **{**cal, "e2e_norms": False}),
              progress=False)
