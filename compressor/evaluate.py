@@ -164,7 +164,8 @@ def token_stats(sk: Skeleton, src: WeightSource, windows: torch.Tensor, batch: i
                 ref = reference.normed[done:done + len(rows)].to(rows.device)
                 w, bias = reference.head
                 ref_logp = torch.log_softmax(layerwise.softcap(sk, F.linear(ref.to(w.dtype), w, bias).float()), -1)
-                kl.append((ref_logp.exp() * (ref_logp - logp.reshape(len(rows), -1))).sum(-1).double().cpu())
+                kl.append(F.kl_div(logp.reshape(len(rows), -1), ref_logp, reduction="none", log_target=True)
+                          .sum(-1).double().cpu())
             done += len(rows)
     return TokenStats(torch.cat(nll), torch.cat(top10), normed=torch.cat(kept) if keep else None,
                       head=_head_copy(sk) if keep else None,
