@@ -13,7 +13,8 @@ The teacher's distributions come from its final hidden states, which the streame
 computed (the fp stream after the last layer), so the fp model is never needed whole.
 
 Sequences are split: the last CHECK_SEQUENCES are held out; the tuned weights, rounded to their stored
-dtypes, are kept only if they lower the KL on those.
+dtypes, are kept only if they lower the KL on those. That check is always over the whole vocabulary, also
+when the steps' loss is the top-k KL (`e2e_topk`).
 
 Learning rate: `e2e_lr` while the held-out KL before the stage is at least E2E_LR_FULL_KL; below it, in
 proportion to that KL (a student closer to its teacher takes smaller steps), down to E2E_LR_MIN_SHARE of it.
@@ -220,6 +221,9 @@ def finetune(sk: Skeleton, model: Student, ids: torch.Tensor, teacher_hidden: to
     train_idx, check_idx = torch.arange(n - held), torch.arange(n - held, n)
     head = _Head(sk, cfg.e2e_topk)
     target = head.targets(teacher_hidden)
+    # the held-out check is always over the whole vocabulary: the learning rate, --e2e-min-kl and the keep
+    # decision are measured in the full KL whatever the steps' loss is (a top-k KL runs lower)
+    judge, judged = (_Head(sk, 0), [teacher_hidden]) if head.topk else (head, target)
     device = next(iter(qweights.values())).codes.device
     autocast = cfg.bf16 and native_bf16(device)
     dtype = torch.bfloat16 if autocast else torch.float32
@@ -234,7 +238,7 @@ def finetune(sk: Skeleton, model: Student, ids: torch.Tensor, teacher_hidden: to
         weights.update({param_names[k]: t.to(device=device, dtype=torch.float32) for k, t in (norm_values or {}).items()})
         total = 0.0
         for rows in check_idx.split(batch):
-            total += head.kl(head.student_hidden(ids[rows], weights), [t[rows] for t in target]).item() * len(rows)
+            total += judge.kl(judge.student_hidden(ids[rows], weights), [t[rows] for t in judged]).item() * len(rows)
         return total / max(len(check_idx), 1)
 
     before = check() if held else math.nan

@@ -355,6 +355,9 @@ def test_end_to_end_distillation_lowers_the_held_out_kl(tiny, tmp_path, arch, to
     assert all(err is None for _, err in verify(PackReader(tmp_path / "b"), deep=True))
     fa, fb = _files(tmp_path / "a"), _files(tmp_path / "b")
     assert fa["layers/layer-00000.safetensors"] != fb["layers/layer-00000.safetensors"]
+    if topk:  # the steps' loss is the top-k KL, the held-out check the full one: the same as a full-KL stage's
+        c = pack(src, tmp_path / "c", build_config(target_bpw=3.0, block_size=32, **{**cal, "e2e_steps": 1}), progress=False)
+        assert c.calib["e2e"]["kl_before"] == pytest.approx(e["kl_before"], rel=1e-5)
 
 
 def test_end_to_end_learning_rate_follows_the_starting_kl():

@@ -250,7 +250,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--e2e-min-kl", type=float, help="end-to-end distillation runs only when the held-out KL before it "
                    f"is at least this (closer students measured no gain); 0 = always (default {C.e2e_min_kl})")
     g.add_argument("--e2e-topk", type=int, help="end-to-end KL over the original model's k most likely tokens per "
-                   f"position, both sides renormalised over them; 0 = the whole vocabulary (default {C.e2e_topk})")
+                   f"position, both sides renormalised over them, in the steps (the held-out check stays over the whole vocabulary); "
+                   f"0 = the whole vocabulary (default {C.e2e_topk})")
     g.add_argument("--e2e-samples", type=int, help="sequences of end-to-end distillation, taken from the calibration "
                    f"text like --calib-samples; 0 = the calibration sequences (default {C.e2e_samples})")
     g.add_argument("--e2e-len", type=int, help="their length in tokens; 0 = --calib-len. A step holds about "
