@@ -163,6 +163,8 @@ def main() -> None:
     results = Path(a.results)
     done = {} if a.fresh or not results.exists() else {r["key"]: r for r in json.loads(results.read_text())}
 
+    run = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())  # every row this invocation measures carries it
+
     def save(row: dict) -> None:
         done[row["key"]] = row
         if results.exists():  # keep rows another run added meanwhile
@@ -193,7 +195,7 @@ def main() -> None:
                 continue
             same = next((k for k, (m, st, ar) in zip(keys, jobs) if m == "ours" and ar == args and k in done), None)
             if method == "ablation" and same:  # the default recipe is the "ours" row: measured once
-                save({**done[same], "key": key, "method": method, "setting": setting})
+                save({**done[same], "key": key, "method": method, "setting": setting})  # its run, too
                 continue
             if base is None:
                 base = token_stats(sk, CheckpointSource(SourceCheckpoint(src)), windows, progress=False, keep=True)
@@ -213,7 +215,7 @@ def main() -> None:
             st = token_stats(sk, source, windows, progress=False, reference=base)
             r = compare(st, base, cfg.ctx, len(windows), time.perf_counter() - t0)
             row = {"key": key, "model": model, "method": method, "setting": setting, "args": args, **p, **r.to_dict(),
-                   "machine": machine()}
+                   "machine": machine(), "run": run}
             save(row)
             shutil.rmtree(dst, ignore_errors=True)
     if not a.no_doc:
@@ -261,6 +263,19 @@ def _recipe(r: dict) -> str:
     return "current" if r.get("scales") == "searched" else "absmax"
 
 
+def provenance(rows: list[dict]) -> str:
+    """Which runs of this script measured the rows: the issue's proof asks for every row in one."""
+    runs = {r.get("run") for r in rows}
+    commits = sorted({r.get("machine", "").rpartition("commit ")[2] or "?" for r in rows})
+    if len(runs) == 1 and None not in runs:
+        return f"Every row measured in one run (started {runs.pop()}, commit {', '.join(commits)})."
+    unstamped, stamped = sum(r.get("run") is None for r in rows), len(runs - {None})
+    parts = [f"{stamped} recorded run{'s' * (stamped != 1)}"] if stamped else []
+    parts += [f"{unstamped} rows from runs made before runs were recorded"] if unstamped else []
+    return (f"**Not one run**: these {len(rows)} rows were measured at {len(commits)} commits ({' plus '.join(parts)}); "
+            f"each row's commit and machine are in bench/results/quality_a.json.")
+
+
 HEAD = ["method", "bpw_allin", "PPL", "ratio", "KL", "top-1", "pack s", "peak RSS"]
 GOALS = [(5.0, 1.02, 0.90), (4.0, 1.10, 0.80), (3.0, 1.5, None)]
 
@@ -268,8 +283,8 @@ GOALS = [(5.0, 1.02, 0.90), (4.0, 1.10, 0.80), (3.0, 1.5, None)]
 def write_docs(rows: list[dict], a) -> None:
     order = {"ours": 0, "ours-fp32": 1, "defaults": 2, "uniform": 3, "hqq": 4, "gguf": 5}
     body = [
-        f"Command: `python bench/quality_a.py --windows {a.windows}` on {machine()}, "
-        f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'PASSIVE')}.",
+        f"Command: `python bench/quality_a.py --windows {a.windows}`, OMP_WAIT_POLICY="
+        f"{os.environ.get('OMP_WAIT_POLICY', 'PASSIVE')}; these tables written on {machine()}. {provenance(rows)}",
         f"WikiText-2 raw test, articles 17-62 (CRLF normalised to LF), {a.windows} non-overlapping windows of {a.ctx} "
         "tokens, the same windows for every row of a model. Ours: `uc pack SRC DST --target-bpw X --calib "
         "wikitext-2-raw-test.txt --calib-articles 1-16` (calibration on articles 1-16, no overlap with the "
@@ -333,7 +348,7 @@ def write_docs(rows: list[dict], a) -> None:
     abl = [r for r in rows if r["method"] == "ablation"]
     if abl:
         body = [f"SmolLM2-135M at a 5.0 bpw all-in budget, same protocol and windows as above "
-                f"(`python bench/quality_a.py`). Each row's `uc pack` flags are listed.", "",
+                f"(`python bench/quality_a.py`). Each row's `uc pack` flags are listed. {provenance(abl)}", "",
                 table(["variant", "flags", "bpw_allin", "PPL", "ratio", "top-1", "pack s"],
                       [[r["setting"].strip(), "`" + " ".join(x if not x.endswith(".txt") else "TEXT" for x in r["args"]) + "`",
                         f"{r['bpw_allin']:.3f}", f"{r['ppl']:.3f}", f"{r['ppl_ratio']:.4f}", f"{r['top1_agreement']:.1%}",
