@@ -21,6 +21,10 @@ E2E_LR_MIN_SHARE = 1 / 6  # below, the learning rate shrinks with that KL, down 
 # With searched scales SmolLM2 at 5 bpw starts at 0.0204: 1e-3 raised its held-out KL, 5e-4 lowered it by 4.6%
 # (docs/BENCHMARKS.md, stop 24); from 0.1 / 1/3 to 0.12 / 1/6 so that such a student gets 5.1e-4
 E2E_TOKENS = 1024  # tokens per end-to-end distillation step (whole sequences: 4 of 256, 1 of 1024)
+E2E_TOPK = 256  # the stage's KL over this many of the teacher's tokens when the output head outweighs the
+# decoder's linears (finetune.auto_topk). Gemma-3-270M at 4 bpw on the 2-core bfloat16 CPU (docs/BENCHMARKS.md,
+# stop 25): a step 22.5 s -> 2.7 s, the pack 2577 s -> 837 s; both stages raised the same held-out full KL (0.129
+# -> 0.141 full, 0.147 top-k) and were discarded, so the two packs are the same
 
 
 @dataclass(frozen=True)
@@ -46,7 +50,8 @@ class CalibConfig:
     e2e_min_kl: float = 0.01  # the stage runs only when the held-out KL before it is at least this (0: always).
     # Measured on SmolLM2 (docs/BENCHMARKS.md, stop 21): at 6 bpw (KL 0.0067) 100 steps did not lower it and were
     # discarded after 25 minutes; at 5 bpw (KL 0.0226) they took the ppl ratio from 1.027 to 1.019
-    e2e_topk: int = 0  # KL over the teacher's k most likely tokens per position (0: the whole vocabulary)
+    e2e_topk: int | None = None  # the stage's KL over the teacher's k most likely tokens per position (0: the whole
+    # vocabulary; None: finetune.auto_topk, the top E2E_TOPK where the output head outweighs the decoder's linears)
     gptq: bool = True  # choose codes by activation-aware error feedback (GPTQ-style), not nearest level
     bf16: bool = True  # distillation steps under bfloat16 autocast where the hardware has it (checks stay fp32)
     fisher_samples: int = 4  # sequences whose loss gradients weight the allocation (0: activations only)
@@ -63,7 +68,7 @@ class CalibConfig:
             raise ValueError(f"--fisher-labels must be one of {', '.join(FISHER_LABELS)}, got {self.fisher_labels!r}")
         if self.samples < 1 or self.seq_len < 8:
             raise ValueError(f"--calib-samples must be >= 1 and --calib-len >= 8, got {self.samples}, {self.seq_len}")
-        if min(self.steps, self.e2e_steps, self.e2e_warmup, self.e2e_topk, self.e2e_samples, self.fisher_samples, self.spill_mb) < 0:
+        if min(self.steps, self.e2e_steps, self.e2e_warmup, self.e2e_topk or 0, self.e2e_samples, self.fisher_samples, self.spill_mb) < 0:
             raise ValueError("--steps, --e2e-steps, --e2e-warmup, --e2e-topk, --e2e-samples, --fisher-samples and "
                              "--spill-mb must be >= 0")
         if self.e2e_len and self.e2e_len < 8:

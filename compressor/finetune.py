@@ -45,7 +45,7 @@ from ucformat.residency import auto_budget
 from ucformat.skeleton import Skeleton
 
 from . import calibrate, layerwise
-from .config import E2E_LR_FULL_KL, E2E_LR_MIN_SHARE, E2E_TOKENS, CalibConfig
+from .config import E2E_LR_FULL_KL, E2E_LR_MIN_SHARE, E2E_TOKENS, E2E_TOPK, CalibConfig
 from .distill import FINAL_LR, Trainable, frozen_weights, native_bf16, relative_lr
 from .qweight import QWeight
 
@@ -85,6 +85,13 @@ def held_bytes(tokens: int, hidden: int, vocab: int, topk: int) -> int:
     width = min(topk, vocab) if topk else vocab
     targets = tokens * (topk * 12 if topk else hidden * 4)
     return targets + 3 * 4 * (LOGIT_FLOATS if recomputes(E2E_TOKENS, width) else E2E_TOKENS * width)
+
+
+def auto_topk(vocab: int, hidden: int, linear_weights: int) -> int:
+    """The default of `e2e_topk`: the whole vocabulary (0), unless the output head has more weights than the
+    quantized linears of the decoder layers, where the full KL's logits (the student's and the teacher's,
+    forward and again in backward, in float32) cost more than the model itself: then the top E2E_TOPK."""
+    return E2E_TOPK if vocab * hidden > linear_weights else 0
 
 
 def learning_rate(e2e_lr: float, kl_before: float) -> float:

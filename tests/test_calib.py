@@ -13,7 +13,7 @@ import torch
 from compressor import calibrate, finetune
 from compressor.activations import ActivationStore, SpillBudget
 from compressor.calibrated import WORK_DIR, CalibratedLayers
-from compressor.config import E2E_LR_FULL_KL, E2E_LR_MIN_SHARE, build_config
+from compressor.config import E2E_LR_FULL_KL, E2E_LR_MIN_SHARE, E2E_TOPK, build_config
 from compressor.distill import native_bf16
 from compressor.pack import pack
 from conftest import WIKITEXT, make_tiny
@@ -358,6 +358,21 @@ def test_end_to_end_distillation_lowers_the_held_out_kl(tiny, tmp_path, arch, to
     if topk:  # the steps' loss is the top-k KL, the held-out check the full one: the same as a full-KL stage's
         c = pack(src, tmp_path / "c", build_config(target_bpw=3.0, block_size=32, **{**cal, "e2e_steps": 1}), progress=False)
         assert c.calib["e2e"]["kl_before"] == pytest.approx(e["kl_before"], rel=1e-5)
+
+
+def test_end_to_end_top_k_by_default_only_where_the_output_head_outweighs_the_linears(tiny, tmp_path):
+    """Gemma-3-270M (a 262144 x 640 head over 100 M linear weights) steps on the top-k KL, SmolLM2 (49152 x 576
+    over 106 M) on the whole vocabulary; a pack records the k it used, an explicit --e2e-topk wins."""
+    assert finetune.auto_topk(262144, 640, 100_000_000) == E2E_TOPK
+    assert finetune.auto_topk(49152, 576, 106_000_000) == 0
+    cal = {**CAL, "samples": 6, "steps": 0, "e2e_steps": 1}
+    used = {}
+    for vocab, topk in ((256, None), (4096, None), (4096, 0)):  # tiny linears: 61,440 weights; heads 16,384 / 262,144
+        src = tiny("llama", vocab_size=vocab)
+        out = pack(src, tmp_path / f"{vocab}-{topk}", build_config(target_bpw=4.0, block_size=32, **{**cal, "e2e_topk": topk}),
+                   progress=False)
+        used[vocab, topk] = out.calib["e2e"]["recipe"]["topk"]
+    assert used == {(256, None): 0, (4096, None): E2E_TOPK, (4096, 0): 0}
 
 
 def test_end_to_end_learning_rate_follows_the_starting_kl():

@@ -175,7 +175,7 @@ def cmd_eval(a) -> int:
 
 # -- parser ---------------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
-    from compressor.config import (DEFAULT_ROTATION, E2E_LR_FULL_KL, E2E_LR_MIN_SHARE, E2E_TOKENS, FISHER_LABELS,
+    from compressor.config import (DEFAULT_ROTATION, E2E_LR_FULL_KL, E2E_LR_MIN_SHARE, E2E_TOKENS, E2E_TOPK, FISHER_LABELS,
                                    PRESETS, ROTATION_BLOCKS, CalibConfig, PackConfig)
     from compressor.evaluate import EvalConfig
 
@@ -251,7 +251,8 @@ def build_parser() -> argparse.ArgumentParser:
                    f"is at least this (closer students measured no gain); 0 = always (default {C.e2e_min_kl})")
     g.add_argument("--e2e-topk", type=int, help="end-to-end KL over the original model's k most likely tokens per "
                    f"position, both sides renormalised over them, in the steps (the held-out check stays over the whole vocabulary); "
-                   f"0 = the whole vocabulary (default {C.e2e_topk})")
+                   f"0 = the whole vocabulary (default: {E2E_TOPK} where the output head has more weights than the "
+                   "quantized linears, e.g. Gemma-3-270M's 262k-token head, else 0)")
     g.add_argument("--e2e-samples", type=int, help="sequences of end-to-end distillation, taken from the calibration "
                    f"text like --calib-samples; 0 = the calibration sequences (default {C.e2e_samples})")
     g.add_argument("--e2e-len", type=int, help="their length in tokens; 0 = --calib-len. A step holds about "
