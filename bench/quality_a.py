@@ -266,13 +266,15 @@ def _recipe(r: dict) -> str:
 def provenance(rows: list[dict]) -> str:
     """Which runs of this script measured the rows: the issue's proof asks for every row in one."""
     runs = {r.get("run") for r in rows}
-    commits = sorted({r.get("machine", "").rpartition("commit ")[2] or "?" for r in rows})
+    commits = sorted({r.get("machine", "").rpartition("commit ")[2] or "unrecorded" for r in rows})
     if len(runs) == 1 and None not in runs:
         return f"Every row measured in one run (started {runs.pop()}, commit {', '.join(commits)})."
     unstamped, stamped = sum(r.get("run") is None for r in rows), len(runs - {None})
     parts = [f"{stamped} recorded run{'s' * (stamped != 1)}"] if stamped else []
-    parts += [f"{unstamped} rows from runs made before runs were recorded"] if unstamped else []
-    return (f"**Not one run**: these {len(rows)} rows were measured at {len(commits)} commits ({' plus '.join(parts)}); "
+    parts += [f"{unstamped} row{'s' * (unstamped != 1)} from runs made before runs were recorded"] if unstamped else []
+    at = f"at {len(commits)} commits" if len(commits) > 1 else f"at commit {commits[0]}" if commits != ["unrecorded"] \
+        else "at commits not recorded"
+    return (f"**Not one run**: these {len(rows)} rows were measured {at} ({' plus '.join(parts)}); "
             f"each row's commit and machine are in bench/results/quality_a.json.")
 
 
@@ -284,7 +286,8 @@ def write_docs(rows: list[dict], a) -> None:
     order = {"ours": 0, "ours-fp32": 1, "defaults": 2, "uniform": 3, "hqq": 4, "gguf": 5}
     body = [
         f"Command: `python bench/quality_a.py --windows {a.windows}`, OMP_WAIT_POLICY="
-        f"{os.environ.get('OMP_WAIT_POLICY', 'PASSIVE')}; these tables written on {machine()}. {provenance(rows)}",
+        f"{os.environ.get('OMP_WAIT_POLICY', 'PASSIVE')}; these tables written on {machine()}. "
+        f"{provenance([r for r in rows if r['method'] in order])}",
         f"WikiText-2 raw test, articles 17-62 (CRLF normalised to LF), {a.windows} non-overlapping windows of {a.ctx} "
         "tokens, the same windows for every row of a model. Ours: `uc pack SRC DST --target-bpw X --calib "
         "wikitext-2-raw-test.txt --calib-articles 1-16` (calibration on articles 1-16, no overlap with the "
