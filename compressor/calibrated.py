@@ -400,8 +400,7 @@ class CalibratedLayers:
         layers = [read_layer(i) for i in range(self.ckpt.num_layers)]
         numel = sum(t.numel() for tensors in layers for t in tensors.values() if isinstance(t, qtensor.QuantizedTensor))
         vocab, hidden = self.sk.model.get_output_embeddings().weight.shape
-        if c.e2e_topk is None:
-            c = replace(c, e2e_topk=finetune.auto_topk(vocab, hidden, numel))
+        c = replace(c, e2e_topk=finetune.stage_topk(c, self.sk, numel))
         held = finetune.held_bytes(self.e2e_ids.numel(), hidden, vocab, c.e2e_topk)
         ok, need, free = finetune.fits(numel, self.device, held)
         if not ok:

@@ -94,6 +94,14 @@ def auto_topk(vocab: int, hidden: int, linear_weights: int) -> int:
     return E2E_TOPK if vocab * hidden > linear_weights else 0
 
 
+def stage_topk(cfg: CalibConfig, sk: Skeleton, linear_weights: int) -> int:
+    """The k the stage's steps use: `e2e_topk` as given, else auto_topk for sk's output head."""
+    if cfg.e2e_topk is not None:
+        return cfg.e2e_topk
+    vocab, hidden = sk.model.get_output_embeddings().weight.shape
+    return auto_topk(vocab, hidden, linear_weights)
+
+
 def learning_rate(e2e_lr: float, kl_before: float) -> float:
     """The stage's peak learning rate for a student whose held-out KL is kl_before (NaN: none held out)."""
     if not math.isfinite(kl_before):
@@ -226,7 +234,7 @@ def finetune(sk: Skeleton, model: Student, ids: torch.Tensor, teacher_hidden: to
     batch = max(1, E2E_TOKENS // ids.shape[1])  # sequences per step
     held = min(CHECK_SEQUENCES, max(n - 1, 0))
     train_idx, check_idx = torch.arange(n - held), torch.arange(n - held, n)
-    head = _Head(sk, cfg.e2e_topk)
+    head = _Head(sk, stage_topk(cfg, sk, sum(math.prod(q.shape) for q in qweights.values())))
     target = head.targets(teacher_hidden)
     # the held-out check is always over the whole vocabulary: the learning rate, --e2e-min-kl and the keep
     # decision are measured in the full KL whatever the steps' loss is (a top-k KL runs lower)
