@@ -8,7 +8,9 @@ the same base statistics. Each compression runs in its own process (its pack tim
 own): ours and uniform through `uc pack`, HQQ and GGUF through this script's `--baseline` mode, which
 writes the dequantized weights as a sharded fp32 checkpoint (one file per layer) that is evaluated like
 a source model. Finished rows are kept in bench/results/quality_a.json, so an interrupted run continues
-(--fresh starts over). Writes the "quality-a" and "ablation" sections of docs/BENCHMARKS.md.
+(--fresh starts over); every row is stamped with its run, and `--run ID` continues run ID as the same run,
+only from a checkout of the commit it was measured at. Writes the "quality-a" and "ablation" sections of
+docs/BENCHMARKS.md.
 """
 
 from __future__ import annotations
@@ -144,6 +146,9 @@ def main() -> None:
     ap.add_argument("--work", default=str(ROOT / "work" / "bench-a"))
     ap.add_argument("--no-doc", action="store_true", help="do not rewrite docs/BENCHMARKS.md")
     ap.add_argument("--results", default=str(RESULTS), help="finished rows (JSON), read and extended")
+    ap.add_argument("--run", metavar="ID",
+                    help="the run the measured rows belong to (default: this invocation's start time); give the ID "
+                         "of an interrupted run to continue it, refused unless its rows were measured at this commit")
     ap.add_argument("--baseline", nargs=4, metavar=("METHOD", "SETTING", "SRC", "OUT"), help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.baseline:
@@ -163,7 +168,11 @@ def main() -> None:
     results = Path(a.results)
     done = {} if a.fresh or not results.exists() else {r["key"]: r for r in json.loads(results.read_text())}
 
-    run = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())  # every row this invocation measures carries it
+    # every row this invocation measures carries its run and, for a continued run, the segment it came from
+    segment = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    run = a.run or segment
+    if a.run:
+        continuable(done.values(), a.run, _commit(machine()))
 
     def save(row: dict) -> None:
         done[row["key"]] = row
@@ -175,7 +184,8 @@ def main() -> None:
         tmp.replace(results)
         print(json.dumps({k: v for k, v in row.items() if k != "calib"}), flush=True)
 
-    for model in a.models:
+    # the tables of every model first, then the ablation: an interrupted run has its main rows
+    for phase, model in [("table", m) for m in a.models] + [("ablation", m) for m in a.models]:
         src = fetch_model(model, cache / "models" / model, cache_dir=cache)
         windows = prepare_windows(src, TEXT.read_text(encoding="utf-8"), cfg)
         sk = Skeleton(src)
@@ -189,7 +199,7 @@ def main() -> None:
             jobs += [("ablation", name, args) for name, args in ABLATION]
         keys = [f"{model}|{m}|{st}|{a.windows}|{a.ctx}" for m, st, _ in jobs]
         for key, (method, setting, args) in zip(keys, jobs):
-            if key in done:
+            if key in done or (method == "ablation") != (phase == "ablation"):
                 continue
             if method not in a.methods:
                 continue
@@ -215,7 +225,7 @@ def main() -> None:
             st = token_stats(sk, source, windows, progress=False, reference=base)
             r = compare(st, base, cfg.ctx, len(windows), time.perf_counter() - t0)
             row = {"key": key, "model": model, "method": method, "setting": setting, "args": args, **p, **r.to_dict(),
-                   "machine": machine(), "run": run}
+                   "machine": machine(), "run": run, "segment": segment}
             save(row)
             shutil.rmtree(dst, ignore_errors=True)
     if not a.no_doc:
@@ -263,12 +273,28 @@ def _recipe(r: dict) -> str:
     return "current" if r.get("scales") == "searched" else "absmax"
 
 
+def _commit(machine_line: str) -> str:
+    return machine_line.rpartition("commit ")[2] or "unrecorded"
+
+
+def continuable(rows, run: str, commit: str) -> None:
+    """A run continues only at the commit it was measured at: one run means one code version."""
+    theirs = sorted({_commit(r.get("machine", "")) for r in rows if r.get("run") == run} - {commit})
+    if theirs:
+        raise SystemExit(f"error: run {run} was measured at commit {', '.join(theirs)}, this checkout is {commit}; "
+                         "continue it from a checkout of that commit (or start a new run)")
+
+
 def provenance(rows: list[dict]) -> str:
     """Which runs of this script measured the rows: the issue's proof asks for every row in one."""
     runs = {r.get("run") for r in rows}
-    commits = sorted({r.get("machine", "").rpartition("commit ")[2] or "unrecorded" for r in rows})
-    if len(runs) == 1 and None not in runs:
-        return f"Every row measured in one run (started {runs.pop()}, commit {', '.join(commits)})."
+    commits = sorted({_commit(r.get("machine", "")) for r in rows})
+    if len(runs) == 1 and None not in runs and len(commits) == 1:
+        run = runs.pop()
+        pieces = len({r.get("segment", run) for r in rows})
+        again = (f"; interrupted {pieces - 1} time{'s' * (pieces != 2)} and continued at the same commit with "
+                 f"`--run {run}`, a row cut off mid-pack measured again from its start") if pieces > 1 else ""
+        return f"Every row measured in one run (started {run}, commit {commits[0]}{again})."
     unstamped, stamped = sum(r.get("run") is None for r in rows), len(runs - {None})
     parts = [f"{stamped} recorded run{'s' * (stamped != 1)}"] if stamped else []
     parts += [f"{unstamped} row{'s' * (unstamped != 1)} from runs made before runs were recorded"] if unstamped else []
