@@ -173,6 +173,13 @@ def main() -> None:
     run = a.run or segment
     if a.run:
         continuable(done.values(), a.run, _commit(machine()))
+    hqq_due = any(f"{m}|hqq|{b}|{a.windows}|{a.ctx}" not in done for m in a.models for b in HQQ_BITS)
+    if "hqq" in a.methods and hqq_due:  # fail now, not after an hour of packs
+        try:
+            import hqq.core.quantize  # noqa: F401
+        except ImportError:
+            raise SystemExit("error: the HQQ rows need the hqq package: pip install -e '.[bench]' "
+                             "(or leave them out with --methods)") from None
 
     def save(row: dict) -> None:
         done[row["key"]] = row
