@@ -32,6 +32,7 @@ sys.path.insert(0, str(ROOT))
 from bench.report import machine, table, write_section  # noqa: E402
 
 TEXT = ROOT.parent / "shared" / "data" / "wikitext-2-raw-test.txt"
+TARGETS = [2.8, 3.0, 4.0, 5.0, 6.0]  # --target-bpw of the "ours" rows
 RESULTS = ROOT / "bench" / "results" / "quality_a.json"
 CALIB = ["--calib", str(TEXT), "--calib-articles", "1-16"]
 MODELS = ("smollm2-135m", "gemma3-270m")
@@ -134,10 +135,27 @@ def _pack(src: Path, dst: Path, args: list[str], env: dict) -> dict:
             "rotation": quant.get("rotation", 0), "scales": quant.get("scales", "absmax"), "calib": p.get("calib")}
 
 
+def row_key(model: str, method: str, setting: str, windows: int, ctx: int) -> str:
+    """The identity of one row in the results file: a row is reused only under the same protocol."""
+    return f"{model}|{method}|{setting}|{windows}|{ctx}"
+
+
+def model_jobs(model: str, targets: list[float]) -> list[tuple[str, str, list[str] | None]]:
+    """(method, setting, uc pack args or None for an out-of-tree baseline) of every row of one model."""
+    jobs = [("ours", f"{t:g}", ["--target-bpw", f"{t:g}", *CALIB]) for t in targets]
+    if model == PACK_TIME_MODEL:  # the pack-time goal's own row: nothing but the calibration text given
+        jobs.append(("defaults", "--calib", list(CALIB)))
+    jobs += [("uniform", str(b), ["--codec", "uniform", "--bits", str(b)]) for b in UNIFORM_BITS]
+    jobs += [("hqq", str(b), None) for b in HQQ_BITS] + [("gguf", q, None) for q in GGUF_TYPES]
+    if model == "smollm2-135m":
+        jobs += [("ablation", name, args) for name, args in ABLATION]
+    return jobs
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", nargs="+", default=list(MODELS))
-    ap.add_argument("--targets", nargs="+", type=float, default=[2.8, 3.0, 4.0, 5.0, 6.0])
+    ap.add_argument("--targets", nargs="+", type=float, default=TARGETS)
     ap.add_argument("--windows", type=int, default=12)
     ap.add_argument("--ctx", type=int, default=1024)
     ap.add_argument("--methods", nargs="+", default=["ours", "defaults", "uniform", "hqq", "gguf", "ablation"],
@@ -173,7 +191,10 @@ def main() -> None:
     run = a.run or segment
     if a.run:
         continuable(done.values(), a.run, _commit(machine()))
-    hqq_due = any(f"{m}|hqq|{b}|{a.windows}|{a.ctx}" not in done for m in a.models for b in HQQ_BITS)
+    def key(model: str, method: str, setting: str) -> str:
+        return row_key(model, method, setting, a.windows, a.ctx)
+
+    hqq_due = any(key(m, "hqq", str(b)) not in done for m in a.models for b in HQQ_BITS)
     if "hqq" in a.methods and hqq_due:  # fail now, not after an hour of packs
         try:
             import hqq.core.quantize  # noqa: F401
@@ -193,26 +214,19 @@ def main() -> None:
 
     # the tables of every model first, then the ablation: an interrupted run has its main rows
     for phase, model in [("table", m) for m in a.models] + [("ablation", m) for m in a.models]:
+        jobs = [(key(model, m, st), m, st, ar) for m, st, ar in model_jobs(model, a.targets)]
+        due = [j for j in jobs if j[0] not in done and j[1] in a.methods
+               and (j[1] == "ablation") == (phase == "ablation")]
+        if not due:  # no fetch, no windows, no base pass for a phase with nothing left to measure
+            continue
         src = fetch_model(model, cache / "models" / model, cache_dir=cache)
         windows = prepare_windows(src, TEXT.read_text(encoding="utf-8"), cfg)
         sk = Skeleton(src)
         base = None
-        jobs = [("ours", f"{t:g}", ["--target-bpw", f"{t:g}", *CALIB]) for t in a.targets]
-        if model == PACK_TIME_MODEL:  # the pack-time goal's own row: nothing but the calibration text given
-            jobs.append(("defaults", "--calib", list(CALIB)))
-        jobs += [("uniform", str(b), ["--codec", "uniform", "--bits", str(b)]) for b in UNIFORM_BITS]
-        jobs += [("hqq", str(b), None) for b in HQQ_BITS] + [("gguf", q, None) for q in GGUF_TYPES]
-        if model == "smollm2-135m":
-            jobs += [("ablation", name, args) for name, args in ABLATION]
-        keys = [f"{model}|{m}|{st}|{a.windows}|{a.ctx}" for m, st, _ in jobs]
-        for key, (method, setting, args) in zip(keys, jobs):
-            if key in done or (method == "ablation") != (phase == "ablation"):
-                continue
-            if method not in a.methods:
-                continue
-            same = next((k for k, (m, st, ar) in zip(keys, jobs) if m == "ours" and ar == args and k in done), None)
+        for key_, method, setting, args in due:
+            same = next((k for k, m, _, ar in jobs if m == "ours" and ar == args and k in done), None)
             if method == "ablation" and same:  # the default recipe is the "ours" row: measured once
-                save({**done[same], "key": key, "method": method, "setting": setting})  # its run, too
+                save({**done[same], "key": key_, "method": method, "setting": setting})  # its run, too
                 continue
             if base is None:
                 base = token_stats(sk, CheckpointSource(SourceCheckpoint(src)), windows, progress=False, keep=True)
@@ -231,7 +245,7 @@ def main() -> None:
             t0 = time.perf_counter()
             st = token_stats(sk, source, windows, progress=False, reference=base)
             r = compare(st, base, cfg.ctx, len(windows), time.perf_counter() - t0)
-            row = {"key": key, "model": model, "method": method, "setting": setting, "args": args, **p, **r.to_dict(),
+            row = {"key": key_, "model": model, "method": method, "setting": setting, "args": args, **p, **r.to_dict(),
                    "machine": machine(), "run": run, "segment": segment}
             save(row)
             shutil.rmtree(dst, ignore_errors=True)
@@ -379,7 +393,8 @@ def write_docs(rows: list[dict], a) -> None:
                 ok = r["pack_seconds"] < PACK_TIME_GOAL
                 lines.append(f"- pack time with calibration < {PACK_TIME_GOAL:.0f} s, {what}: {r['pack_seconds']:.0f} s on "
                              f"{r['machine'].split(', torch')[0]}: **{'met' if ok else 'missed'}**")
-        body += ["", "Goals:", *lines]
+        body += ["", "Goals:" if model == PACK_TIME_MODEL else
+                 f"The goals on {PACK_TIME_MODEL}, applied to {model} (reported, not required):", *lines]
     write_section("quality-a", "\n".join(body))
     abl = [r for r in rows if r["method"] == "ablation"]
     if abl:

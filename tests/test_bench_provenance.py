@@ -1,8 +1,10 @@
 """bench/quality_a.py's proof line: one run means one run id at one commit, however often it was continued."""
 
+import json
+
 import pytest
 
-from bench.quality_a import continuable, provenance
+from bench.quality_a import MODELS, RESULTS, TARGETS, continuable, model_jobs, provenance, row_key
 
 
 def row(run, commit, segment=None):
@@ -33,3 +35,12 @@ def test_a_run_continues_only_at_its_own_commit():
     continuable(rows, "R3", "abc1234")  # a run with no rows yet: fine
     with pytest.raises(SystemExit, match="run R1 was measured at commit abc1234, this checkout is def5678"):
         continuable(rows, "R1", "def5678")
+
+
+def test_the_committed_tables_are_one_run_of_every_scheduled_row():
+    """docs/BENCHMARKS.md's quality-a and ablation tables are written from this file: it must hold every row
+    the protocol schedules (both models, every method, the ablation), all measured in one run."""
+    rows = json.loads(RESULTS.read_text())
+    want = {row_key(m, meth, st, 12, 1024) for m in MODELS for meth, st, _ in model_jobs(m, TARGETS)}
+    assert want - {r["key"] for r in rows} == set()
+    assert provenance(rows).startswith("Every row measured in one run")
