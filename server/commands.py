@@ -47,6 +47,8 @@ def check(cfg: ServerConfig) -> None:
     e = cfg.engine
     if not Path(cfg.pack).is_dir() or not (Path(cfg.pack) / "manifest.json").is_file():
         raise LoadError(f"{cfg.pack}: not a finished uc pack (no manifest.json); make one with `uc pack`")
+    if e.cuda_graphs not in ("auto", "off"):
+        raise LoadError(f"--cuda-graphs {e.cuda_graphs}: one of auto, off")
     if e.max_num_seqs < 1 or e.max_queue < 1:
         raise LoadError("--max-num-seqs and --max-queue must be at least 1")
     if e.prefill_chunk < 1:

@@ -43,6 +43,9 @@ class EngineConfig:
                                     "oneDNN once at load (same results, faster steps); fused: also compute q/k/v "
                                     "and gate/up as one matmul each (faster only with OMP_WAIT_POLICY=PASSIVE); "
                                     "off: never")
+    cuda_graphs: str = _opt("auto", "auto: on CUDA with dense or packed residency, decode steps replay a CUDA "
+                                    "graph captured once per batch size bucket (no per-token host work); off: "
+                                    "eager decode steps")
 
 
 @dataclass(frozen=True)

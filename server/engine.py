@@ -52,9 +52,9 @@ class EngineStopped(EngineError):
 class Engine:
     def __init__(self, model, tokenizer, kv: SlotKVCache, *, max_num_seqs: int = 32, max_queue: int = 256,
                  max_model_len: int, prefill_chunk: int = 512, eos_token_ids: tuple[int, ...] = (),
-                 stats_sink: Callable[[object], None] | None = None) -> None:
+                 stats_sink: Callable[[object], None] | None = None, cuda_graphs: bool = True) -> None:
         self.model, self.tokenizer, self.kv = model, tokenizer, kv
-        self.runner = ModelRunner(model, kv)
+        self.runner = ModelRunner(model, kv, cuda_graphs=cuda_graphs)
         self.max_num_seqs, self.max_queue = max_num_seqs, max_queue
         self.max_model_len, self.prefill_chunk = max_model_len, prefill_chunk
         self.eos = tuple(eos_token_ids)

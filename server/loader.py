@@ -98,7 +98,8 @@ def build_engine(pack: str, cfg: EngineConfig, name: str, stats_sink=None) -> tu
         raise LoadError(f"the KV cache budget ({kv.budget_tokens} tokens) leaves no room; raise --kv-cache-memory")
     eos = _eos_ids(model, tokenizer)
     engine = Engine(model, tokenizer, kv, max_num_seqs=cfg.max_num_seqs, max_queue=cfg.max_queue,
-                    max_model_len=max_len, prefill_chunk=cfg.prefill_chunk, eos_token_ids=eos, stats_sink=stats_sink)
+                    max_model_len=max_len, prefill_chunk=cfg.prefill_chunk, eos_token_ids=eos, stats_sink=stats_sink,
+                    cuda_graphs=cfg.cuda_graphs != "off")
     quant = man.quant if isinstance(man.quant, dict) else {}
     stats = man.stats if isinstance(man.stats, dict) else {}
     runtime = getattr(model, "uc_runtime", None)

@@ -12,13 +12,21 @@ import inspect
 
 import torch
 
+from . import graphs
+from .decoder import Decoder, recipe_of
 from .kv_cache import DecodeView, PrefillView, SlotKVCache, additive
 
 
 class ModelRunner:
-    def __init__(self, model, kv: SlotKVCache) -> None:
+    def __init__(self, model, kv: SlotKVCache, lean_decode: bool = True, cuda_graphs: bool = True) -> None:
         self.model = model
         self.kv = kv
+        recipe = recipe_of(model) if lean_decode else None
+        self.decoder = Decoder(model, recipe) if recipe is not None else None  # else the transformers forward
+        # on CUDA, the lean step replayed from graphs (graphs.py) where every layer's weights stay in place
+        self.static = None
+        if cuda_graphs and self.decoder is not None and kv.shape.device.type == "cuda" and graphs.usable(model)[0]:
+            self.static = graphs.StaticDecode(self.decoder, self._masks, kv)
         cfg = model.config
         tc = getattr(cfg, "get_text_config", lambda: cfg)()
         types = list(getattr(tc, "layer_types", None) or [])
@@ -46,7 +54,11 @@ class ModelRunner:
     @torch.inference_mode()
     def decode(self, tokens: list[int], lens: list[int]) -> torch.Tensor:
         """Running rows [0, R): feed tokens[r] at position lens[r]. Returns logits [R, V]."""
+        if self.static is not None and self.static.fits(len(tokens)):
+            return self.static.decode(tokens, lens)
         view = self.kv.decode_view(lens)
+        if self.decoder is not None:
+            return self.decoder.decode(torch.tensor(tokens, device=self.kv.shape.device), view, self._masks(view))
         ids = torch.tensor(tokens, device=self.kv.shape.device).unsqueeze(1)  # [R, 1]
         out = self.model(input_ids=ids, attention_mask=self._masks(view), position_ids=view.position_ids(),
                          use_cache=True, **{self.cache_kw: view})

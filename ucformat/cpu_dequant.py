@@ -10,23 +10,14 @@ per weight, rows split over torch's intra-op threads.
 
 The results are the same floats, bit for bit, as the torch path: each element is one float32 multiply of
 the same two float32 operands (the grid level, and the float16 scale widened exactly). The extension is
-compiled on first use with torch's C++ extension builder (needs a C++ compiler and ninja) into
-UC_CACHE/torch_extensions; where that fails the torch path runs and `available()` says why.
+compiled on first use (native.py); where that fails the torch path runs and `available()` says why.
 """
 
 from __future__ import annotations
 
-import hashlib
-import importlib.util
-import logging
-import os
-import sys
-import threading
-from pathlib import Path
-
 import torch
 
-log = logging.getLogger(__name__)
+from . import native
 
 _SOURCE = r"""
 #include <torch/extension.h>
@@ -101,54 +92,16 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) { m.def("dequant", &dequant); }
 """
 
 NAME = "uc_cpu_dequant_v2"  # bump with the source: the build cache is keyed by name
-_lock = threading.Lock()
-_module = None
-_error: str | None = None
 
 
 def _build():
-    global _module, _error
-    if _module is not None or _error is not None:  # every call after the first: no lock on the hot path
-        return _module
-    with _lock:
-        if _module is not None or _error is not None:
-            return _module
-        if os.environ.get("UC_NATIVE", "1") == "0":
-            _error = "disabled by UC_NATIVE=0"
-            return None
-        try:
-            from torch.utils.cpp_extension import load_inline
-
-            cache = Path(os.environ.get("UC_CACHE", Path.home() / ".cache" / "ultracompress")) / "torch_extensions"
-            build = _builddir(cache)
-            digest = hashlib.sha256(_SOURCE.encode()).hexdigest()
-            so, stamp = Path(build) / f"{NAME}.so", Path(build) / "source.sha256"
-            if so.is_file() and stamp.is_file() and stamp.read_text() == digest:
-                # built before from this very source: import it (load_inline would re-run ninja, ~5 s)
-                spec = importlib.util.spec_from_file_location(NAME, so)
-                _module = importlib.util.module_from_spec(spec)
-                spec.loader.exec_module(_module)
-            else:
-                print("uc: compiling the native CPU dequantization kernel (once per torch version, about a minute)",
-                      file=sys.stderr, flush=True)
-                _module = load_inline(NAME, cpp_sources=[_SOURCE], extra_cflags=["-O3", "-fopenmp"],
-                                      extra_ldflags=["-fopenmp"], build_directory=build, verbose=False)
-                stamp.write_text(digest)
-        except Exception as exc:  # no compiler, no ninja, headers missing: the torch path still works
-            _error = f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1] if str(exc).strip() else ''}"
-            log.warning("native CPU dequantization unavailable (%s); using the torch path", _error)
-        return _module
-
-
-def _builddir(cache: Path) -> str:
-    d = cache / f"{NAME}-torch{torch.__version__.split('+')[0]}"
-    d.mkdir(parents=True, exist_ok=True)
-    return str(d)
+    return native.load(NAME, _SOURCE, "CPU dequantization kernel")[0]
 
 
 def available() -> tuple[bool, str | None]:
     """(usable, why not) — builds the extension on first call."""
-    return _build() is not None, _error
+    module, why = native.load(NAME, _SOURCE, "CPU dequantization kernel")
+    return module is not None, why
 
 
 def dequant_levels(codes: torch.Tensor, scales: torch.Tensor, grid: torch.Tensor, bits: int, block: int,
@@ -162,6 +115,6 @@ def dequant_levels(codes: torch.Tensor, scales: torch.Tensor, grid: torch.Tensor
     m = 1
     for d in lead:
         m *= d
-    out = _module.dequant(codes.reshape(m, rows, -1).contiguous(), scales.reshape(m, rows, -1).contiguous(),
-                          grid.reshape(m, -1).contiguous(), bits, block, cols)
+    out = _build().dequant(codes.reshape(m, rows, -1).contiguous(), scales.reshape(m, rows, -1).contiguous(),
+                           grid.reshape(m, -1).contiguous(), bits, block, cols)
     return out.reshape(shape)

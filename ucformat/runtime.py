@@ -31,8 +31,11 @@ def plan(pack: str | Path, device: str = "cpu", dtype: torch.dtype | None = None
 
 def load(pack: str | Path, device: str = "cpu", dtype: torch.dtype | None = None, residency: str = "dense",
          vram_budget: str | int | None = None, prefetch: bool = True, progress: bool = False,
-         cudnn_attention: bool = False, per_expert: bool = True):
-    """`per_expert`: MoE layers that are not dense rebuild only the routed experts (experts.py); False
+         cudnn_attention: bool = False, per_expert: bool = True, kernels: bool = True):
+    """`kernels`: in `packed` and `stream` residency the quantized linears compute from their stored parts
+    (qmatmul.py: native CPU / Triton kernels for decode, reconstruct + GEMM for long prompts); False
+    rebuilds every weight before its layer runs, which gives the same logits as `dense` bit for bit.
+    `per_expert`: MoE layers that are not dense rebuild only the routed experts (experts.py); False
     rebuilds whole layers. On CUDA, unless `cudnn_attention`, this turns off PyTorch's cuDNN attention
     backend for the whole process (see `avoid_cudnn_attention`)."""
     device = str(device)
@@ -45,7 +48,8 @@ def load(pack: str | Path, device: str = "cpu", dtype: torch.dtype | None = None
     reader = PackReader(pack)
     the_plan = make_plan(reader, residency, device, dtype, vram_budget)
     sk = Skeleton(pack, dtype=dtype, device=device)
-    runtime = Runtime(reader, sk, the_plan, prefetch=prefetch, progress=progress, per_expert=per_expert)
+    runtime = Runtime(reader, sk, the_plan, prefetch=prefetch, progress=progress, per_expert=per_expert,
+                      kernels=kernels)
     missing = [n for n in sk.missing() if not _is_streamed(n, the_plan, reader)]
     if missing:
         raise RuntimeError(f"{pack}: weights missing after load: {missing[:5]}")

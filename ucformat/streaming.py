@@ -33,6 +33,7 @@ import torch
 from . import experts as moe
 from . import qtensor
 from .manifest import layer_file
+from .qlinear import QuantLinear, swappable
 from .reader import PackReader
 from .residency import ResidencyPlan
 from .skeleton import Skeleton
@@ -60,13 +61,25 @@ class RuntimeStats:
     dequant_seconds: float  # time spent reconstructing weights (all threads)
     experts_reconstructed: int = 0  # MoE experts rebuilt for a call (non-dense layers)
     experts_skipped: int = 0  # MoE experts of those calls that the router did not pick, so never rebuilt
+    linears_from_codes: int = 0  # linears of non-dense layers computed from their stored parts (qmatmul.py)
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
-def _nbytes(t: torch.Tensor | None) -> int:
+def _nbytes(t: "torch.Tensor | qtensor.QuantizedTensor | None") -> int:
+    if isinstance(t, qtensor.QuantizedTensor):
+        return t.nbytes()
     return 0 if t is None else t.numel() * t.element_size()
+
+
+def _tensors(values):
+    """Every tensor among `values`, the parts of quantized ones included."""
+    for v in values:
+        if isinstance(v, qtensor.QuantizedTensor):
+            yield from v._held().values()
+        else:
+            yield v
 
 
 def parts_bytes(parts: Parts) -> int:
@@ -76,9 +89,13 @@ def parts_bytes(parts: Parts) -> int:
 
 class Runtime:
     def __init__(self, reader: PackReader, sk: Skeleton, plan: ResidencyPlan, prefetch: bool = True,
-                 progress: bool = False, per_expert: bool = True) -> None:
+                 progress: bool = False, per_expert: bool = True, kernels: bool = True) -> None:
         self.reader, self.sk, self.plan = reader, sk, plan
         self.per_expert = per_expert
+        self.kernels = kernels
+        self._linears: dict[int, dict[str, QuantLinear]] = {}  # layer -> its linears computed from codes
+        self._mapped: dict[int, tuple[tuple[int, int], Parts]] = {}  # CPU: streamed layers' mapped parts
+        self._hooked: set[int] = set()  # layers whose weights are put in place around every forward
         self.device = sk.device
         self.cuda = self.device.type == "cuda"
         self.prefetch = prefetch
@@ -108,7 +125,11 @@ class Runtime:
                 sk.load(sd)
             else:
                 self._prepare_experts(p.index)
+                self._prepare_kernels(p.index)
                 self._prepare_fast_path(p.index)
+                if p.where == "packed" and self._static(p.index):  # attached once: nothing to do per pass
+                    self._attach(p.index, self._reconstruct(self._parts(p.index, to_device=True), p.index))
+                    continue
                 if p.where == "packed":
                     self._stores[p.index] = self._parts(p.index, to_device=True)
                     self._add(parts_bytes(self._stores[p.index]))
@@ -117,6 +138,7 @@ class Runtime:
                 layer = sk.layers[p.index]
                 layer.register_forward_pre_hook(self._make_pre(p.index))
                 layer.register_forward_hook(self._make_post(p.index))
+                self._hooked.add(p.index)
 
     # -- accounting -----------------------------------------------------------------------------------
     def _add(self, n: int) -> None:
@@ -133,7 +155,8 @@ class Runtime:
                 layers_streamed=self.plan.count("host"), resident_bytes=self._resident, peak_resident_bytes=self._peak,
                 bytes_transferred=self._transferred, prefetch_hits=self._hits, prefetch_misses=self._misses,
                 stall_seconds=self._stall, dequant_seconds=self._dequant,
-                experts_reconstructed=self._experts_built, experts_skipped=self._experts_skipped)
+                experts_reconstructed=self._experts_built, experts_skipped=self._experts_skipped,
+                linears_from_codes=sum(len(v) for v in self._linears.values()))
 
     def reset_peak(self) -> None:
         with self._lock:
@@ -149,11 +172,16 @@ class Runtime:
         parts = self.reader.read_parts(layer_file(index))
         return {k: v.to(self.device) for k, v in parts.items()} if to_device else parts
 
-    def _reconstruct(self, parts: Parts) -> dict[str, torch.Tensor]:
+    def _reconstruct(self, parts: Parts, index: int | None = None) -> Parts:
+        """Stored parts -> what the layer's modules take: tensors in the compute dtype, except the quantized
+        weights of layer `index` that its QuantLinear modules compute from (kept as stored)."""
         t0 = time.perf_counter()
+        keep = self._linears.get(index, {})
         out = {}
         for name, p in parts.items():
-            if isinstance(p, qtensor.QuantizedTensor):
+            if name in keep:
+                out[name] = p
+            elif isinstance(p, qtensor.QuantizedTensor):
                 out[name] = qtensor.dequantize(p, self.sk.dtype)
             else:
                 out[name] = p.to(self.sk.dtype) if p.is_floating_point() else p
@@ -162,9 +190,18 @@ class Runtime:
         return out
 
     def _read_host(self, index: int, names: list[str] | None = None) -> Parts:
-        """CPU: a streamed layer's stored parts (all, or `names`), memory-mapped from its file (size and
-        mtime re-checked)."""
-        parts = self.reader.read_parts(layer_file(index), names)
+        """CPU: a streamed layer's stored parts (all, or `names`), memory-mapped from its file. The file's
+        size and mtime are re-checked at every read (re-hashed if they changed); the mapping is kept while
+        they hold, so a read is a stat and the pages come from the page cache or the disk as they are
+        touched. Mapped pages are file-backed: the kernel can drop them under memory pressure."""
+        rel = layer_file(index)
+        path = self.reader.check_file(rel)
+        st = path.stat()
+        stamp = (st.st_size, st.st_mtime_ns)
+        mapped = self._mapped.get(index)
+        if mapped is None or mapped[0] != stamp:
+            mapped = self._mapped[index] = (stamp, self.reader.read_parts(rel))
+        parts = _subset(mapped[1], names)
         with self._lock:
             self._transferred += parts_bytes(parts)
         return parts
@@ -183,13 +220,13 @@ class Runtime:
         where = self.plan.layers[index].where
         names = self._layer_names(index)
         if where == "packed":
-            return self._reconstruct(_subset(self._stores[index], names)), None
+            return self._reconstruct(_subset(self._stores[index], names), index), None
         if not self.cuda:
-            return self._reconstruct(self._read_host(index, names)), None
+            return self._reconstruct(self._read_host(index, names), index), None
         with torch.cuda.stream(self._side):
             host = _subset(self._stores[index], names)
             dev = {k: v.to(self.device, non_blocking=True) for k, v in host.items()}
-            sd = self._reconstruct(dev)
+            sd = self._reconstruct(dev, index)
             event = torch.cuda.Event()
             event.record(self._side)
         with self._lock:
@@ -210,11 +247,36 @@ class Runtime:
             g.module.register_forward_pre_hook(self._make_expert_pre(index, g), with_kwargs=True)
             g.module.register_forward_hook(self._make_expert_post(g))
 
+    def _prepare_kernels(self, index: int) -> None:
+        """Swap in a QuantLinear for every quantized weight of the layer that is a plain nn.Linear's."""
+        if not self.kernels:
+            return
+        found = {}
+        for name in self._layer_only.get(index, self.reader.layer_tensor_names(index)):
+            e = self.reader.manifest.tensors[name]
+            spot = swappable(self.sk.model, name, e.shape) if e.kind == "quantized" else None
+            if spot is not None:
+                parent, child = spot
+                found[name] = QuantLinear(getattr(parent, child))
+                setattr(parent, child, found[name])
+        if found:
+            self._linears[index] = found
+
+    def _static(self, index: int) -> bool:
+        """Whether every quantized weight of the layer is computed from its parts (nothing to rebuild per
+        pass), so a packed layer can be attached once."""
+        if index in self._groups:
+            return False
+        linears = self._linears.get(index, {})
+        return all(n in linears for n in self.reader.layer_tensor_names(index)
+                   if self.reader.manifest.tensors[n].kind == "quantized")
+
     def _prepare_fast_path(self, index: int) -> None:
         """Checkpoint names that are module parameters one to one are attached by assignment (fast);
         layers whose weights transformers converts on load (renamed, or fused MoE experts not streamed
-        per expert) go through the skeleton."""
-        names = self._layer_only.get(index, self.reader.layer_tensor_names(index))
+        per expert) go through the skeleton. Weights computed from codes are set on their QuantLinear."""
+        linears = self._linears.get(index, {})
+        names = [n for n in self._layer_only.get(index, self.reader.layer_tensor_names(index)) if n not in linears]
         params = dict(self.sk.model.named_parameters())
         fused = {id(p) for g in self._groups.get(index, []) for p in g.meta.values()}
         prefix = self.reader.manifest.layer_prefix + f"{index}."
@@ -226,12 +288,16 @@ class Runtime:
             slots[n] = (self.sk.model.get_submodule(mod_name), attr, params[n])
         self._meta[index] = slots
 
-    def _attach(self, index: int, sd: dict[str, torch.Tensor]) -> None:
+    def _attach(self, index: int, sd: Parts) -> None:
+        linears = self._linears.get(index, {})
+        for n in linears.keys() & sd.keys():
+            linears[n].q = sd[n]
+        rest = {n: t for n, t in sd.items() if n not in linears}
         slots = self._meta.get(index)
         if slots is None:
-            self.sk.load(sd)
+            self.sk.load(rest)
         else:
-            for n, t in sd.items():
+            for n, t in rest.items():
                 mod, attr, _ = slots[n]
                 mod._parameters[attr] = torch.nn.Parameter(t, requires_grad=False)
         n = sum(_nbytes(t) for t in sd.values())
@@ -239,6 +305,8 @@ class Runtime:
         self._add(n)
 
     def _detach(self, index: int) -> None:
+        for lin in self._linears.get(index, {}).values():
+            lin.q = None
         slots = self._meta.get(index)
         if slots is None:
             self.sk.unload_layer(index)
@@ -266,42 +334,55 @@ class Runtime:
         self._add(sum(_nbytes(t) for t in sd.values()))  # in flight: counted while it waits
         return sd, event
 
+    def hooked(self, index: int) -> bool:
+        """Whether layer `index` needs enter()/leave() around its forward (its weights are put in place per
+        pass); the layer's own forward hooks call them, a caller that runs the layer's arithmetic without
+        calling the module (server/decoder.py) calls them itself."""
+        return index in self._hooked
+
+    def enter(self, index: int) -> None:
+        """Attach layer `index`'s weights (waiting for its prefetch if in flight) and schedule the next."""
+        fut = self._inflight.pop(index, None)
+        t0 = time.perf_counter()
+        if fut is not None:
+            ready = fut.done()
+            sd, event = fut.result()
+            self._add(-sum(_nbytes(t) for t in sd.values()))  # re-counted by _attach
+            if event is not None:
+                if not event.query():
+                    ready = False
+                    event.synchronize()
+                stream = torch.cuda.current_stream(self.device)
+                for t in _tensors(sd.values()):
+                    t.record_stream(stream)
+            with self._lock:
+                self._hits += ready
+                self._misses += not ready
+        else:  # CPU (read-ahead requested or not), or nothing in flight
+            ahead = index in self._ahead
+            self._ahead.discard(index)
+            sd, event = self._materialize(index)
+            if event is not None:
+                event.synchronize()
+            with self._lock:
+                self._hits += ahead
+                self._misses += not ahead
+        with self._lock:
+            self._stall += time.perf_counter() - t0
+        self._attach(index, sd)
+        self._schedule(index)
+
+    def leave(self, index: int) -> None:
+        self._detach(index)
+
     def _make_pre(self, index: int):
         def pre(module, args):
-            fut = self._inflight.pop(index, None)
-            t0 = time.perf_counter()
-            if fut is not None:
-                ready = fut.done()
-                sd, event = fut.result()
-                self._add(-sum(_nbytes(t) for t in sd.values()))  # re-counted by _attach
-                if event is not None:
-                    if not event.query():
-                        ready = False
-                        event.synchronize()
-                    stream = torch.cuda.current_stream(self.device)
-                    for t in sd.values():
-                        t.record_stream(stream)
-                with self._lock:
-                    self._hits += ready
-                    self._misses += not ready
-            else:  # CPU (read-ahead requested or not), or nothing in flight
-                ahead = index in self._ahead
-                self._ahead.discard(index)
-                sd, event = self._materialize(index)
-                if event is not None:
-                    event.synchronize()
-                with self._lock:
-                    self._hits += ahead
-                    self._misses += not ahead
-            with self._lock:
-                self._stall += time.perf_counter() - t0
-            self._attach(index, sd)
-            self._schedule(index)
+            self.enter(index)
         return pre
 
     def _make_post(self, index: int):
         def post(module, args, output):
-            self._detach(index)
+            self.leave(index)
         return post
 
     # -- MoE experts, one by one ------------------------------------------------------------------------

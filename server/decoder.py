@@ -1,0 +1,134 @@
+"""A lean decode step for the common decoder-only architectures: the arithmetic of the transformers modules
+(their weights, norms, activation, rotary embedding and SDPA attention) without their Python layers.
+
+A decode step of a stock transformers model calls a few thousand small torch ops and as many Python
+frames: on a 2-core CPU, with the linears computed from the codes, that host work was most of a 25 ms
+SmolLM2 step (docs/BENCHMARKS.md). This step does per layer only what the arithmetic needs: one norm,
+the projections (QuantLinear parts handed straight to qmatmul, no module call), one rotation of q and k,
+the cache write, one SDPA call, the output projection, the MLP. It reads the model's own modules for
+every weight and constant, so whatever the runtime attaches (dense, packed or streamed layers; the
+runtime's enter/leave are called around each streamed layer as its forward hooks would) is what runs.
+
+What differs between the supported architectures is data (`Recipe`): how RMSNorm applies its weight
+(Llama casts then scales by w; Gemma scales by 1 + w in float32), q/k norms (Qwen3, Gemma 3), norms after
+attention and MLP (Gemma 3), the attention scale, rotary and mask per layer type
+(Gemma 3's local/global layers), the final logit soft-cap. Any other model (MoE, Phi-3's fused qkv, ...)
+keeps the transformers forward: `recipe_of` returns None. tests/test_decoder.py checks the logits
+against the transformers forward for every supported architecture.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from ucformat import qmatmul
+from ucformat.qlinear import QuantLinear
+
+from .cpu_ops import rms_norm, rope_
+from .kv_cache import DecodeView
+
+LLAMA_LIKE = ("llama", "mistral", "qwen2", "qwen3")
+GEMMA = ("gemma3_text",)
+
+
+@dataclass(frozen=True)
+class Recipe:
+    gemma_norm: bool  # RMSNorm: (x * r * (1 + w)) in float32, else (x * r).to(dtype) * w
+    qk_norm: bool  # per-head RMSNorm of q and k before the rotation
+    sandwich: bool  # norms on the attention and MLP outputs, and before the MLP (Gemma 3)
+    scaling: float  # attention scale
+    final_softcap: float | None
+    layer_types: tuple[str, ...] | None  # rotary and mask per layer type (Gemma 3); None: one for all
+
+
+def recipe_of(model) -> Recipe | None:
+    """The recipe for a transformers causal LM this step can run, or None."""
+    cfg = model.config
+    kind = getattr(cfg, "model_type", "")
+    inner = getattr(model, "model", None)
+    layers = getattr(inner, "layers", None)
+    if kind not in LLAMA_LIKE + GEMMA or layers is None or not len(layers):
+        return None
+    attn = layers[0].self_attn
+    if not all(hasattr(attn, n) for n in ("q_proj", "k_proj", "v_proj", "o_proj")):
+        return None
+    if getattr(cfg, "attn_logit_softcapping", None):  # sliding windows are in the masks; soft-capped scores are not
+        return None
+    gemma = kind in GEMMA
+    return Recipe(gemma_norm=gemma, qk_norm=hasattr(attn, "q_norm"), sandwich=gemma, scaling=float(attn.scaling),
+                  final_softcap=getattr(cfg, "final_logit_softcapping", None),
+                  layer_types=tuple(cfg.layer_types) if gemma else None)
+
+
+def _linear(mod, x: torch.Tensor) -> torch.Tensor:
+    if type(mod) is QuantLinear:
+        return qmatmul.linear(x, mod.q, mod.bias)
+    return mod(x)
+
+
+class Decoder:
+    """decode(ids [R], view, masks) -> logits [R, V] for the model `recipe_of` accepted."""
+
+    def __init__(self, model, recipe: Recipe) -> None:
+        self.model, self.r = model, recipe
+        inner = model.model
+        self.embed, self.layers, self.norm, self.rotary = inner.embed_tokens, inner.layers, inner.norm, inner.rotary_emb
+        self.head = model.get_output_embeddings()
+        cfg = model.config
+        self.heads, self.kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
+        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.heads
+        self.runtime = getattr(model, "uc_runtime", None)
+        self.hooked = [self.runtime is not None and self.runtime.hooked(i) for i in range(len(self.layers))]
+
+    @torch.inference_mode()
+    def decode(self, ids: torch.Tensor, view: DecodeView, masks) -> torch.Tensor:
+        r = self.r
+        h = self.embed(ids.unsqueeze(1))  # [R, 1, H] (Gemma's module applies its scale)
+        pos = view.position_ids()  # [R, 1]
+        if r.layer_types is None:
+            rope = self.rotary(h, pos)
+        else:
+            rope = {t: self.rotary(h, pos, t) for t in set(r.layer_types)}
+        for i, layer in enumerate(self.layers):
+            if self.hooked[i]:
+                self.runtime.enter(i)
+            try:
+                kind = r.layer_types[i] if r.layer_types else None
+                h = self._layer(layer, i, h, rope[kind] if kind else rope, masks[kind] if kind else masks, view)
+            finally:
+                if self.hooked[i]:
+                    self.runtime.leave(i)
+        h = rms_norm(h, self.norm, r.gemma_norm)
+        logits = _linear(self.head, h[:, -1])
+        if r.final_softcap:
+            logits = torch.tanh(logits / r.final_softcap) * r.final_softcap
+        return logits
+
+    def _layer(self, layer, index: int, h: torch.Tensor, rope, mask, view: DecodeView) -> torch.Tensor:
+        r, attn, mlp = self.r, layer.self_attn, layer.mlp
+        rows = h.shape[0]
+        x = rms_norm(h, layer.input_layernorm, r.gemma_norm)
+        q = _linear(attn.q_proj, x).view(rows, 1, self.heads, self.head_dim)
+        k = _linear(attn.k_proj, x).view(rows, 1, self.kv_heads, self.head_dim)
+        v = _linear(attn.v_proj, x).view(rows, 1, self.kv_heads, self.head_dim).transpose(1, 2)
+        if r.qk_norm:
+            q, k = rms_norm(q, attn.q_norm, r.gemma_norm), rms_norm(k, attn.k_norm, r.gemma_norm)
+        rope_(q, k, *rope)  # in place, before the heads move to dimension 1
+        q, k = q.transpose(1, 2), k.transpose(1, 2)  # [R, heads, 1, head_dim]
+        keys, values = view.update(k, v, index)
+        o = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=r.scaling,
+                                           enable_gqa=self.heads != self.kv_heads)
+        o = _linear(attn.o_proj, o.transpose(1, 2).reshape(rows, 1, self.heads * self.head_dim))
+        if r.sandwich:
+            h = h + rms_norm(o, layer.post_attention_layernorm, True)
+            x = rms_norm(h, layer.pre_feedforward_layernorm, True)
+        else:
+            h = h + o
+            x = rms_norm(h, layer.post_attention_layernorm, False)
+        x = _linear(mlp.down_proj, mlp.act_fn(_linear(mlp.gate_proj, x)) * _linear(mlp.up_proj, x))
+        if r.sandwich:
+            x = rms_norm(x, layer.post_feedforward_layernorm, True)
+        return h + x

@@ -1,0 +1,99 @@
+"""The lean decode step (server/decoder.py) against the transformers forward it replaces: same logits for
+every architecture it accepts (float32: to float tolerance; bfloat16: same greedy tokens, logits within a
+few bfloat16 steps), including models whose linears compute from the codes (packed residency)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import ucformat
+from compressor.config import PackConfig
+from compressor.pack import pack
+from conftest import make_tiny
+from server.decoder import recipe_of
+from server.kv_cache import KVShape, SlotKVCache
+from server.runner import ModelRunner
+
+LEAN = ["llama", "qwen2", "qwen3", "mistral", "gemma3"]
+
+
+def runners(model):
+    dtype = next(model.parameters()).dtype
+    out = []
+    for lean in (True, False):
+        kv = SlotKVCache(KVShape.of(model.config, dtype, "cpu"), 8 << 20, 4)
+        out.append(ModelRunner(model, kv, lean_decode=lean))
+    assert out[0].decoder is not None and out[1].decoder is None
+    return out
+
+
+def steps(runner: ModelRunner, prompts: list[list[int]], n: int) -> list[torch.Tensor]:
+    """Prefill the prompts (one row each), then n greedy decode steps of all rows: the decode logits."""
+    rows = len(prompts)
+    runner.kv.ensure(rows, 64, 0, 0)
+    segments, flat, keep, at = [], [], [], 0
+    for r, p in enumerate(prompts):
+        segments.append((r, at, len(p)))
+        flat += p
+        at += len(p)
+        keep.append(at - 1)
+    logits = runner.prefill(segments, flat, keep)
+    lens = [len(p) for p in prompts]
+    tokens = logits.argmax(-1).tolist()
+    out = []
+    for _ in range(n):
+        logits = runner.decode(tokens, lens)
+        out.append(logits.float())
+        lens = [x + 1 for x in lens]
+        tokens = logits.argmax(-1).tolist()
+    return out
+
+
+PROMPTS = [[5, 9, 11, 3, 7, 1, 2, 60, 61, 62], [100, 4, 8], [17, 18, 19, 20, 21, 22]]
+
+
+@pytest.mark.parametrize("arch", LEAN)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_lean_step_matches_transformers(arch, dtype, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    path = make_tiny(tmp_path / arch, arch, dtype=dtype, num_hidden_layers=3)
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype).eval()
+    assert recipe_of(model) is not None
+    lean, stock = runners(model)
+    a, b = steps(lean, PROMPTS, 12), steps(stock, PROMPTS, 12)  # 12 steps: past Gemma's sliding window of 8
+    for x, y in zip(a, b):
+        if dtype == torch.float32:
+            torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-5)
+        else:
+            assert torch.equal(x.argmax(-1), y.argmax(-1))
+            assert (x - y).abs().max() <= 0.05 * y.abs().max()
+
+
+def test_unsupported_models_keep_the_transformers_forward(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    for arch in ("phi3", "mixtral"):
+        path = make_tiny(tmp_path / arch, arch, dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32)
+        assert recipe_of(model) is None
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+def test_lean_step_on_codes_matches_stock_forward(arch, tmp_path):
+    """Packed and streamed residency with the quantized kernels: the lean step and the transformers forward
+    (both computing from the codes) agree, and both stay close to the dense reconstruction."""
+    src = make_tiny(tmp_path / "src", arch, dtype=torch.float32, num_hidden_layers=4, hidden_size=128,
+                    intermediate_size=256)
+    p = tmp_path / "pack"
+    pack(src, p, PackConfig(bits=4, block_size=32), progress=False)
+    dense = steps(runners(ucformat.load(p, residency="dense"))[1], PROMPTS, 6)
+    for mode, budget in (("packed", None), ("stream", "60%")):
+        model = ucformat.load(p, residency=mode, vram_budget=budget)
+        assert model.uc_runtime.stats().linears_from_codes == 4 * 7
+        lean, stock = runners(model)
+        a, b = steps(lean, PROMPTS, 6), steps(stock, PROMPTS, 6)
+        for x, y, d in zip(a, b, dense):
+            torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close(x, d, rtol=1e-4, atol=1e-4)

@@ -1,0 +1,139 @@
+"""Linears computed from a pack's codes (ucformat/qmatmul.py, cpu_qgemv.cpp) against the slow reference
+F.linear(x, dequantize(q)): every code width, every instruction set this CPU has, odd shapes, 1-32 rows,
+rotation, low-rank factors, the row overlay; the path choice and the fallbacks."""
+
+import dataclasses
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from compressor.codecs import quantize
+from ucformat import bitpack, cpu_qgemv, qmatmul, qtensor
+
+pytestmark = pytest.mark.skipif(not cpu_qgemv.available()[0], reason=f"no native kernel: {cpu_qgemv.available()[1]}")
+
+# (rows N, cols K, block, rotation): whole chunks; a row tail that is not a whole chunk (K=200); a block
+# smaller than the AVX-512 chunk (scalar there); K not a multiple of 8 (padded codes); rotated weights
+SHAPES = [(40, 256, 64, 0), (37, 200, 64, 0), (24, 96, 16, 0), (9, 70, 32, 0), (48, 256, 64, 64), (33, 384, 128, 128)]
+ROWS = [1, 2, 5, 8, 16, 17, 32]
+
+
+def isas() -> list[str]:
+    best = cpu_qgemv.ISAS[cpu_qgemv.isa()]
+    return [name for name, level in cpu_qgemv.ISAS.items() if level <= best]
+
+
+def weight(n: int, k: int, bits: int, block: int, rotation: int, seed: int = 0) -> qtensor.QuantizedTensor:
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(n, k, generator=g) * torch.linspace(0.2, 2.0, k)  # uneven columns: scales differ per block
+    return quantize(w, bits, block, "gsq", rotation=rotation, seed=seed, name="w")
+
+
+def reference(x: torch.Tensor, q: qtensor.QuantizedTensor, bias=None) -> torch.Tensor:
+    return F.linear(x.double(), qtensor.dequantize(q).double(), None if bias is None else bias.double())
+
+
+def close(y: torch.Tensor, ref: torch.Tensor, rel: float) -> None:
+    err = (y.double() - ref).abs().max().item()
+    assert err <= rel * ref.abs().max().item(), f"max error {err:.3g} against max |y| {ref.abs().max().item():.3g}"
+
+
+@pytest.mark.parametrize("bits", bitpack.WIDTHS)
+@pytest.mark.parametrize("isa", isas())
+def test_kernel_matches_reference(bits, isa):
+    g = torch.Generator().manual_seed(bits)
+    for n, k, block, rotation in SHAPES:
+        q = weight(n, k, bits, block, rotation)
+        assert q.rotation == rotation
+        bias = torch.randn(n, generator=g)
+        for m in ROWS:
+            x = torch.randn(m, k, generator=g)
+            close(cpu_qgemv.linear(x, q, isa=isa), reference(x, q), 2e-6)
+            close(cpu_qgemv.linear(x, q, bias, isa=isa), reference(x, q, bias), 2e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_kernel_half_inputs_sum_in_float32(dtype):
+    q = weight(64, 256, 4, 64, 64)
+    x = torch.randn(3, 256).to(dtype)
+    ref = reference(x.float(), q)
+    y = cpu_qgemv.linear(x, q)
+    assert y.dtype == dtype
+    close(y, ref, 1e-2)  # one rounding of the output to 8/11 mantissa bits
+    yf = cpu_qgemv.linear(x, q, float_out=True)
+    assert yf.dtype == torch.float32
+    close(yf, ref, 2e-6)
+
+
+def with_corrections(q: qtensor.QuantizedTensor, int8: bool, overlay: bool, rank: int = 4) -> qtensor.QuantizedTensor:
+    n, k = q.shape
+    g = torch.Generator().manual_seed(7)
+    extra = {}
+    if int8:
+        extra.update(lr_uq=torch.randint(-127, 128, (n, rank), generator=g, dtype=torch.int8),
+                     lr_us=(torch.rand(n, generator=g) * 1e-3).half(),
+                     lr_vq=torch.randint(-127, 128, (rank, k), generator=g, dtype=torch.int8),
+                     lr_vs=(torch.rand(rank, generator=g) * 1e-2).half())
+    else:
+        extra.update(lr_u=(torch.randn(n, rank, generator=g) * 0.1).half(),
+                     lr_v=(torch.randn(rank, k, generator=g) * 0.1).half())
+    if overlay:
+        rows = torch.tensor([0, 5, n - 1], dtype=torch.int32)
+        extra.update(ov_rows=rows, ov_q=torch.randint(-127, 128, (3, k), generator=g, dtype=torch.int8),
+                     ov_s=(torch.rand(3, generator=g) * 0.02).half())
+    return dataclasses.replace(q, **extra)
+
+
+@pytest.mark.parametrize("int8", [False, True])
+@pytest.mark.parametrize("overlay", [False, True])
+@pytest.mark.parametrize("rotation", [0, 64])
+def test_qmatmul_adds_overlay_and_low_rank(int8, overlay, rotation):
+    q = with_corrections(weight(48, 256, 5, 64, rotation), int8, overlay)
+    bias = torch.randn(48)
+    for m in (1, 4, 32):
+        x = torch.randn(2, m, 256)  # leading dimensions are kept
+        assert qmatmul.path(x.reshape(-1, 256), q) == ("cpu" if 2 * m <= qmatmul.CPU_MAX_ROWS else "rebuild")
+        y = qmatmul.linear(x, q, bias)
+        assert y.shape == (2, m, 48)
+        close(y, reference(x, q, bias), 1e-5)
+
+
+def test_long_inputs_rebuild_and_equal_dense_bitwise():
+    q = weight(40, 256, 4, 64, 64)
+    x = torch.randn(qmatmul.CPU_MAX_ROWS + 1, 256).bfloat16()
+    assert qmatmul.path(x, q) == "rebuild"
+    assert torch.equal(qmatmul.linear(x, q), F.linear(x, qtensor.dequantize(q, torch.bfloat16)))
+
+
+def test_rows_limit_override(monkeypatch):
+    q = weight(40, 256, 4, 64, 0)
+    monkeypatch.setenv("UC_KERNEL_MAX_ROWS", "2")
+    assert qmatmul.path(torch.randn(3, 256), q) == "rebuild"
+    assert qmatmul.path(torch.randn(2, 256), q) == "cpu"
+
+
+def test_isa_cap_names_are_checked():
+    env = {**os.environ, "UC_CPU_ISA": "sse9"}
+    r = subprocess.run([sys.executable, "-c", "import ucformat.cpu_qgemv"], env=env, capture_output=True, text=True)
+    assert r.returncode != 0 and "UC_CPU_ISA='sse9'" in r.stderr
+
+
+def test_no_native_build_falls_back_to_rebuild():
+    """UC_NATIVE=0 (as without a compiler): the kernel is unavailable and every call rebuilds the weight,
+    giving the dense residency's numbers bit for bit."""
+    code = ("import torch, torch.nn.functional as F\n"
+            "from compressor.codecs import quantize\n"
+            "from ucformat import qmatmul, qtensor, cpu_qgemv\n"
+            "q = quantize(torch.randn(16, 64), 4, 32, 'gsq')\n"
+            "x = torch.randn(1, 64)\n"
+            "assert not cpu_qgemv.available()[0] and 'UC_NATIVE=0' in cpu_qgemv.available()[1]\n"
+            "assert qmatmul.path(x, q) == 'rebuild'\n"
+            "assert torch.equal(qmatmul.linear(x, q), F.linear(x, qtensor.dequantize(q, native=False)))\n"
+            "print('fallback ok')\n")
+    r = subprocess.run([sys.executable, "-c", code], env={**os.environ, "UC_NATIVE": "0"}, capture_output=True,
+                       text=True)
+    assert r.returncode == 0 and "fallback ok" in r.stdout, r.stderr

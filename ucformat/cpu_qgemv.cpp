@@ -1,0 +1,599 @@
+// Quantized matrix products straight from a pack's codes (SPEC.md 2.1, 2.2, 2.5): no weight is built.
+//
+//   y[m, n] = sum_j x'[m, j] * (grid[code[n, j]] * scale[n, j / B])  (+ bias[n])
+//
+// x' is x, or for a weight stored rotated (rotation n > 0, W = deq(codes) R^T) the rotated input
+// R^T x = H (s * x) / sqrt(n) per block of n columns, computed once per call (fast Walsh-Hadamard).
+// Each weight is the same float32 product grid level x block scale as the reference reconstruction;
+// only the order of the sums differs from reconstruct-then-matmul.
+//
+// Work split: rows of W over torch's intra-op threads; each thread walks its rows once per tile of up
+// to 16 activation rows. Within a row, columns go in chunks of 32 (AVX-512) or 16 (AVX2) codes. Every
+// plane packs 8/p codes per byte, so a chunk's codes become two index vectors with a few shifts:
+// "even" (lane i: the code of column 2i of the chunk) and "odd" (column 2i + 1). The activations are
+// laid out once per call in that same even/odd order, so a chunk is two table lookups and 2 FMAs per
+// activation row. The table (the grid times the block's scale, set once per block) lives in registers.
+// AVX-512: one for b <= 4 (smaller grids repeated to fill 16 lanes, so no masking), two for b = 5, four
+// for b = 6. AVX2 (8 lanes): one for b <= 3, then 2^(b-3) registers picked by a tree of blends. Both
+// gather b = 8 from the grid (1 KiB, in L1) and multiply by the scale. Columns after the last
+// whole chunk, block sizes that do not hold whole chunks, and CPUs without AVX2 take the scalar loop.
+// One build runs everywhere: the SIMD code is compiled for its instruction set only (target pragmas)
+// and chosen at run time from what the CPU reports. The loops that are the same for every instruction
+// set (the "driver", at the end of this file) are written once: the file includes itself inside each
+// ISA's namespace with UC_DRIVER defined, so they are compiled under that ISA's target.
+
+#ifndef UC_DRIVER
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <c10/util/Half.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <vector>
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+#define UC_X86 1
+#else
+#define UC_X86 0
+#endif
+
+namespace {
+
+enum Isa { SCALAR = 0, AVX2 = 1, AVX512 = 2 };
+
+struct Args {
+  const uint8_t* codes;    // [N, nbytes] bit planes (SPEC.md 2.1)
+  const c10::Half* scales; // [N, nb]
+  const float* grid;       // [2^bits]
+  const float* xf;         // [M, K] activations (rotated if the weight is), natural order
+  const float* xa;         // [M, ldxa] the whole chunks of xf in even/odd order
+  const float* bias;       // [N] or null
+  float* y;                // [M, N]
+  int64_t M, N, K, nbytes, nb, block, ldxa, nchunks, start1;
+  int bits, p0, p1;
+};
+
+inline void planes(int bits, int& p0, int& p1) {
+  switch (bits) {  // bitpack.PLANES
+    case 2: p0 = 2; p1 = 0; break;
+    case 3: p0 = 2; p1 = 1; break;
+    case 4: p0 = 4; p1 = 0; break;
+    case 5: p0 = 4; p1 = 1; break;
+    case 6: p0 = 4; p1 = 2; break;
+    case 8: p0 = 8; p1 = 0; break;
+    default: TORCH_CHECK(false, "unsupported code width ", bits);
+  }
+}
+
+inline uint32_t code_at(const uint8_t* row, int64_t j, int p0, int p1, int64_t start1) {
+  uint32_t c = (row[(j * p0) >> 3] >> ((j * p0) & 7)) & ((1u << p0) - 1u);
+  if (p1) c |= ((row[start1 + ((j * p1) >> 3)] >> ((j * p1) & 7)) & ((1u << p1) - 1u)) << p0;
+  return c;
+}
+
+// Columns [j0, K) of rows [r0, r1), every activation row; adds to y unless `store`.
+void rows_scalar(const Args& a, int64_t r0, int64_t r1, int64_t j0, bool store) {
+  for (int64_t r = r0; r < r1; ++r) {
+    const uint8_t* row = a.codes + r * a.nbytes;
+    const c10::Half* srow = a.scales + r * a.nb;
+    for (int64_t m = 0; m < a.M; ++m) {
+      const float* x = a.xf + m * a.K;
+      float acc = 0.f;
+      for (int64_t j = j0; j < a.K; ++j) {
+        const float w = a.grid[code_at(row, j, a.p0, a.p1, a.start1)] * static_cast<float>(srow[j / a.block]);
+        acc += w * x[j];
+      }
+      float& out = a.y[m * a.N + r];
+      out = store ? acc : out + acc;
+    }
+  }
+}
+
+#if UC_X86
+// ------------------------------------------------------------------------------------------------------
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,fma,f16c")
+namespace k512 {
+
+constexpr int CW = 32;     // codes per chunk
+constexpr int MAX_MT = 16;  // activation rows per tile (accumulators in 32 zmm registers)
+using vec = __m512;
+inline vec vzero() { return _mm512_setzero_ps(); }
+inline vec vload(const float* p) { return _mm512_loadu_ps(p); }
+inline vec vfma(vec a, vec b, vec c) { return _mm512_fmadd_ps(a, b, c); }
+inline vec vadd(vec a, vec b) { return _mm512_add_ps(a, b); }
+inline float hsum(vec v) { return _mm512_reduce_add_ps(v); }
+
+// 32 codes of one plane of width P (4P bytes at p) -> even/odd index vectors (bits above P: garbage)
+template <int P>
+inline void plane(const uint8_t* p, __m512i& ev, __m512i& od) {
+  if constexpr (P == 8) {
+    const __m512i v = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+    ev = _mm512_and_si512(v, _mm512_set1_epi32(0xFF));
+    od = _mm512_srli_epi32(v, 8);
+  } else if constexpr (P == 4) {
+    const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+    ev = v;
+    od = _mm512_srli_epi32(v, 4);
+  } else if constexpr (P == 2) {
+    uint64_t w;
+    std::memcpy(&w, p, 8);
+    const __m512i v = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_set1_epi32(static_cast<int>(w))),
+                                         _mm256_set1_epi32(static_cast<int>(w >> 32)), 1);
+    const __m512i sh = _mm512_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28, 0, 4, 8, 12, 16, 20, 24, 28);
+    ev = _mm512_srlv_epi32(v, sh);
+    od = _mm512_srlv_epi32(v, _mm512_add_epi32(sh, _mm512_set1_epi32(2)));
+  } else {
+    static_assert(P == 1, "plane width");
+    uint32_t w;
+    std::memcpy(&w, p, 4);
+    const __m512i v = _mm512_set1_epi32(static_cast<int>(w));
+    const __m512i sh = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+    ev = _mm512_srlv_epi32(v, sh);
+    od = _mm512_srlv_epi32(v, _mm512_add_epi32(sh, _mm512_set1_epi32(1)));
+  }
+}
+
+template <int BITS>
+inline __m512i combine(__m512i lo, __m512i hi) {
+  if constexpr (BITS == 3) return _mm512_or_si512(_mm512_and_si512(lo, _mm512_set1_epi32(3)), _mm512_slli_epi32(hi, 2));
+  if constexpr (BITS == 5 || BITS == 6)
+    return _mm512_or_si512(_mm512_and_si512(lo, _mm512_set1_epi32(15)), _mm512_slli_epi32(hi, 4));
+  return lo;
+}
+
+// grid x block scale, in registers. vpermps reads the low 4 index bits, vpermt2ps the low 5.
+template <int BITS>
+struct Table {
+  __m512 g[4], t[4];
+  __m512 s;
+  const float* grid;
+  explicit Table(const float* gp) : grid(gp) {
+    if constexpr (BITS <= 4) {
+      alignas(64) float rep[16];
+      for (int i = 0; i < 16; ++i) rep[i] = gp[i & ((1 << BITS) - 1)];
+      g[0] = _mm512_load_ps(rep);
+    } else if constexpr (BITS <= 6) {
+      for (int k = 0; k < (1 << BITS) / 16; ++k) g[k] = _mm512_loadu_ps(gp + 16 * k);
+    }
+  }
+  inline void scale(float v) {
+    if constexpr (BITS <= 4) {
+      t[0] = _mm512_mul_ps(g[0], _mm512_set1_ps(v));
+    } else if constexpr (BITS <= 6) {
+      for (int k = 0; k < (1 << BITS) / 16; ++k) t[k] = _mm512_mul_ps(g[k], _mm512_set1_ps(v));
+    } else {
+      s = _mm512_set1_ps(v);
+    }
+  }
+  inline __m512 lookup(__m512i idx) const {
+    if constexpr (BITS <= 4) return _mm512_permutexvar_ps(idx, t[0]);
+    if constexpr (BITS == 5) return _mm512_permutex2var_ps(t[0], idx, t[1]);
+    if constexpr (BITS == 6) {
+      const __mmask16 high = _mm512_test_epi32_mask(idx, _mm512_set1_epi32(32));
+      return _mm512_mask_blend_ps(high, _mm512_permutex2var_ps(t[0], idx, t[1]), _mm512_permutex2var_ps(t[2], idx, t[3]));
+    }
+    return _mm512_mul_ps(_mm512_i32gather_ps(idx, grid, 4), s);
+  }
+};
+
+template <int BITS>
+inline void weights(const Table<BITS>& tab, const Args& a, const uint8_t* row, int64_t c, __m512& we, __m512& wo) {
+  constexpr int P0 = BITS == 8 ? 8 : BITS >= 4 ? 4 : 2;
+  constexpr int P1 = BITS - P0;
+  __m512i ev, od;
+  plane<P0>(row + c * 4 * P0, ev, od);
+  if constexpr (P1 > 0) {
+    __m512i hev, hod;
+    plane<P1>(row + a.start1 + c * 4 * P1, hev, hod);
+    ev = combine<BITS>(ev, hev);
+    od = combine<BITS>(od, hod);
+  }
+  we = tab.lookup(ev);
+  wo = tab.lookup(od);
+}
+
+#define UC_DRIVER
+#include __FILE__
+#undef UC_DRIVER
+
+}  // namespace k512
+#pragma GCC pop_options
+
+// ------------------------------------------------------------------------------------------------------
+#pragma GCC push_options
+#pragma GCC target("avx2,fma,f16c")
+namespace k256 {
+
+constexpr int CW = 16;
+constexpr int MAX_MT = 8;  // 16 ymm registers
+using vec = __m256;
+inline vec vzero() { return _mm256_setzero_ps(); }
+inline vec vload(const float* p) { return _mm256_loadu_ps(p); }
+inline vec vfma(vec a, vec b, vec c) { return _mm256_fmadd_ps(a, b, c); }
+inline vec vadd(vec a, vec b) { return _mm256_add_ps(a, b); }
+
+// 16 codes of one plane of width P (2P bytes at p) -> even/odd index vectors (bits above P: garbage)
+template <int P>
+inline void plane(const uint8_t* p, __m256i& ev, __m256i& od) {
+  if constexpr (P == 8) {
+    const __m256i v = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+    ev = _mm256_and_si256(v, _mm256_set1_epi32(0xFF));
+    od = _mm256_srli_epi32(v, 8);
+  } else if constexpr (P == 4) {
+    const __m256i v = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
+    ev = v;
+    od = _mm256_srli_epi32(v, 4);
+  } else if constexpr (P == 2) {
+    uint32_t w;
+    std::memcpy(&w, p, 4);
+    const __m256i v = _mm256_set1_epi32(static_cast<int>(w));
+    const __m256i sh = _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28);
+    ev = _mm256_srlv_epi32(v, sh);
+    od = _mm256_srlv_epi32(v, _mm256_add_epi32(sh, _mm256_set1_epi32(2)));
+  } else {
+    static_assert(P == 1, "plane width");
+    uint16_t w;
+    std::memcpy(&w, p, 2);
+    const __m256i v = _mm256_set1_epi32(static_cast<int>(w));
+    const __m256i sh = _mm256_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14);
+    ev = _mm256_srlv_epi32(v, sh);
+    od = _mm256_srlv_epi32(v, _mm256_add_epi32(sh, _mm256_set1_epi32(1)));
+  }
+}
+
+template <int BITS>
+inline __m256i combine(__m256i lo, __m256i hi) {
+  if constexpr (BITS == 3) return _mm256_or_si256(_mm256_and_si256(lo, _mm256_set1_epi32(3)), _mm256_slli_epi32(hi, 2));
+  if constexpr (BITS == 5)
+    return _mm256_or_si256(_mm256_and_si256(lo, _mm256_set1_epi32(15)),
+                           _mm256_slli_epi32(_mm256_and_si256(hi, _mm256_set1_epi32(1)), 4));
+  if constexpr (BITS == 6)
+    return _mm256_or_si256(_mm256_and_si256(lo, _mm256_set1_epi32(15)),
+                           _mm256_slli_epi32(_mm256_and_si256(hi, _mm256_set1_epi32(3)), 4));
+  return lo;
+}
+
+// b <= 6: the grid times the scale in 2^(b-3) registers of 8 levels (b <= 3: one, the grid repeated);
+// vpermps picks by the low 3 index bits in each, then a tree of blends by bits 3, 4, 5 (each moved to
+// the sign bit) picks the register: b = 5 is 4 permutes + 3 blends, about twice the work of b = 4 and,
+// measured on Zen, well ahead of an 8-lane gather. b = 8 gathers from the grid (in L1) and scales.
+template <int BITS>
+struct Table {
+  static constexpr int NT = BITS <= 3 ? 1 : BITS <= 6 ? (1 << (BITS - 3)) : 0;
+  __m256 g[NT > 0 ? NT : 1], t[NT > 0 ? NT : 1];
+  __m256 s;
+  const float* grid;
+  explicit Table(const float* gp) : grid(gp) {
+    if constexpr (BITS <= 3) {
+      alignas(32) float rep[8];
+      for (int i = 0; i < 8; ++i) rep[i] = gp[i & ((1 << BITS) - 1)];
+      g[0] = _mm256_load_ps(rep);
+    } else if constexpr (NT > 0) {
+      for (int k = 0; k < NT; ++k) g[k] = _mm256_loadu_ps(gp + 8 * k);
+    }
+  }
+  inline void scale(float v) {
+    if constexpr (NT > 0) {
+      for (int k = 0; k < NT; ++k) t[k] = _mm256_mul_ps(g[k], _mm256_set1_ps(v));
+    } else {
+      s = _mm256_set1_ps(v);
+    }
+  }
+  inline __m256 lookup(__m256i idx) const {
+    if constexpr (NT == 0) return _mm256_mul_ps(_mm256_i32gather_ps(grid, idx, 4), s);
+    __m256 p[NT];
+    for (int k = 0; k < NT; ++k) p[k] = _mm256_permutevar8x32_ps(t[k], idx);
+    int n = NT;
+    for (int bit = 3; n > 1; ++bit, n /= 2) {
+      const __m256 sel = _mm256_castsi256_ps(_mm256_slli_epi32(idx, 31 - bit));
+      for (int k = 0; k < n / 2; ++k) p[k] = _mm256_blendv_ps(p[2 * k], p[2 * k + 1], sel);
+    }
+    return p[0];
+  }
+};
+
+template <int BITS>
+inline void weights(const Table<BITS>& tab, const Args& a, const uint8_t* row, int64_t c, __m256& we, __m256& wo) {
+  constexpr int P0 = BITS == 8 ? 8 : BITS >= 4 ? 4 : 2;
+  constexpr int P1 = BITS - P0;
+  __m256i ev, od;
+  plane<P0>(row + c * 2 * P0, ev, od);
+  if constexpr (P1 > 0) {
+    __m256i hev, hod;
+    plane<P1>(row + a.start1 + c * 2 * P1, hev, hod);
+    ev = combine<BITS>(ev, hev);
+    od = combine<BITS>(od, hod);
+  }
+  we = tab.lookup(ev);
+  wo = tab.lookup(od);
+}
+
+inline float hsum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+#define UC_DRIVER
+#include __FILE__
+#undef UC_DRIVER
+
+}  // namespace k256
+#pragma GCC pop_options
+#endif  // UC_X86
+
+int cpu_isa() {
+#if UC_X86
+  static const int isa = [] {
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+        __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq"))
+      return AVX512;
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c")) return AVX2;
+    return SCALAR;
+  }();
+  return isa;
+#else
+  return SCALAR;
+#endif
+}
+
+template <template <int> class F>
+void by_bits(int bits, const Args& a, int64_t r0, int64_t r1) {
+  switch (bits) {
+    case 2: F<2>::run(a, r0, r1); break;
+    case 3: F<3>::run(a, r0, r1); break;
+    case 4: F<4>::run(a, r0, r1); break;
+    case 5: F<5>::run(a, r0, r1); break;
+    case 6: F<6>::run(a, r0, r1); break;
+    case 8: F<8>::run(a, r0, r1); break;
+    default: TORCH_CHECK(false, "unsupported code width ", bits);
+  }
+}
+
+#if UC_X86
+template <int B> struct Run512 { static void run(const Args& a, int64_t r0, int64_t r1) { k512::rows<B>(a, r0, r1); } };
+template <int B> struct Run256 { static void run(const Args& a, int64_t r0, int64_t r1) { k256::rows<B>(a, r0, r1); } };
+#endif
+
+// In place on xf [M, K]: x <- H (s * x) / sqrt(n) per block of n columns (the rotation's R^T x).
+void rotate_rows(float* xf, int64_t M, int64_t K, const uint8_t* signs, int64_t n) {
+  const float norm = 1.0f / std::sqrt(static_cast<float>(n));
+  for (int64_t m = 0; m < M; ++m) {
+    float* x = xf + m * K;
+    for (int64_t j = 0; j < K; ++j)
+      if ((signs[j >> 3] >> (j & 7)) & 1) x[j] = -x[j];
+    for (int64_t b0 = 0; b0 < K; b0 += n)
+      for (int64_t h = 1; h < n; h <<= 1)
+        for (int64_t i = b0; i < b0 + n; i += 2 * h)
+          for (int64_t j = i; j < i + h; ++j) {
+            const float u = x[j], v = x[j + h];
+            x[j] = u + v;
+            x[j + h] = u - v;
+          }
+    for (int64_t j = 0; j < K; ++j) x[j] *= norm;
+  }
+}
+
+}  // namespace
+
+template <typename T>
+void widen(const T* src, float* dst, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<float>(src[i]);
+}
+
+template <typename T>
+void narrow(const float* src, T* dst, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<T>(src[i]);
+}
+
+// x [M, K] (float32, bfloat16 or float16); codes uint8 [N, ceil(K/8)*bits]; scales float16 [N, ceil(K/block)];
+// grid float32 [2^bits]; signs uint8 [ceil(K/8)] with rotation n > 0 (else empty); bias [N] or empty.
+// isa: -1 the best this CPU has, else at most 0 scalar / 1 AVX2 / 2 AVX-512 (tests). -> [M, N] in x's dtype,
+// or float32 with `float_out`. Sums are float32 throughout; inputs and outputs are converted here, on the way
+// in and out, so a call is one op.
+torch::Tensor qgemv(torch::Tensor x, torch::Tensor codes, torch::Tensor scales, torch::Tensor grid, int64_t bits,
+                    int64_t block, torch::Tensor signs, int64_t rotation, torch::Tensor bias, int64_t isa,
+                    bool float_out) {
+  TORCH_CHECK(x.dim() == 2 && codes.dim() == 2 && scales.dim() == 2, "x, codes and scales must be 2-D");
+  TORCH_CHECK(codes.scalar_type() == torch::kUInt8 && scales.scalar_type() == torch::kHalf &&
+              grid.scalar_type() == torch::kFloat, "codes uint8, scales float16, grid float32");
+  TORCH_CHECK(codes.is_contiguous() && scales.is_contiguous() && grid.is_contiguous(), "parts must be contiguous");
+  const auto xt = x.scalar_type();
+  TORCH_CHECK(xt == torch::kFloat || xt == torch::kBFloat16 || xt == torch::kHalf, "x must be float32, bfloat16 or float16");
+  Args a{};
+  a.bits = static_cast<int>(bits);
+  planes(a.bits, a.p0, a.p1);
+  a.M = x.size(0);
+  a.K = x.size(1);
+  a.N = codes.size(0);
+  a.nbytes = codes.size(1);
+  a.nb = scales.size(1);
+  a.block = block;
+  TORCH_CHECK(block > 0 && a.nbytes == (a.K + 7) / 8 * bits && a.nb == (a.K + block - 1) / block &&
+              scales.size(0) == a.N && grid.numel() == (int64_t{1} << bits), "parts do not fit a [", a.N, ", ", a.K,
+              "] weight of ", bits, " bits in blocks of ", block);
+  a.start1 = (a.K + 7) / 8 * a.p0;
+  a.codes = codes.data_ptr<uint8_t>();
+  a.scales = reinterpret_cast<const c10::Half*>(scales.data_ptr<at::Half>());
+  a.grid = grid.data_ptr<float>();
+
+  int use = cpu_isa();
+  if (isa >= 0) use = std::min<int>(use, static_cast<int>(isa));
+  const int64_t cw = use == AVX512 ? 32 : use == AVX2 ? 16 : 0;
+  a.nchunks = (cw && block % cw == 0) ? a.K / cw : 0;
+  if (a.nchunks == 0) use = SCALAR;
+  a.ldxa = a.nchunks * cw;
+
+  // the calling thread's buffers: activations widened (and rotated), in even/odd order, and the sums
+  static thread_local std::vector<float> xf_buf, xa_buf, y_buf;
+  xf_buf.resize(a.M * a.K);
+  const torch::Tensor xc = x.contiguous();
+  for (int64_t m = 0; m < a.M; ++m) {
+    float* d = xf_buf.data() + m * a.K;
+    if (xt == torch::kFloat) std::memcpy(d, xc.data_ptr<float>() + m * a.K, a.K * sizeof(float));
+    else if (xt == torch::kBFloat16) widen(xc.data_ptr<at::BFloat16>() + m * a.K, d, a.K);
+    else widen(xc.data_ptr<at::Half>() + m * a.K, d, a.K);
+  }
+  if (rotation > 0) {
+    TORCH_CHECK(a.K % rotation == 0 && (rotation & (rotation - 1)) == 0 && signs.scalar_type() == torch::kUInt8 &&
+                signs.numel() == (a.K + 7) / 8, "bad rotation parts");
+    rotate_rows(xf_buf.data(), a.M, a.K, signs.contiguous().data_ptr<uint8_t>(), rotation);
+  }
+  a.xf = xf_buf.data();
+  if (a.nchunks) {  // even/odd order within each chunk: [x0 x2 .. x(cw-2) | x1 x3 .. x(cw-1)]
+    xa_buf.resize(a.M * a.ldxa);
+    const int64_t half = cw / 2;
+    for (int64_t m = 0; m < a.M; ++m)
+      for (int64_t c = 0; c < a.nchunks; ++c) {
+        const float* s = a.xf + m * a.K + c * cw;
+        float* o = xa_buf.data() + m * a.ldxa + c * cw;
+        for (int64_t i = 0; i < half; ++i) {
+          o[i] = s[2 * i];
+          o[half + i] = s[2 * i + 1];
+        }
+      }
+    a.xa = xa_buf.data();
+  }
+  torch::Tensor bf;
+  if (bias.numel()) {
+    TORCH_CHECK(bias.numel() == a.N, "bias has ", bias.numel(), " values for ", a.N, " rows");
+    bf = bias.to(torch::kFloat).contiguous();
+    a.bias = bf.data_ptr<float>();
+  }
+  const auto out_type = float_out ? torch::kFloat : xt;
+  auto y = torch::empty({a.M, a.N}, torch::dtype(out_type));
+  if (out_type == torch::kFloat) {
+    a.y = y.data_ptr<float>();
+  } else {
+    y_buf.resize(a.M * a.N);
+    a.y = y_buf.data();
+  }
+  const int64_t tail = a.nchunks * cw;
+  // about 32k weight-rows of work per task, at least 4 rows
+  const int64_t grain = std::max<int64_t>(4, 32768 / std::max<int64_t>(1, a.K * a.M));
+  at::parallel_for(0, a.N, grain, [&](int64_t r0, int64_t r1) {
+#if UC_X86
+    if (use == AVX512) by_bits<Run512>(a.bits, a, r0, r1);
+    else if (use == AVX2) by_bits<Run256>(a.bits, a, r0, r1);
+#endif
+    if (use == SCALAR) rows_scalar(a, r0, r1, 0, /*store=*/true);
+    else if (tail < a.K) rows_scalar(a, r0, r1, tail, /*store=*/false);
+    for (int64_t m = 0; m < a.M; ++m) {
+      float* row = a.y + m * a.N;
+      if (a.bias)
+        for (int64_t r = r0; r < r1; ++r) row[r] += a.bias[r];
+      if (out_type == torch::kBFloat16) narrow(row + r0, y.data_ptr<at::BFloat16>() + m * a.N + r0, r1 - r0);
+      else if (out_type == torch::kHalf) narrow(row + r0, y.data_ptr<at::Half>() + m * a.N + r0, r1 - r0);
+    }
+  });
+  return y;
+}
+
+int64_t isa() { return cpu_isa(); }
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("qgemv", &qgemv);
+  m.def("isa", &isa);
+}
+
+#else  // UC_DRIVER: the loops shared by every instruction set, compiled inside its namespace
+
+inline float half(uint16_t h) { return _cvtsh_ss(h); }
+constexpr int64_t PREFETCH = 2048;  // bytes ahead
+
+// One chunk of codes against MT activation rows.
+template <int BITS, int MT, int NA>
+inline void step(const Table<BITS>& tab, const Args& a, const uint8_t* row, const float* xa, int64_t c,
+                 vec (&acc)[MT][NA]) {
+  vec we, wo;
+  weights<BITS>(tab, a, row, c, we, wo);
+  const float* x = xa + c * CW;
+  for (int m = 0; m < MT; ++m) {
+    const float* xm = x + m * a.ldxa;
+    acc[m][0] = vfma(we, vload(xm), acc[m][0]);
+    acc[m][NA - 1] = vfma(wo, vload(xm + CW / 2), acc[m][NA - 1]);
+  }
+}
+
+// Chunks [c0, c1) of one weight row against MT activation rows (xa: the first of them), blocks of PB
+// chunks (0: a.block / CW, not known at compile time). out[m * N] = (or +=) the sums.
+template <int BITS, int MT, int PB>
+inline void row_tile(Table<BITS>& tab, const Args& a, const uint8_t* row, const uint16_t* srow, const float* xa,
+                     int64_t c0, int64_t c1, float* out, bool store) {
+  constexpr int NA = MT <= 4 ? 2 : 1;                           // chains per row: keep the FMAs in flight
+  constexpr int NP = (MT == 1 && PB >= 2 && PB % 2 == 0) ? 2 : 1;  // and a second pair of them for one row
+  vec acc[NP][MT][NA];
+  for (int p = 0; p < NP; ++p)
+    for (int m = 0; m < MT; ++m)
+      for (int k = 0; k < NA; ++k) acc[p][m][k] = vzero();
+  const int64_t pb = PB ? PB : a.block / CW;
+  int64_t c = c0;
+  for (; c + pb <= c1; c += pb) {  // whole blocks: one scale each
+    // the codes of the rows ahead (they follow this one in memory): hide the memory latency
+    _mm_prefetch(reinterpret_cast<const char*>(row + c * (CW / 8) * BITS + PREFETCH), _MM_HINT_T0);
+    tab.scale(half(srow[c / pb]));
+    if constexpr (PB > 0) {
+      for (int k = 0; k < PB; ++k) step<BITS, MT, NA>(tab, a, row, xa, c + k, acc[k % NP]);
+    } else {
+      for (int64_t k = 0; k < pb; ++k) step<BITS, MT, NA>(tab, a, row, xa, c + k, acc[0]);
+    }
+  }
+  if (c < c1) {  // the row's last block, cut short
+    tab.scale(half(srow[c / pb]));
+    for (; c < c1; ++c) step<BITS, MT, NA>(tab, a, row, xa, c, acc[0]);
+  }
+  for (int m = 0; m < MT; ++m) {
+    vec v = acc[0][m][0];
+    if constexpr (NA == 2) v = vadd(v, acc[0][m][1]);
+    if constexpr (NP == 2) v = vadd(v, vadd(acc[1][m][0], acc[1][m][NA - 1]));
+    const float sum = hsum(v);
+    out[m * a.N] = store ? sum : out[m * a.N] + sum;
+  }
+}
+
+// Rows [r0, r1) of W, every activation row, the whole chunks. Activation rows go in tiles of MT, and
+// columns in passes short enough that a tile's activations stay in L1 (about 24 KiB) across the rows.
+template <int BITS, int PB>
+void rows_blocks(const Args& a, int64_t r0, int64_t r1) {
+  Table<BITS> tab(a.grid);
+  const int64_t pb = PB ? PB : a.block / CW;
+  const uint16_t* scales = reinterpret_cast<const uint16_t*>(a.scales);
+  for (int64_t m = 0; m < a.M;) {
+    const int64_t left = a.M - m;
+    const int mt = left >= 16 && MAX_MT >= 16 ? 16 : left >= 8 ? 8 : left >= 4 ? 4 : left >= 2 ? 2 : 1;
+    const int64_t pass = std::max<int64_t>(1, (24 << 10) / (mt * CW * 4) / pb) * pb;
+    const float* xa = a.xa + m * a.ldxa;
+    for (int64_t c0 = 0; c0 < a.nchunks; c0 += pass) {
+      const int64_t c1 = std::min(a.nchunks, c0 + pass);
+      for (int64_t r = r0; r < r1; ++r) {
+        const uint8_t* row = a.codes + r * a.nbytes;
+        const uint16_t* srow = scales + r * a.nb;
+        float* out = a.y + m * a.N + r;
+        switch (mt) {
+          case 16: if constexpr (MAX_MT >= 16) row_tile<BITS, MAX_MT, PB>(tab, a, row, srow, xa, c0, c1, out, c0 == 0); break;
+          case 8: row_tile<BITS, 8, PB>(tab, a, row, srow, xa, c0, c1, out, c0 == 0); break;
+          case 4: row_tile<BITS, 4, PB>(tab, a, row, srow, xa, c0, c1, out, c0 == 0); break;
+          case 2: row_tile<BITS, 2, PB>(tab, a, row, srow, xa, c0, c1, out, c0 == 0); break;
+          default: row_tile<BITS, 1, PB>(tab, a, row, srow, xa, c0, c1, out, c0 == 0);
+        }
+      }
+    }
+    m += mt;
+  }
+}
+
+template <int BITS>
+void rows(const Args& a, int64_t r0, int64_t r1) {
+  switch (a.block / CW) {  // the common block sizes with a compile-time number of chunks per block
+    case 2: rows_blocks<BITS, 2>(a, r0, r1); break;
+    case 4: rows_blocks<BITS, 4>(a, r0, r1); break;
+    default: rows_blocks<BITS, 0>(a, r0, r1);
+  }
+}
+
+#endif  // UC_DRIVER

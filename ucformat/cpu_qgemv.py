@@ -1,0 +1,71 @@
+"""The CPU matmul that reads a pack's codes directly (cpu_qgemv.cpp): y = x W^T for a quantized 2-D weight,
+no weight materialised.
+
+    y = linear(x, q, bias)      # x [M, K] float32 / bfloat16 / float16 -> [M, N] in x's dtype
+
+The kernel computes the codebook part and the rotation (W = deq(codes) R^T, so W x = deq(codes) (R^T x),
+R^T x once per call); qmatmul.py adds the overlay rows and the low-rank term. It is built for decode,
+a few activation rows at a time: per block of weights a table of 2^b levels times the block's scale sits
+in registers, each chunk of codes becomes indices with a few shifts, rows of W are split over torch's
+threads. AVX-512 or AVX2 is chosen at run time (UC_CPU_ISA=avx2|scalar caps it, for tests and
+comparisons), the scalar loop covers the rest. Built on first use like cpu_dequant (native.py).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from . import native
+from .qtensor import QuantizedTensor
+
+NAME = "uc_cpu_qgemv_v1"  # the build is also keyed by the source's hash
+ISAS = {"scalar": 0, "avx2": 1, "avx512": 2}
+_SOURCE = (Path(__file__).with_suffix(".cpp")).read_text()
+_EMPTY = torch.empty(0)
+
+
+def _module():
+    return native.load(NAME, _SOURCE, "CPU quantized matmul kernel")[0]
+
+
+def available() -> tuple[bool, str | None]:
+    """(usable, why not) — builds the extension on first call."""
+    module, why = native.load(NAME, _SOURCE, "CPU quantized matmul kernel")
+    return module is not None, why
+
+
+def isa() -> str:
+    """The instruction set the kernel uses on this CPU (after UC_CPU_ISA), or 'unavailable'."""
+    m = _module()
+    if m is None:
+        return "unavailable"
+    return {v: k for k, v in ISAS.items()}[min(m.isa(), _CAP)]
+
+
+def _cap() -> int:
+    name = os.environ.get("UC_CPU_ISA", "").strip().lower()
+    if name and name not in ISAS:
+        raise ValueError(f"UC_CPU_ISA={name!r}: one of {', '.join(ISAS)}")
+    return ISAS.get(name, 2)
+
+
+_CAP = _cap()
+
+
+def supports(q: QuantizedTensor) -> bool:
+    """A 2-D weight on the CPU with the scales as float16 (always, once read) and a float32 grid."""
+    return (len(q.shape) == 2 and q.codes.device.type == "cpu" and q.scales.dtype == torch.float16
+            and q.grid.dtype == torch.float32 and not q.grid.requires_grad and not q.scales.requires_grad)
+
+
+def linear(x: torch.Tensor, q: QuantizedTensor, bias: torch.Tensor | None = None, isa: str | None = None,
+           float_out: bool = False) -> torch.Tensor:
+    """x [M, K] -> [M, N] in x's dtype (float32 with `float_out`): x times the codebook part of q (rotation
+    included), plus bias. Sums in float32."""
+    cap = _CAP if isa is None else ISAS[isa]
+    signs = q.rot_signs if q.rotation else _EMPTY
+    return _module().qgemv(x, q.codes, q.scales, q.grid.reshape(-1), q.bits, q.block_size, signs, q.rotation,
+                           _EMPTY if bias is None else bias, cap, float_out)
