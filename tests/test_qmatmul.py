@@ -111,9 +111,11 @@ def test_long_inputs_rebuild_and_equal_dense_bitwise():
 
 def test_rows_limit_override(monkeypatch):
     q = weight(40, 256, 4, 64, 0)
-    monkeypatch.setenv("UC_KERNEL_MAX_ROWS", "2")
+    monkeypatch.setattr(qmatmul, "_ENV_ROWS", 2)  # what UC_KERNEL_MAX_ROWS=2 sets at import
     assert qmatmul.path(torch.randn(3, 256), q) == "rebuild"
     assert qmatmul.path(torch.randn(2, 256), q) == "cpu"
+    monkeypatch.setattr(qmatmul, "_ENV_ROWS", 0)
+    assert qmatmul.path(torch.randn(1, 256), q) == "rebuild"
 
 
 def test_isa_cap_names_are_checked():

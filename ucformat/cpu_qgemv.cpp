@@ -67,6 +67,9 @@ inline void planes(int bits, int& p0, int& p1) {
   }
 }
 
+// The byte-table path's order of a chunk of 32 (k256::bl_levels): float slot i holds code bl_order(i).
+inline int64_t bl_order(int64_t i) { return 8 * (i / 8) + 2 * (i % 4) + (i % 8) / 4; }
+
 inline uint32_t code_at(const uint8_t* row, int64_t j, int p0, int p1, int64_t start1) {
   uint32_t c = (row[(j * p0) >> 3] >> ((j * p0) & 7)) & ((1u << p0) - 1u);
   if (p1) c |= ((row[start1 + ((j * p1) >> 3)] >> ((j * p1) & 7)) & ((1u << p1) - 1u)) << p0;
@@ -318,6 +321,153 @@ inline float hsum(__m256 v) {
   return _mm_cvtss_f32(s);
 }
 
+// ---- AVX2, b = 5, 6: byte tables (vpshufb) instead of vpermps blend trees --------------------------------
+// A chunk is 32 codes. The grid's float32 levels are split into their 4 bytes; byte k of the 16 levels
+// of a set (levels 16s .. 16s+15) is one 16-byte table, so vpshufb looks up byte k of 32 weights at once
+// (32 lanes, 1 uop, 2 a cycle on the CPUs measured) and three rounds of byte/word unpacks put the 4 bytes
+// back together as 4 vectors of 8 floats. b = 5 and 6 look up 2 and 4 sets and pick per byte by the high
+// code bits (vpblendvb). The tables hold the grid alone (set once per matrix); the block scale multiplies
+// the block's sums, once per block and activation row. Unpacks work within 128-bit lanes, so the floats
+// come out in a fixed shuffled order: the activations are laid out once per call in that order (`bl_order`).
+struct ByteTables {
+  __m256i t[4][4];  // [set][byte of the float32 level]: 16 levels, the same table in both lanes
+};
+
+inline void bl_tables(const float* grid, int bits, ByteTables& bt) {
+  const int n = 1 << bits, sets = bits <= 4 ? 1 : 1 << (bits - 4);
+  for (int s = 0; s < sets; ++s)
+    for (int k = 0; k < 4; ++k) {
+      alignas(16) uint8_t b[16];
+      for (int i = 0; i < 16; ++i) {
+        const int e = 16 * s + i;
+        const float v = e < n ? grid[e] : 0.f;
+        uint32_t u;
+        std::memcpy(&u, &v, 4);
+        b[i] = static_cast<uint8_t>(u >> (8 * k));
+      }
+      bt.t[s][k] = _mm256_broadcastsi128_si256(_mm_load_si128(reinterpret_cast<const __m128i*>(b)));
+    }
+}
+
+// Position p (0..15) of lane L (0, 1) of the byte vectors holds code 2p + L of the chunk; after the
+// unpacks, float vector v, lane L, slot j holds code 8v + 2j + L (bl_order, at the top of the file).
+
+// 32 codes of a 4-bit plane (16 bytes, byte i = codes 2i, 2i+1) -> [even codes | odd codes] as bytes
+inline __m256i bl_idx4(const uint8_t* p) {
+  const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  const __m128i m = _mm_set1_epi8(0x0F);
+  return _mm256_inserti128_si256(_mm256_castsi128_si256(_mm_and_si128(v, m)),
+                                 _mm_and_si128(_mm_srli_epi16(v, 4), m), 1);
+}
+
+// 32 codes of a 2-bit plane (8 bytes, byte i = codes 4i .. 4i+3), same order (b = 6: its high bits)
+inline __m256i bl_idx2(const uint8_t* p) {
+  const __m128i v = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p));
+  const __m128i m = _mm_set1_epi8(3);
+  const __m128i t0 = _mm_and_si128(v, m), t2 = _mm_and_si128(_mm_srli_epi16(v, 2), m);
+  const __m128i t4 = _mm_and_si128(_mm_srli_epi16(v, 4), m), t6 = _mm_and_si128(_mm_srli_epi16(v, 6), m);
+  return _mm256_inserti128_si256(_mm256_castsi128_si256(_mm_unpacklo_epi8(t0, t4)), _mm_unpacklo_epi8(t2, t6), 1);
+}
+
+// 32 codes of a 1-bit plane (4 bytes, byte i = codes 8i .. 8i+7) -> 0xFF where the bit is set, same order
+// (b = 5: its high bit)
+inline __m256i bl_bit1(const uint8_t* p) {
+  uint32_t w;
+  std::memcpy(&w, p, 4);
+  const __m256i sel = _mm256_setr_epi8(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3,
+                                       0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);
+  const __m256i bit = _mm256_setr_epi8(1, 4, 16, 64, 1, 4, 16, 64, 1, 4, 16, 64, 1, 4, 16, 64,
+                                       2, 8, 32, -128, 2, 8, 32, -128, 2, 8, 32, -128, 2, 8, 32, -128);
+  const __m256i b = _mm256_and_si256(_mm256_shuffle_epi8(_mm256_set1_epi32(static_cast<int>(w)), sel), bit);
+  return _mm256_cmpeq_epi8(b, bit);
+}
+
+// The 32 grid levels of chunk c of a row: f[v] = levels of codes 8v + 2j + L (lane L, slot j)
+template <int BITS>
+inline void bl_levels(const ByteTables& bt, const Args& a, const uint8_t* row, int64_t c, __m256 (&f)[4]) {
+  static_assert(BITS == 5 || BITS == 6, "byte tables: b = 5 or 6 (the planes 4 + 1 and 4 + 2)");
+  const __m256i idx = bl_idx4(row + c * 16);  // the low 4 bits; the high ones pick the table set
+  __m256i m0, m1 = _mm256_setzero_si256();
+  if constexpr (BITS == 5) {
+    m0 = bl_bit1(row + a.start1 + c * 4);
+  } else {
+    const __m256i hi = bl_idx2(row + a.start1 + c * 8);
+    m0 = _mm256_cmpeq_epi8(_mm256_and_si256(hi, _mm256_set1_epi8(1)), _mm256_set1_epi8(1));
+    m1 = _mm256_cmpeq_epi8(_mm256_and_si256(hi, _mm256_set1_epi8(2)), _mm256_set1_epi8(2));
+  }
+  __m256i b[4];
+  for (int k = 0; k < 4; ++k) {
+    __m256i r = _mm256_shuffle_epi8(bt.t[0][k], idx);
+    r = _mm256_blendv_epi8(r, _mm256_shuffle_epi8(bt.t[1][k], idx), m0);
+    if constexpr (BITS == 6)
+      r = _mm256_blendv_epi8(r, _mm256_blendv_epi8(_mm256_shuffle_epi8(bt.t[2][k], idx),
+                                                   _mm256_shuffle_epi8(bt.t[3][k], idx), m0), m1);
+    b[k] = r;
+  }
+  const __m256i l01 = _mm256_unpacklo_epi8(b[0], b[1]), h01 = _mm256_unpackhi_epi8(b[0], b[1]);
+  const __m256i l23 = _mm256_unpacklo_epi8(b[2], b[3]), h23 = _mm256_unpackhi_epi8(b[2], b[3]);
+  f[0] = _mm256_castsi256_ps(_mm256_unpacklo_epi16(l01, l23));
+  f[1] = _mm256_castsi256_ps(_mm256_unpackhi_epi16(l01, l23));
+  f[2] = _mm256_castsi256_ps(_mm256_unpacklo_epi16(h01, h23));
+  f[3] = _mm256_castsi256_ps(_mm256_unpackhi_epi16(h01, h23));
+}
+
+inline float hsum8(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+// One weight row against MT activation rows (m0 ..), whole chunks; stores the sums.
+template <int BITS, int MT>
+inline void bl_row(const ByteTables& bt, const Args& a, const uint8_t* row, const uint16_t* srow, int64_t r,
+                   int64_t m0) {
+  constexpr int NA = MT == 1 ? 4 : MT == 2 ? 2 : 1;  // chains per activation row: keep the FMAs in flight
+  const int64_t cpb = a.block / 32;
+  __m256 tot[MT];
+  for (int m = 0; m < MT; ++m) tot[m] = _mm256_setzero_ps();
+  for (int64_t c0 = 0; c0 < a.nchunks; c0 += cpb) {
+    const int64_t c1 = std::min(a.nchunks, c0 + cpb);
+    __m256 acc[MT][NA];
+    for (int m = 0; m < MT; ++m)
+      for (int k = 0; k < NA; ++k) acc[m][k] = _mm256_setzero_ps();
+    for (int64_t c = c0; c < c1; ++c) {
+      _mm_prefetch(reinterpret_cast<const char*>(row + c * 4 * BITS + 2048), _MM_HINT_T0);
+      __m256 f[4];
+      bl_levels<BITS>(bt, a, row, c, f);
+      for (int m = 0; m < MT; ++m) {
+        const float* x = a.xa + (m0 + m) * a.ldxa + c * 32;
+        for (int v = 0; v < 4; ++v) acc[m][v % NA] = _mm256_fmadd_ps(f[v], _mm256_loadu_ps(x + 8 * v), acc[m][v % NA]);
+      }
+    }
+    const __m256 s = _mm256_set1_ps(_cvtsh_ss(srow[c0 / cpb]));
+    for (int m = 0; m < MT; ++m) {
+      __m256 sum = acc[m][0];
+      for (int k = 1; k < NA; ++k) sum = _mm256_add_ps(sum, acc[m][k]);
+      tot[m] = _mm256_fmadd_ps(sum, s, tot[m]);
+    }
+  }
+  for (int m = 0; m < MT; ++m) a.y[(m0 + m) * a.N + r] = hsum8(tot[m]);
+}
+
+template <int BITS>
+void bl_rows(const Args& a, int64_t r0, int64_t r1) {
+  ByteTables bt;
+  bl_tables(a.grid, BITS, bt);
+  const uint16_t* scales = reinterpret_cast<const uint16_t*>(a.scales);
+  for (int64_t r = r0; r < r1; ++r) {  // the row's codes stay in L1 for the later tiles of activations
+    const uint8_t* row = a.codes + r * a.nbytes;
+    const uint16_t* srow = scales + r * a.nb;
+    for (int64_t m = 0; m < a.M;) {
+      const int64_t left = a.M - m;
+      if (left >= 4) { bl_row<BITS, 4>(bt, a, row, srow, r, m); m += 4; }
+      else if (left >= 2) { bl_row<BITS, 2>(bt, a, row, srow, r, m); m += 2; }
+      else { bl_row<BITS, 1>(bt, a, row, srow, r, m); m += 1; }
+    }
+  }
+}
+
 #define UC_DRIVER
 #include __FILE__
 #undef UC_DRIVER
@@ -358,6 +508,11 @@ void by_bits(int bits, const Args& a, int64_t r0, int64_t r1) {
 #if UC_X86
 template <int B> struct Run512 { static void run(const Args& a, int64_t r0, int64_t r1) { k512::rows<B>(a, r0, r1); } };
 template <int B> struct Run256 { static void run(const Args& a, int64_t r0, int64_t r1) { k256::rows<B>(a, r0, r1); } };
+template <int B> struct Run256B {
+  static void run(const Args& a, int64_t r0, int64_t r1) {
+    if constexpr (B == 5 || B == 6) k256::bl_rows<B>(a, r0, r1);
+  }
+};
 #endif
 
 // In place on xf [M, K]: x <- H (s * x) / sqrt(n) per block of n columns (the rotation's R^T x).
@@ -424,7 +579,11 @@ torch::Tensor qgemv(torch::Tensor x, torch::Tensor codes, torch::Tensor scales, 
 
   int use = cpu_isa();
   if (isa >= 0) use = std::min<int>(use, static_cast<int>(isa));
-  const int64_t cw = use == AVX512 ? 32 : use == AVX2 ? 16 : 0;
+  // AVX2 with b = 5 or 6 and whole 32-code chunks per block: the byte-table path (chunks of 32, its own
+  // order). Measured against the vpermps path in one process (docs/BENCHMARKS.md): 1.7-2.4x faster at
+  // b = 5 and 6 for 1-4 rows, 1.1-1.25x at 8; at b <= 4 no faster for 1 row and slower for 8.
+  const bool bytes = use == AVX2 && (bits == 5 || bits == 6) && block % 32 == 0 && a.K >= 32;
+  const int64_t cw = use == AVX512 ? 32 : bytes ? 32 : use == AVX2 ? 16 : 0;
   a.nchunks = (cw && block % cw == 0) ? a.K / cw : 0;
   if (a.nchunks == 0) use = SCALAR;
   a.ldxa = a.nchunks * cw;
@@ -445,7 +604,16 @@ torch::Tensor qgemv(torch::Tensor x, torch::Tensor codes, torch::Tensor scales, 
     rotate_rows(xf_buf.data(), a.M, a.K, signs.contiguous().data_ptr<uint8_t>(), rotation);
   }
   a.xf = xf_buf.data();
-  if (a.nchunks) {  // even/odd order within each chunk: [x0 x2 .. x(cw-2) | x1 x3 .. x(cw-1)]
+  if (a.nchunks && bytes) {  // the byte-table order within each chunk of 32 (bl_order)
+    xa_buf.resize(a.M * a.ldxa);
+    for (int64_t m = 0; m < a.M; ++m)
+      for (int64_t c = 0; c < a.nchunks; ++c) {
+        const float* s = a.xf + m * a.K + c * 32;
+        float* o = xa_buf.data() + m * a.ldxa + c * 32;
+        for (int64_t i = 0; i < 32; ++i) o[i] = s[bl_order(i)];
+      }
+    a.xa = xa_buf.data();
+  } else if (a.nchunks) {  // even/odd order within each chunk: [x0 x2 .. x(cw-2) | x1 x3 .. x(cw-1)]
     xa_buf.resize(a.M * a.ldxa);
     const int64_t half = cw / 2;
     for (int64_t m = 0; m < a.M; ++m)
@@ -479,6 +647,7 @@ torch::Tensor qgemv(torch::Tensor x, torch::Tensor codes, torch::Tensor scales, 
   at::parallel_for(0, a.N, grain, [&](int64_t r0, int64_t r1) {
 #if UC_X86
     if (use == AVX512) by_bits<Run512>(a.bits, a, r0, r1);
+    else if (use == AVX2 && bytes) by_bits<Run256B>(a.bits, a, r0, r1);
     else if (use == AVX2) by_bits<Run256>(a.bits, a, r0, r1);
 #endif
     if (use == SCALAR) rows_scalar(a, r0, r1, 0, /*store=*/true);

@@ -25,25 +25,26 @@ from . import cpu_qgemv, qtensor
 from .qtensor import QuantizedTensor
 
 # Most activation rows the kernels take before reconstruct + GEMM is faster (bench/kernels.py measures
-# the crossover; UC_KERNEL_MAX_ROWS overrides both).
+# the crossover). UC_KERNEL_MAX_ROWS, read once at import, overrides both (0: never the kernels).
 CPU_MAX_ROWS = 32
 GPU_MAX_ROWS = 16
+_ENV_ROWS = int(os.environ["UC_KERNEL_MAX_ROWS"]) if os.environ.get("UC_KERNEL_MAX_ROWS") else None
 
 
 def rows_limit(device: torch.device) -> int:
-    env = os.environ.get("UC_KERNEL_MAX_ROWS")
-    if env:
-        return int(env)
+    if _ENV_ROWS is not None:
+        return _ENV_ROWS
     return GPU_MAX_ROWS if device.type == "cuda" else CPU_MAX_ROWS
 
 
 def path(x2: torch.Tensor, q: QuantizedTensor) -> str:
     """'cpu', 'triton' or 'rebuild' for activations x2 [M, K] against q."""
+    kind = x2.device.type
     if x2.shape[0] > rows_limit(x2.device) or len(q.shape) != 2:
         return "rebuild"
-    if x2.device.type == "cpu":
+    if kind == "cpu":
         return "cpu" if cpu_qgemv.supports(q) and cpu_qgemv.available()[0] else "rebuild"
-    if x2.device.type == "cuda":
+    if kind == "cuda":
         from . import triton_qgemv
 
         return "triton" if triton_qgemv.supports(q) and triton_qgemv.available()[0] else "rebuild"
