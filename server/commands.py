@@ -53,8 +53,8 @@ def check(cfg: ServerConfig) -> None:
         raise LoadError("--max-num-seqs and --max-queue must be at least 1")
     if e.prefill_chunk < 1:
         raise LoadError("--prefill-chunk must be at least 1")
-    if e.residency not in ("dense", "packed", "stream"):
-        raise LoadError(f"--residency {e.residency}: one of dense, packed, stream")
+    if e.residency not in ("auto", "dense", "packed", "stream"):
+        raise LoadError(f"--residency {e.residency}: one of auto, dense, packed, stream")
     if cfg.log_level not in ("debug", "info", "warning", "error", "critical"):
         raise LoadError(f"--log-level {cfg.log_level}: one of debug, info, warning, error")
 

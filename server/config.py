@@ -27,7 +27,9 @@ class EngineConfig:
     device: str = _opt("cpu", "cpu or cuda[:N]")
     dtype: str = _opt("auto", "compute dtype: auto (bfloat16 where the device has fast bf16 matmul, "
                               "else float32), float32, bfloat16 or float16")
-    residency: str = _opt("dense", "weight residency plan of the runtime: dense, packed or stream")
+    residency: str = _opt("auto", "weight residency plan of the runtime: dense, packed or stream; auto: packed "
+                                  "on a CPU computing in float32 where the native quantized kernel is built (faster "
+                                  "than dense there: docs/BENCHMARKS.md), else dense")
     vram_budget: str | None = _opt(None, "device bytes for weights under --residency stream, e.g. 24GiB or auto")
     max_num_seqs: int = _opt(32, "most sequences decoded together in one batch")
     max_queue: int = _opt(256, "most sequences waiting while the batch is full; beyond it requests get 429")

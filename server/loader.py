@@ -3,6 +3,7 @@ cache sized from the memory that remains once the weights are in place."""
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import logging
 from pathlib import Path
@@ -45,6 +46,20 @@ def _cpu_has_fast_bf16() -> bool:
     return " amx_bf16" in flags or " avx512_bf16" in flags
 
 
+def resolve_residency(name: str, device: str, dtype: torch.dtype) -> str:
+    """`auto`: packed where the quantized linears were measured faster than dense (a CPU computing in
+    float32 with the native kernel built: bench/qkernels.py), dense elsewhere (CUDA and bfloat16 CPUs: not
+    yet measured against their dense matmuls)."""
+    if name != "auto":
+        return name
+    if torch.device(device).type == "cpu" and dtype == torch.float32:
+        from ucformat import cpu_qgemv
+
+        if cpu_qgemv.available()[0]:
+            return "packed"
+    return "dense"
+
+
 def load_model(pack: str, cfg: EngineConfig, dtype: torch.dtype):
     """runtime.load with the residency kwargs it knows (older runtimes have only dense)."""
     from ucformat import runtime
@@ -81,6 +96,7 @@ def build_engine(pack: str, cfg: EngineConfig, name: str, stats_sink=None) -> tu
         torch.set_num_threads(cfg.threads)
     config_dtype = reader.config_dict().get("dtype") or reader.config_dict().get("torch_dtype")
     dtype = resolve_dtype(cfg.dtype, cfg.device, config_dtype)
+    cfg = dataclasses.replace(cfg, residency=resolve_residency(cfg.residency, cfg.device, dtype))
     model = load_model(pack, cfg, dtype)
     if cfg.cpu_prepack not in ("auto", "fused", "off"):
         raise LoadError(f"--cpu-prepack {cfg.cpu_prepack}: auto, fused or off")

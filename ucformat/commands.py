@@ -59,8 +59,9 @@ def cmd_bench_run(a) -> int:
 def _runtime_flags(s: argparse.ArgumentParser, default_mode: str = "dense") -> None:
     s.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     s.add_argument("--residency", default=default_mode, choices=MODES,
-                   help="dense: all layers reconstructed and resident; packed: stored parts resident, reconstructed "
-                        "just in time; stream: a byte budget, the rest streamed and prefetched (default %(default)s)")
+                   help="dense: all layers reconstructed and resident (the reference); packed: stored parts resident, "
+                        "the quantized linears computed from them (ucformat/qmatmul.py); stream: a byte budget, the "
+                        "rest streamed and prefetched (default %(default)s)")
     s.add_argument("--vram-budget", help="weight budget on the device for --residency stream: 24GiB, 500MB, 25%% (of the "
                                          "dense weights) or auto (free memory minus headroom; the default for stream)")
 

@@ -24,7 +24,7 @@ import torch
 from . import cpu_qgemv, qtensor
 from .qtensor import QuantizedTensor
 
-# Most activation rows the kernels take before reconstruct + GEMM is faster (bench/kernels.py measures
+# Most activation rows the kernels take before reconstruct + GEMM is faster (bench/qkernels.py measures
 # the crossover). UC_KERNEL_MAX_ROWS, read once at import, overrides both (0: never the kernels).
 CPU_MAX_ROWS = 32
 GPU_MAX_ROWS = 16

@@ -1,7 +1,7 @@
 """Linears computed from the codes on this CPU (ucformat/qmatmul.py), measured side by side with dense ones.
 
-    python bench/kernels.py                        # both real models, 4- and 5-bit plain packs, then --write
-    python bench/kernels.py --models smollm2-135m --bits 5
+    python bench/qkernels.py                        # both real models, 4- and 5-bit plain packs, then --write
+    python bench/qkernels.py --models smollm2-135m --bits 5
 
 Three tables, one process, on the server's compute dtype for this CPU (`--dtype auto`: bfloat16 where the
 CPU multiplies it natively, float32 elsewhere) and with `uc serve`'s OpenMP setting (GOMP_SPINCOUNT):
@@ -15,7 +15,7 @@ CPU multiplies it natively, float32 elsewhere) and with `uc serve`'s OpenMP sett
    row) at batch 1 and 8 for dense, packed and stream at 25% of the dense weights, and packed with the
    kernels off (every weight rebuilt per step). The variants take turns within each round, so a machine
    whose speed drifts favours none of them; medians of the rounds.
-Writes bench/results/kernels.json and the "kernels" section of docs/BENCHMARKS.md with --write.
+Writes bench/results/qkernels.json and the "qkernels" section of docs/BENCHMARKS.md with --write.
 """
 
 from __future__ import annotations
@@ -44,6 +44,7 @@ from ucformat import cpu_qgemv, qmatmul, qtensor  # noqa: E402
 from ucformat.manifest import layer_file  # noqa: E402
 from ucformat.reader import PackReader  # noqa: E402
 
+RESULTS = ROOT / "bench" / "results" / "qkernels.json"
 BIG = {"7B-class 4096x4096": (4096, 4096), "7B-class 14336x4096 (up)": (14336, 4096)}
 CROSS_ROWS = (1, 2, 4, 8, 16, 32, 48, 64, 128)
 
@@ -80,7 +81,7 @@ def gemv_row(label: str, q: qtensor.QuantizedTensor, dtype: torch.dtype, rows: i
     packed = q.codes.numel() + q.scales.numel() * 2 + q.grid.numel() * 4
     return [label, f"{n}x{k}", q.bits, rows, f"{t_q * 1e3:.3f}", f"{t_f32 * 1e3:.3f}", f"{t_bf16 * 1e3:.3f}",
             f"{t_rebuild * 1e3:.3f}", f"{t_f32 / t_q:.2f}x", f"{t_bf16 / t_q:.2f}x", f"{packed / t_q / 1e9:.2f}",
-            f"{packed / bw / t_q:.0%}"]
+            f"{packed / (bw * 1e9) / t_q:.0%}"]
 
 
 def crossover(q: qtensor.QuantizedTensor, dtype: torch.dtype) -> int | None:
@@ -179,7 +180,11 @@ def main() -> int:
     p.add_argument("--rounds", type=int, default=6)
     p.add_argument("--work", default=str(ROOT / "work" / "bench"))
     p.add_argument("--write", action="store_true", help="write the tables into docs/BENCHMARKS.md")
+    p.add_argument("--rewrite", action="store_true", help="measure nothing: write the section from the results file")
     a = p.parse_args()
+    if a.rewrite:
+        write_section("qkernels", report(json.loads(RESULTS.read_text())))
+        return 0
     if not cpu_qgemv.available()[0]:
         sys.exit(f"the native kernel is unavailable: {cpu_qgemv.available()[1]}")
     from server.loader import resolve_dtype
@@ -215,38 +220,42 @@ def main() -> int:
                 gemv.append(gemv_row(label, q, dtype, rows, bw["read_gb_s"]))
                 print(gemv[-1], flush=True)
     res = {"machine": machine(), "dtype": str(dtype), "isa": cpu_qgemv.isa(), "threads": torch.get_num_threads(),
+           "rounds": a.rounds, "command": "python bench/qkernels.py " + " ".join(x for x in sys.argv[1:] if x != "--write"),
            "bandwidth": bw, "gemv": gemv, "crossover": cross, "decode": decode, "greedy": texts}
-    out = ROOT / "bench" / "results" / "kernels.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(res, indent=1))
-    cmd = "python bench/kernels.py " + " ".join(sys.argv[1:])
-    body = "\n".join([
-        "## Linears from the codes: kernels and decode on this CPU (`bench/kernels.py`)", "",
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(json.dumps(res, indent=1))
+    body = report(res)
+    print(body)
+    if a.write:
+        write_section("qkernels", body)
+    return 0
+
+
+def report(res: dict) -> str:
+    bw = res["bandwidth"]
+    return "\n".join([
+        "## Linears from the codes: kernels and decode on this CPU (`bench/qkernels.py`)", "",
         f"Machine: {res['machine']}; kernel ISA {res['isa']}, {res['threads']} torch threads, compute dtype "
-        f"{str(dtype).removeprefix('torch.')} (the server's `--dtype auto` here), GOMP_SPINCOUNT=20000. Memory "
+        f"{res['dtype'].removeprefix('torch.')} (the server's `--dtype auto` here), GOMP_SPINCOUNT=20000. Memory "
         f"bandwidth measured in the same run: {bw['copy_gb_s']:.1f} GB/s copying (read + write), "
         f"{bw['read_gb_s']:.1f} GB/s reading (sum of 256 MiB).", "",
         "GEMV: median ms of one call; `codes` is qmatmul.linear (the native kernel), `rebuild` reconstructs the "
         "weight then multiplies (the old packed path); packed GB/s = (codes + scales + grid bytes) / time of "
-        "`codes`; % of read bandwidth = the time to read those bytes at the measured rate / that time.", "",
+        "`codes`; % of read bw = the time to read those bytes at the measured rate / that time.", "",
         table(["weight", "shape", "bits", "rows", "codes ms", "dense fp32 ms", "dense bf16 ms", "rebuild ms",
-               "vs fp32", "vs bf16", "packed GB/s", "% of read bw"], gemv), "",
+               "vs fp32", "vs bf16", "packed GB/s", "% of read bw"], res["gemv"]), "",
         "Crossover: fewest activation rows at which reconstruct + GEMM beats the kernel on the model's largest "
         f"matrix (kernel used up to qmatmul.CPU_MAX_ROWS = {qmatmul.CPU_MAX_ROWS} rows):", "",
-        table(["model", "shape", "bits", "rebuild faster from rows"], [[*c[:3], c[3] or "> 128"] for c in cross]), "",
+        table(["model", "shape", "bits", "rebuild faster from rows"],
+              [[*c[:3], c[3] or "> 128"] for c in res["crossover"]]), "",
         "Decode: tokens/s of the engine's decode step (batch x steps / time), 64 cached tokens per row; "
-        f"median of {a.rounds} rounds in which the variants take turns.", "",
+        f"median of {res['rounds']} rounds in which the variants take turns.", "",
         table(["model", "bits", "batch", "dense", "packed", "stream 25%", "packed, kernels off", "packed / dense",
-               "stream / dense", "kernels on / off"], decode), "",
-        "Greedy text: 32 tokens from each of 4 prompts (bench/kernels.py PROMPTS) with transformers' generate on "
+               "stream / dense", "kernels on / off"], res["decode"]), "",
+        "Greedy text: 32 tokens from each of 4 prompts (bench/qkernels.py PROMPTS) with transformers' generate on "
         "the loaded pack, from the codes against `dense` (the reconstructed weights):", "",
-        table(["model", "bits", "packed: identical to dense", "stream 25%: identical to dense"], texts), "",
-        f"Command: `{cmd}`"])
-    print(body)
-    if a.write:
-        write_section("kernels", body)
-    return 0
-
+        table(["model", "bits", "packed: identical to dense", "stream 25%: identical to dense"], res["greedy"]), "",
+        f"Command: `{res['command']}`"])
 
 if __name__ == "__main__":
     sys.exit(main())
