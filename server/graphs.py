@@ -29,7 +29,7 @@ import logging
 import torch
 
 from .decoder import Decoder
-from .kv_cache import SlotKVCache
+from .kv_cache import SlotKVCache, decode_mask
 
 log = logging.getLogger(__name__)
 
@@ -69,11 +69,7 @@ class StaticView:
         return self.lens.unsqueeze(1)  # [B, 1]
 
     def mask(self, window: int | None = None) -> torch.Tensor:
-        cols = torch.arange(self.width, device=self.lens.device)
-        m = cols.unsqueeze(0) <= self.lens.unsqueeze(1)
-        if window:
-            m &= cols.unsqueeze(0) > (self.lens.unsqueeze(1) - window)
-        return m[:, None, None, :]  # [B, 1, 1, cap]
+        return decode_mask(self.lens, self.width, window)  # [B, 1, 1, cap]
 
 
 class _Step:

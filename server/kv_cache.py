@@ -169,12 +169,7 @@ class DecodeView(_View):
         return self.lens.unsqueeze(1)  # [R, 1]
 
     def mask(self, window: int | None = None) -> torch.Tensor:
-        """[R, 1, 1, W] bool: column c visible to row r iff c <= lens[r] (and within the window)."""
-        cols = torch.arange(self.width, device=self.lens.device)
-        m = cols.unsqueeze(0) <= self.lens.unsqueeze(1)
-        if window:
-            m &= cols.unsqueeze(0) > (self.lens.unsqueeze(1) - window)
-        return m[:, None, None, :]
+        return decode_mask(self.lens, self.width, window)
 
 
 class PrefillView(_View):
@@ -221,6 +216,16 @@ class PrefillView(_View):
         if window:
             m &= k_pos[None, :] > (self.q_pos[:, None] - window)
         return m[None, None]
+
+
+def decode_mask(lens: torch.Tensor, width: int, window: int | None = None) -> torch.Tensor:
+    """[R, 1, 1, width] bool for one new token per row at lens [R]: column c visible to row r iff
+    c <= lens[r] (and within the window)."""
+    cols = torch.arange(width, device=lens.device)
+    m = cols.unsqueeze(0) <= lens.unsqueeze(1)
+    if window:
+        m &= cols.unsqueeze(0) > (lens.unsqueeze(1) - window)
+    return m[:, None, None, :]
 
 
 def additive(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -28,19 +28,21 @@ def runners(model):
     return out
 
 
-def steps(runner: ModelRunner, prompts: list[list[int]], n: int) -> list[torch.Tensor]:
-    """Prefill the prompts (one row each), then n greedy decode steps of all rows: the decode logits."""
-    rows = len(prompts)
-    runner.kv.ensure(rows, 64, 0, 0)
+def prefill(runner: ModelRunner, prompts: list[list[int]]) -> list[int]:
+    """The prompts prefilled in one packed forward, one cache row each: the greedy next tokens."""
     segments, flat, keep, at = [], [], [], 0
     for r, p in enumerate(prompts):
         segments.append((r, at, len(p)))
         flat += p
         at += len(p)
         keep.append(at - 1)
-    logits = runner.prefill(segments, flat, keep)
-    lens = [len(p) for p in prompts]
-    tokens = logits.argmax(-1).tolist()
+    return runner.prefill(segments, flat, keep).argmax(-1).tolist()
+
+
+def steps(runner: ModelRunner, prompts: list[list[int]], n: int) -> list[torch.Tensor]:
+    """Prefill the prompts (one row each), then n greedy decode steps of all rows: the decode logits."""
+    runner.kv.ensure(len(prompts), 64, 0, 0)
+    tokens, lens = prefill(runner, prompts), [len(p) for p in prompts]
     out = []
     for _ in range(n):
         logits = runner.decode(tokens, lens)

@@ -11,7 +11,7 @@ from conftest import make_tiny
 from server import graphs
 from server.kv_cache import KVShape, SlotKVCache
 from server.runner import ModelRunner
-from test_decoder import PROMPTS
+from test_decoder import PROMPTS, prefill
 
 
 def pair(model, device: str):
@@ -24,16 +24,6 @@ def pair(model, device: str):
     eager, static = out
     static.static = graphs.StaticDecode(static.decoder, static._masks, static.kv, capture=device != "cpu")
     return eager, static
-
-
-def prefill(runner: ModelRunner, prompts: list[list[int]]) -> list[int]:
-    segments, flat, keep, at = [], [], [], 0
-    for r, p in enumerate(prompts):
-        segments.append((r, at, len(p)))
-        flat += p
-        at += len(p)
-        keep.append(at - 1)
-    return runner.prefill(segments, flat, keep).argmax(-1).tolist()
 
 
 def run(runner: ModelRunner, prompts, n: int, grow_at: int | None = None) -> list[torch.Tensor]:
