@@ -80,7 +80,7 @@ class _Step:
         self.cap = cache.cap
         self.ids = torch.zeros(rows, dtype=torch.long, device=dev)
         self.lens = torch.full((rows,), cache.cap - 1, dtype=torch.long, device=dev)
-        self.run = lambda: decoder.decode(self.ids, StaticView(cache, self.lens), masks_of(StaticView(cache, self.lens)))
+        self.decoder, self.masks_of, self.cache = decoder, masks_of, cache
         self.graph, self.out = None, None
         if capture:
             side = torch.cuda.Stream(dev)
@@ -92,6 +92,12 @@ class _Step:
             self.graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(self.graph, pool=pool):  # one memory pool for every bucket
                 self.out = self.run()
+
+    def run(self) -> torch.Tensor:
+        # the view is built inside the step: its cache-write index is computed from the lengths there
+        # (so, on CUDA, inside the captured graph)
+        view = StaticView(self.cache, self.lens)
+        return self.decoder.decode(self.ids, view, self.masks_of(view))
 
     def __call__(self, tokens: list[int], lens: list[int]) -> torch.Tensor:
         r = len(tokens)

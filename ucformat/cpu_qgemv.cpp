@@ -412,13 +412,6 @@ inline void bl_levels(const ByteTables& bt, const Args& a, const uint8_t* row, i
   f[3] = _mm256_castsi256_ps(_mm256_unpackhi_epi16(h01, h23));
 }
 
-inline float hsum8(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
-}
-
 // One weight row against MT activation rows (m0 ..), whole chunks; stores the sums.
 template <int BITS, int MT>
 inline void bl_row(const ByteTables& bt, const Args& a, const uint8_t* row, const uint16_t* srow, int64_t r,
@@ -448,7 +441,7 @@ inline void bl_row(const ByteTables& bt, const Args& a, const uint8_t* row, cons
       tot[m] = _mm256_fmadd_ps(sum, s, tot[m]);
     }
   }
-  for (int m = 0; m < MT; ++m) a.y[(m0 + m) * a.N + r] = hsum8(tot[m]);
+  for (int m = 0; m < MT; ++m) a.y[(m0 + m) * a.N + r] = hsum(tot[m]);
 }
 
 template <int BITS>

@@ -84,7 +84,7 @@ def _tensors(values):
 
 def parts_bytes(parts: Parts) -> int:
     """Bytes the parts hold in memory (what residency budgets and host-to-device copies move)."""
-    return sum(p.nbytes() if isinstance(p, qtensor.QuantizedTensor) else _nbytes(p) for p in parts.values())
+    return sum(_nbytes(p) for p in parts.values())
 
 
 class Runtime:
