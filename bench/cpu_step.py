@@ -48,19 +48,23 @@ def child(pack: str, rounds: int) -> dict:
     kv = SlotKVCache(KVShape.of(models["plain"].config, torch.bfloat16, "cpu"), 1 << 30, max(BATCHES))
     kv.ensure(max(BATCHES), 256, 0, 0)
     runners = {k: ModelRunner(m, kv) for k, m in models.items()}
-    out = {}
-    for b in BATCHES:
-        lens, toks = [60 + r for r in range(b)], [100 + r for r in range(b)]
-        times = {k: [] for k in runners}
-        for _ in range(rounds):
-            for k, r in runners.items():
-                r.decode(toks, lens)  # one untimed step: this variant's weights back in cache, as in serving
-                t = time.perf_counter()
-                for _ in range(4):
-                    r.decode(toks, lens)
-                times[k].append((time.perf_counter() - t) / 4)
-        out[str(b)] = {k: statistics.median(v) for k, v in times.items()}
-    return out
+    return {str(b): step_medians(runners, [100 + r for r in range(b)], [60 + r for r in range(b)], rounds)
+            for b in BATCHES}
+
+
+def step_medians(runners: dict, toks: list[int], lens: list[int], rounds: int) -> dict[str, float]:
+    """Median seconds of one `ModelRunner.decode(toks, lens)` per runner, over `rounds` rounds in which the
+    runners take turns (4 timed steps each, after one untimed step that brings its weights back in cache,
+    as in serving), so that a machine whose speed drifts favours none of them."""
+    times = {k: [] for k in runners}
+    for _ in range(rounds):
+        for k, r in runners.items():
+            r.decode(toks, lens)
+            t = time.perf_counter()
+            for _ in range(4):
+                r.decode(toks, lens)
+            times[k].append((time.perf_counter() - t) / 4)
+    return {k: statistics.median(v) for k, v in times.items()}
 
 
 def main() -> int:

@@ -37,6 +37,7 @@ import torch.nn.functional as F  # noqa: E402
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.cpu_step import step_medians  # noqa: E402
 from bench.report import machine, table, write_section  # noqa: E402
 from compressor.codecs import quantize  # noqa: E402
 from compressor.fetch import fetch_model  # noqa: E402
@@ -128,19 +129,7 @@ def decode_rows(pack: Path, dtype: torch.dtype, rounds: int) -> dict:
         kv = SlotKVCache(KVShape.of(m.config, dtype, "cpu"), 256 << 20, 8)
         kv.ensure(8, 128, 0, 0)
         runners[name] = ModelRunner(m, kv)
-    out = {}
-    for batch in (1, 8):
-        lens, toks = [64] * batch, [100 + r for r in range(batch)]
-        times = {k: [] for k in runners}
-        for _ in range(rounds):
-            for name, r in runners.items():
-                r.decode(toks, lens)  # one untimed step: this variant's weights back in cache, as in serving
-                t = time.perf_counter()
-                for _ in range(4):
-                    r.decode(toks, lens)
-                times[name].append((time.perf_counter() - t) / 4)
-        out[batch] = {k: statistics.median(v) for k, v in times.items()}
-    return out
+    return {batch: step_medians(runners, [100 + r for r in range(batch)], [64] * batch, rounds) for batch in (1, 8)}
 
 
 PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time, in a land far away,",
