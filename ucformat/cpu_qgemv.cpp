@@ -4,8 +4,11 @@
 //
 // x' is x, or for a weight stored rotated (rotation n > 0, W = deq(codes) R^T) the rotated input
 // R^T x = H (s * x) / sqrt(n) per block of n columns, computed once per call (fast Walsh-Hadamard).
-// Each weight is the same float32 product grid level x block scale as the reference reconstruction;
-// only the order of the sums differs from reconstruct-then-matmul.
+// Two paths. Float (UC_CPU_ACT=float): each weight is the same float32 product grid level x block scale as
+// the reference reconstruction; only the order of the sums differs from reconstruct-then-matmul. Integer
+// (the default, AVX2, b = 2 .. 6): the grid rounded to 12 bits and each block of activations to 15 bits,
+// products summed exactly in int32 (k256::i16_rows): 2-3x faster at one activation row on Zen 3, within
+// about 3e-4 of the float sums (docs/SERVER.md states the tolerance).
 //
 // Work split: rows of W over torch's intra-op threads; each thread walks its rows once per tile of up
 // to 16 activation rows. Within a row, columns go in chunks of 32 (AVX-512) or 16 (AVX2) codes. Every
@@ -49,6 +52,8 @@ struct Args {
   const float* grid;       // [2^bits]
   const float* xf;         // [M, K] activations (rotated if the weight is), natural order
   const float* xa;         // [M, ldxa] the whole chunks of xf in even/odd order
+  const int16_t* xq;       // [M, ldxa] integer path: the whole blocks of xf rounded to 15 bits, i16_order
+  const float* xs;         // [M, nb] integer path: each block's activation scale (its max |x| / 16383)
   const float* bias;       // [N] or null
   float* y;                // [M, N]
   int64_t M, N, K, nbytes, nb, block, ldxa, nchunks, start1;
@@ -461,6 +466,117 @@ void bl_rows(const Args& a, int64_t r0, int64_t r1) {
   }
 }
 
+// ---- AVX2, integer activations (b <= 6): integer dot products --------------------------------------------
+// The float paths above spend their time on lookups, one float per weight. Here the grid is rounded to
+// 12-bit integers once per matrix (scale: max |level| / 2047) and the activations of each weight block to
+// 15-bit integers once per call (scale: the block's max |x| / 16383). A chunk of 32 codes is two vpshufb
+// (the low and the high bytes of the levels; b = 5, 6: per set of 16 levels, then blends by the high code
+// bits) and two byte unpacks to 32 int16 weights, then two vpmaddwd per activation row. A block's sums add
+// up exactly in int32 (each lane: at most 256 / 8 x 2047 x 16383 < 2^31, so blocks of up to 256 columns) and
+// meet the floats once per block: one conversion and one FMA per block and activation row. 15 bits, not
+// 8 as in llama.cpp: the activations of real models carry outliers (on SmolLM2 a block's largest |x| is
+// 20-200x its mean), and 8-bit activations or an 8-bit grid moved greedy text off the reference on both
+// real models (bench/qkernels.py), where these stay within about 1e-4 of the float sums.
+// Codes come out of the planes in the byte-table order (bl_idx4: lane 0 the even codes, lane 1 the odd);
+// after the unpacks, vector v, lane L, slot t holds code 16v + 2t + L (i16_order), the activations'
+// order, laid out once per call.
+constexpr int64_t I16_MAX_BLOCK = 256;
+inline int64_t i16_order(int64_t j) { return 16 * (j / 16) + 2 * (j % 8) + (j % 16) / 8; }
+
+struct I16Tables {
+  __m256i lo[4], hi[4];  // [set]: low / high bytes of 16 int16 levels, the same in both lanes
+};
+
+inline float i16_tables(const float* grid, int bits, I16Tables& it) {
+  const int n = 1 << bits, sets = bits <= 4 ? 1 : 1 << (bits - 4);
+  float mx = 0.f;
+  for (int i = 0; i < n; ++i) mx = std::max(mx, std::fabs(grid[i]));
+  const float gs = mx > 0.f ? mx / 2047.f : 1.f;
+  for (int s = 0; s < sets; ++s) {
+    alignas(16) uint8_t lo[16], hi[16];
+    for (int i = 0; i < 16; ++i) {
+      const int e = 16 * s + i;
+      const uint16_t v = static_cast<uint16_t>(static_cast<int16_t>(e < n ? std::lrint(grid[e] / gs) : 0));
+      lo[i] = static_cast<uint8_t>(v & 0xFF);
+      hi[i] = static_cast<uint8_t>(v >> 8);
+    }
+    it.lo[s] = _mm256_broadcastsi128_si256(_mm_load_si128(reinterpret_cast<const __m128i*>(lo)));
+    it.hi[s] = _mm256_broadcastsi128_si256(_mm_load_si128(reinterpret_cast<const __m128i*>(hi)));
+  }
+  return gs;
+}
+
+// The 32 codes of chunk c of a row looked up in byte tables t (one per set of 16 levels), byte-table order.
+template <int BITS>
+__attribute__((always_inline)) inline __m256i i16_pick(const __m256i* t, const Args& a, const uint8_t* row,
+                                                       int64_t c) {
+  if constexpr (BITS == 2) return _mm256_shuffle_epi8(t[0], bl_idx2(row + c * 8));
+  if constexpr (BITS == 3) {
+    const __m256i hi = _mm256_and_si256(bl_bit1(row + a.start1 + c * 4), _mm256_set1_epi8(4));
+    return _mm256_shuffle_epi8(t[0], _mm256_or_si256(bl_idx2(row + c * 8), hi));
+  }
+  const __m256i idx = bl_idx4(row + c * 16);
+  if constexpr (BITS == 4) return _mm256_shuffle_epi8(t[0], idx);
+  if constexpr (BITS == 5)
+    return _mm256_blendv_epi8(_mm256_shuffle_epi8(t[0], idx), _mm256_shuffle_epi8(t[1], idx),
+                              bl_bit1(row + a.start1 + c * 4));
+  static_assert(BITS >= 2 && BITS <= 6, "integer path: b = 2 .. 6");
+  const __m256i h = bl_idx2(row + a.start1 + c * 8);
+  const __m256i m0 = _mm256_cmpeq_epi8(_mm256_and_si256(h, _mm256_set1_epi8(1)), _mm256_set1_epi8(1));
+  const __m256i m1 = _mm256_cmpeq_epi8(_mm256_and_si256(h, _mm256_set1_epi8(2)), _mm256_set1_epi8(2));
+  const __m256i v0 = _mm256_blendv_epi8(_mm256_shuffle_epi8(t[0], idx), _mm256_shuffle_epi8(t[1], idx), m0);
+  const __m256i v1 = _mm256_blendv_epi8(_mm256_shuffle_epi8(t[2], idx), _mm256_shuffle_epi8(t[3], idx), m0);
+  return _mm256_blendv_epi8(v0, v1, m1);
+}
+
+// One weight row against MT activation rows (m0 ..), whole blocks; stores the sums times gs.
+template <int BITS, int MT>
+__attribute__((always_inline)) inline void i16_row(const I16Tables& it, float gs, const Args& a, const uint8_t* row,
+                                                   const uint16_t* srow, int64_t r, int64_t m0) {
+  const int64_t cpb = a.block / 32, nblocks = a.nchunks / cpb, ldx = a.ldxa, nb = a.nb;
+  const int16_t* xq = a.xq + m0 * ldx;
+  const float* xs = a.xs + m0 * nb;
+  __m256 tot[MT];
+  for (int m = 0; m < MT; ++m) tot[m] = _mm256_setzero_ps();
+  for (int64_t k = 0; k < nblocks; ++k) {
+    __m256i isum[MT];
+    for (int m = 0; m < MT; ++m) isum[m] = _mm256_setzero_si256();
+    for (int64_t c = k * cpb; c < (k + 1) * cpb; ++c) {
+      _mm_prefetch(reinterpret_cast<const char*>(row + c * 4 * BITS + 2048), _MM_HINT_T0);
+      const __m256i lo = i16_pick<BITS>(it.lo, a, row, c), hi = i16_pick<BITS>(it.hi, a, row, c);
+      const __m256i w0 = _mm256_unpacklo_epi8(lo, hi), w1 = _mm256_unpackhi_epi8(lo, hi);
+      for (int m = 0; m < MT; ++m) {
+        const __m256i* x = reinterpret_cast<const __m256i*>(xq + m * ldx + c * 32);
+        isum[m] = _mm256_add_epi32(isum[m], _mm256_add_epi32(_mm256_madd_epi16(w0, _mm256_loadu_si256(x)),
+                                                             _mm256_madd_epi16(w1, _mm256_loadu_si256(x + 1))));
+      }
+    }
+    const float sc = _cvtsh_ss(srow[k]);
+    for (int m = 0; m < MT; ++m)
+      tot[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum[m]), _mm256_set1_ps(sc * xs[m * nb + k]), tot[m]);
+  }
+  for (int m = 0; m < MT; ++m) a.y[(m0 + m) * a.N + r] = hsum(tot[m]) * gs;
+}
+
+template <int BITS>
+void i16_rows(const Args& a, int64_t r0, int64_t r1) {
+  if constexpr (BITS >= 2 && BITS <= 6) {
+    I16Tables it;
+    const float gs = i16_tables(a.grid, BITS, it);
+    const uint16_t* scales = reinterpret_cast<const uint16_t*>(a.scales);
+    for (int64_t r = r0; r < r1; ++r) {  // the row's codes stay in L1 for the later tiles of activations
+      const uint8_t* row = a.codes + r * a.nbytes;
+      const uint16_t* srow = scales + r * a.nb;
+      for (int64_t m = 0; m < a.M;) {
+        const int64_t left = a.M - m;
+        if (left >= 4) { i16_row<BITS, 4>(it, gs, a, row, srow, r, m); m += 4; }
+        else if (left >= 2) { i16_row<BITS, 2>(it, gs, a, row, srow, r, m); m += 2; }
+        else { i16_row<BITS, 1>(it, gs, a, row, srow, r, m); m += 1; }
+      }
+    }
+  }
+}
+
 #define UC_DRIVER
 #include __FILE__
 #undef UC_DRIVER
@@ -501,6 +617,7 @@ void by_bits(int bits, const Args& a, int64_t r0, int64_t r1) {
 #if UC_X86
 template <int B> struct Run512 { static void run(const Args& a, int64_t r0, int64_t r1) { k512::rows<B>(a, r0, r1); } };
 template <int B> struct Run256 { static void run(const Args& a, int64_t r0, int64_t r1) { k256::rows<B>(a, r0, r1); } };
+template <int B> struct Run256I { static void run(const Args& a, int64_t r0, int64_t r1) { k256::i16_rows<B>(a, r0, r1); } };
 template <int B> struct Run256B {
   static void run(const Args& a, int64_t r0, int64_t r1) {
     if constexpr (B == 5 || B == 6) k256::bl_rows<B>(a, r0, r1);
@@ -546,7 +663,7 @@ void narrow(const float* src, T* dst, int64_t n) {
 // in and out, so a call is one op.
 torch::Tensor qgemv(torch::Tensor x, torch::Tensor codes, torch::Tensor scales, torch::Tensor grid, int64_t bits,
                     int64_t block, torch::Tensor signs, int64_t rotation, torch::Tensor bias, int64_t isa,
-                    bool float_out) {
+                    bool float_out, bool act_int) {
   TORCH_CHECK(x.dim() == 2 && codes.dim() == 2 && scales.dim() == 2, "x, codes and scales must be 2-D");
   TORCH_CHECK(codes.scalar_type() == torch::kUInt8 && scales.scalar_type() == torch::kHalf &&
               grid.scalar_type() == torch::kFloat, "codes uint8, scales float16, grid float32");
@@ -575,14 +692,20 @@ torch::Tensor qgemv(torch::Tensor x, torch::Tensor codes, torch::Tensor scales, 
   // AVX2 with b = 5 or 6 and whole 32-code chunks per block: the byte-table path (chunks of 32, its own
   // order). Measured against the vpermps path in one process (docs/BENCHMARKS.md): 1.7-2.4x faster at
   // b = 5 and 6 for 1-4 rows, 1.1-1.25x at 8; at b <= 4 no faster for 1 row and slower for 8.
-  const bool bytes = use == AVX2 && (bits == 5 || bits == 6) && block % 32 == 0 && a.K >= 32;
-  const int64_t cw = use == AVX512 ? 32 : bytes ? 32 : use == AVX2 ? 16 : 0;
+  // integer activations (AVX2 code, also on AVX-512 CPUs): b = 2 .. 6, blocks of 32 .. 256 whole chunks
+  const bool ints = act_int && use >= AVX2 && bits <= 6 && block % 32 == 0 && block <= k256::I16_MAX_BLOCK &&
+                  a.K >= block;
+  if (ints) use = AVX2;
+  const bool bytes = !ints && use == AVX2 && (bits == 5 || bits == 6) && block % 32 == 0 && a.K >= 32;
+  const int64_t cw = ints || bytes ? 32 : use == AVX512 ? 32 : use == AVX2 ? 16 : 0;
   a.nchunks = (cw && block % cw == 0) ? a.K / cw : 0;
+  if (ints) a.nchunks = a.K / block * (block / 32);  // whole blocks only (one activation scale each)
   if (a.nchunks == 0) use = SCALAR;
   a.ldxa = a.nchunks * cw;
 
   // the calling thread's buffers: activations widened (and rotated), in even/odd order, and the sums
-  static thread_local std::vector<float> xf_buf, xa_buf, y_buf;
+  static thread_local std::vector<float> xf_buf, xa_buf, y_buf, xs_buf;
+  static thread_local std::vector<int16_t> xq_buf;
   xf_buf.resize(a.M * a.K);
   const torch::Tensor xc = x.contiguous();
   for (int64_t m = 0; m < a.M; ++m) {
@@ -597,7 +720,23 @@ torch::Tensor qgemv(torch::Tensor x, torch::Tensor codes, torch::Tensor scales, 
     rotate_rows(xf_buf.data(), a.M, a.K, signs.contiguous().data_ptr<uint8_t>(), rotation);
   }
   a.xf = xf_buf.data();
-  if (a.nchunks && bytes) {  // the byte-table order within each chunk of 32 (bl_order)
+  if (a.nchunks && ints) {  // each block's whole chunks rounded to 15 bits with one scale, in i16_order
+    const int64_t nblk = a.nchunks / (block / 32);
+    xq_buf.resize(a.M * a.ldxa);
+    xs_buf.resize(a.M * a.nb);
+    for (int64_t m = 0; m < a.M; ++m)
+      for (int64_t k = 0; k < nblk; ++k) {
+        const float* s = a.xf + m * a.K + k * block;
+        float mx = 0.f;
+        for (int64_t i = 0; i < block; ++i) mx = std::max(mx, std::fabs(s[i]));
+        const float inv = mx > 0.f ? 16383.f / mx : 0.f;
+        int16_t* o = xq_buf.data() + m * a.ldxa + k * block;
+        for (int64_t i = 0; i < block; ++i) o[i] = static_cast<int16_t>(std::lrint(s[32 * (i / 32) + k256::i16_order(i % 32)] * inv));
+        xs_buf[m * a.nb + k] = mx / 16383.f;
+      }
+    a.xq = xq_buf.data();
+    a.xs = xs_buf.data();
+  } else if (a.nchunks && bytes) {  // the byte-table order within each chunk of 32 (bl_order)
     xa_buf.resize(a.M * a.ldxa);
     for (int64_t m = 0; m < a.M; ++m)
       for (int64_t c = 0; c < a.nchunks; ++c) {
@@ -639,7 +778,8 @@ torch::Tensor qgemv(torch::Tensor x, torch::Tensor codes, torch::Tensor scales, 
   const int64_t grain = std::max<int64_t>(4, 32768 / std::max<int64_t>(1, a.K * a.M));
   at::parallel_for(0, a.N, grain, [&](int64_t r0, int64_t r1) {
 #if UC_X86
-    if (use == AVX512) by_bits<Run512>(a.bits, a, r0, r1);
+    if (ints) by_bits<Run256I>(a.bits, a, r0, r1);
+    else if (use == AVX512) by_bits<Run512>(a.bits, a, r0, r1);
     else if (use == AVX2 && bytes) by_bits<Run256B>(a.bits, a, r0, r1);
     else if (use == AVX2) by_bits<Run256>(a.bits, a, r0, r1);
 #endif
