@@ -48,8 +48,10 @@ def _run(model, ids):
 def test_modes_agree_and_match_reference(arch, packs, tmp_path, monkeypatch):
     """With kernels=False every mode rebuilds its weights: bit for bit the dense logits. With the kernels
     (the default) the quantized linears compute from the codes: with float activations float32 sums in
-    another order, close to float rounding; with 16-bit integer activations (the CPU default) within 3e-3
-    of the largest |logit| (these tiny random models' logits are all near 0: about 1e-3 measured)."""
+    another order, close to float rounding; with integer activations (the CPU default, which also gives a
+    float head an 8-bit copy, qhead.py) within 1e-2 of the largest |logit| (these tiny random models' logits
+    all lie within +-0.7: about 7e-3 measured, 1e-3 of it from the layers), compared before decode steps
+    whose inputs are each model's own argmax, which near-ties of random logits can part)."""
     p = packs[arch]
     ids = torch.randint(0, 256, (3, 10), generator=torch.Generator().manual_seed(1))  # batch > 1
     results, from_codes = {}, {}
@@ -77,9 +79,9 @@ def test_modes_agree_and_match_reference(arch, packs, tmp_path, monkeypatch):
         for a, b in zip(outs, first):
             if key[-1] == "float":
                 torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=lambda m: f"{key} from the codes: {m}")
-            else:
+            elif a.shape[1] > 1:  # full forward and prefill: decode steps feed each model's own argmax
                 err, top = (a - b).abs().max().item(), b.abs().max().item()
-                assert err <= 3e-3 * top, f"{key} from the codes: {err:.3g} against max |logit| {top:.3g}"
+                assert err <= 1e-2 * top, f"{key} from the codes: {err:.3g} against max |logit| {top:.3g}"
     ref = AutoModelForCausalLM.from_pretrained(dequantized_checkpoint(p, tmp_path / "ref"), dtype=torch.float32).eval()
     torch.testing.assert_close(first[0], ref(ids).logits.detach(), rtol=1e-5, atol=1e-5)
 

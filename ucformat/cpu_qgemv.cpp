@@ -529,6 +529,14 @@ __attribute__((always_inline)) inline __m256i i16_pick(const __m256i* t, const A
   return _mm256_blendv_epi8(v0, v1, m1);
 }
 
+// b = 8 with the integer grid (level c - 128: ucformat/qhead.py's 8-bit copies of float weights): the codes
+// are the weights, widened and offset (no table), in their natural order.
+inline bool integer_grid(const float* grid) {
+  for (int c = 0; c < 256; ++c)
+    if (grid[c] != static_cast<float>(c - 128)) return false;
+  return true;
+}
+
 // One weight row against MT activation rows (m0 ..), whole blocks; stores the sums times gs.
 template <int BITS, int MT>
 __attribute__((always_inline)) inline void i16_row(const I16Tables& it, float gs, const Args& a, const uint8_t* row,
@@ -543,8 +551,17 @@ __attribute__((always_inline)) inline void i16_row(const I16Tables& it, float gs
     for (int m = 0; m < MT; ++m) isum[m] = _mm256_setzero_si256();
     for (int64_t c = k * cpb; c < (k + 1) * cpb; ++c) {
       _mm_prefetch(reinterpret_cast<const char*>(row + c * 4 * BITS + 2048), _MM_HINT_T0);
-      const __m256i lo = i16_pick<BITS>(it.lo, a, row, c), hi = i16_pick<BITS>(it.hi, a, row, c);
-      const __m256i w0 = _mm256_unpacklo_epi8(lo, hi), w1 = _mm256_unpackhi_epi8(lo, hi);
+      __m256i w0, w1;
+      if constexpr (BITS == 8) {
+        const __m256i off = _mm256_set1_epi16(128);
+        const __m128i* p = reinterpret_cast<const __m128i*>(row + c * 32);
+        w0 = _mm256_sub_epi16(_mm256_cvtepu8_epi16(_mm_loadu_si128(p)), off);
+        w1 = _mm256_sub_epi16(_mm256_cvtepu8_epi16(_mm_loadu_si128(p + 1)), off);
+      } else {
+        const __m256i lo = i16_pick<BITS>(it.lo, a, row, c), hi = i16_pick<BITS>(it.hi, a, row, c);
+        w0 = _mm256_unpacklo_epi8(lo, hi);
+        w1 = _mm256_unpackhi_epi8(lo, hi);
+      }
       for (int m = 0; m < MT; ++m) {
         const __m256i* x = reinterpret_cast<const __m256i*>(xq + m * ldx + c * 32);
         isum[m] = _mm256_add_epi32(isum[m], _mm256_add_epi32(_mm256_madd_epi16(w0, _mm256_loadu_si256(x)),
@@ -560,9 +577,9 @@ __attribute__((always_inline)) inline void i16_row(const I16Tables& it, float gs
 
 template <int BITS>
 void i16_rows(const Args& a, int64_t r0, int64_t r1) {
-  if constexpr (BITS >= 2 && BITS <= 6) {
+  if constexpr (BITS >= 2 && BITS <= 8) {
     I16Tables it;
-    const float gs = i16_tables(a.grid, BITS, it);
+    const float gs = BITS == 8 ? 1.f : i16_tables(a.grid, BITS, it);  // b = 8: the integer grid
     const uint16_t* scales = reinterpret_cast<const uint16_t*>(a.scales);
     for (int64_t r = r0; r < r1; ++r) {  // the row's codes stay in L1 for the later tiles of activations
       const uint8_t* row = a.codes + r * a.nbytes;
@@ -693,8 +710,9 @@ torch::Tensor qgemv(torch::Tensor x, torch::Tensor codes, torch::Tensor scales, 
   // order). Measured against the vpermps path in one process (docs/BENCHMARKS.md): 1.7-2.4x faster at
   // b = 5 and 6 for 1-4 rows, 1.1-1.25x at 8; at b <= 4 no faster for 1 row and slower for 8.
   // integer activations (AVX2 code, also on AVX-512 CPUs): b = 2 .. 6, blocks of 32 .. 256 whole chunks
-  const bool ints = act_int && use >= AVX2 && bits <= 6 && block % 32 == 0 && block <= k256::I16_MAX_BLOCK &&
-                  a.K >= block;
+  // b = 8 only with the integer grid (level c - 128, qhead.py), whose codes are the weights
+  const bool ints = act_int && use >= AVX2 && (bits <= 6 || (bits == 8 && k256::integer_grid(a.grid))) &&
+                    block % 32 == 0 && block <= k256::I16_MAX_BLOCK && a.K >= block;
   if (ints) use = AVX2;
   const bool bytes = !ints && use == AVX2 && (bits == 5 || bits == 6) && block % 32 == 0 && a.K >= 32;
   const int64_t cw = ints || bytes ? 32 : use == AVX512 ? 32 : use == AVX2 ? 16 : 0;
@@ -731,7 +749,8 @@ torch::Tensor qgemv(torch::Tensor x, torch::Tensor codes, torch::Tensor scales, 
         for (int64_t i = 0; i < block; ++i) mx = std::max(mx, std::fabs(s[i]));
         const float inv = mx > 0.f ? 16383.f / mx : 0.f;
         int16_t* o = xq_buf.data() + m * a.ldxa + k * block;
-        for (int64_t i = 0; i < block; ++i) o[i] = static_cast<int16_t>(std::lrint(s[32 * (i / 32) + k256::i16_order(i % 32)] * inv));
+        for (int64_t i = 0; i < block; ++i)  // b = 8: natural order
+          o[i] = static_cast<int16_t>(std::lrint(s[bits == 8 ? i : 32 * (i / 32) + k256::i16_order(i % 32)] * inv));
         xs_buf[m * a.nb + k] = mx / 16383.f;
       }
     a.xq = xq_buf.data();

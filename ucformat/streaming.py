@@ -31,7 +31,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from . import experts as moe
-from . import qtensor
+from . import cpu_qgemv, qhead, qtensor
 from .manifest import layer_file
 from .qlinear import QuantLinear, swappable
 from .reader import PackReader
@@ -117,6 +117,7 @@ class Runtime:
         self._experts_built = self._experts_skipped = 0
 
         self._add(sum(_nbytes(t) for t in self._attach_nonlayer()))
+        self.head8 = self._prepare_head()
         self._order = [p.index for p in plan.layers if p.where != "dense"]
         for p in plan.layers:
             if p.where == "dense":
@@ -167,6 +168,24 @@ class Runtime:
         sd = self.reader.nonlayer_state_dict(self.sk.dtype, self.device)
         self.sk.load(sd)
         return list(sd.values())
+
+    def _prepare_head(self) -> bool:
+        """CPU, integer kernels (cpu_qgemv.ACT), layers computed from their codes: a float output head is
+        computed from an 8-bit copy made here (qhead.py). A tied head's float weight stays (the embeddings
+        use it); an untied one's is dropped."""
+        if self.cuda or not self.kernels or cpu_qgemv.ACT != "int16" or all(p.where == "dense" for p in self.plan.layers):
+            return False
+        model = self.sk.model
+        out = model.get_output_embeddings()
+        if type(out) is not torch.nn.Linear or out.weight.device.type == "meta" or not cpu_qgemv.available()[0]:
+            return False
+        inp = model.get_input_embeddings()
+        tied = inp is not None and out.weight is inp.weight
+        head = QuantLinear(out)
+        head.q = qhead.int8_copy(out.weight)
+        model.set_output_embeddings(head)
+        self._add(head.q.nbytes() - (0 if tied else _nbytes(out.weight)))
+        return True
 
     def _parts(self, index: int, to_device: bool) -> Parts:
         parts = self.reader.read_parts(layer_file(index))
