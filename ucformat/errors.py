@@ -4,7 +4,7 @@ from __future__ import annotations
 
 
 class PackError(Exception):
-    """Base class: anything wrong with a uc pack on disk."""
+    """Base class: anything wrong with a uc pack on disk. Errors about one file keep its path in `path`."""
 
 
 class NotAPack(PackError):
@@ -36,23 +36,49 @@ class UnsupportedFeature(PackError):
 class ManifestError(PackError):
     def __init__(self, path: str, why: str) -> None:
         super().__init__(f"{path}: invalid manifest: {why}")
+        self.path = path
 
 
 class MissingFile(PackError):
     def __init__(self, path: str) -> None:
         super().__init__(f"{path}: file listed in the manifest is missing")
+        self.path = path
 
 
 class SizeMismatch(PackError):
     def __init__(self, path: str, expected: int, actual: int) -> None:
         super().__init__(f"{path}: size is {actual} bytes, manifest says {expected} (truncated or altered)")
+        self.path = path
 
 
 class HashMismatch(PackError):
     def __init__(self, path: str, expected: str, actual: str) -> None:
         super().__init__(f"{path}: SHA-256 is {actual[:16]}..., manifest says {expected[:16]}... (file altered)")
+        self.path = path
 
 
 class TensorError(PackError):
     def __init__(self, file: str, tensor: str, why: str) -> None:
         super().__init__(f"{file}: tensor {tensor!r}: {why}")
+        self.path, self.tensor = file, tensor
+
+
+class ConfigError(PackError):
+    """config.json cannot be read as the transformers config of a model this pack could be."""
+
+    def __init__(self, path: str, why: str) -> None:
+        super().__init__(f"{path}: {why}")
+        self.path = path
+
+
+class TokenizerError(PackError):
+    def __init__(self, path: str, why: str) -> None:
+        super().__init__(f"{path}: the pack's tokenizer cannot be loaded ({why}); re-copy the source model's "
+                         "tokenizer files and re-pack, or restore the pack")
+
+
+def describe(exc: BaseException) -> str:
+    """'Type: message' on one line, for a foreign library's exception quoted inside a named error (transformers'
+    validation errors put their cause on a second line)."""
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    return f"{type(exc).__name__}: {' '.join(lines[:3]) if lines else 'no message'}"

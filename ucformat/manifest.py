@@ -9,6 +9,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .bitpack import WIDTHS
 from .errors import ManifestError, UnsupportedFeature, UnsupportedVersion
 from .rotation import BLOCKS as ROTATION_BLOCKS
 
@@ -19,6 +20,7 @@ MANIFEST_NAME = "manifest.json"
 PROGRESS_NAME = ".uc-progress.json"
 NONLAYER_FILE = "nonlayer.safetensors"
 KNOWN_FEATURES = frozenset({"lowrank", "lowrank-int8", "overlay", "scales-u8", "rotation"})
+DTYPES = ("float32", "float16", "bfloat16")  # source dtypes a tensor entry may name
 
 
 
@@ -54,7 +56,7 @@ class TensorEntry:
     def from_json(name: str, d: dict[str, Any], path: str) -> "TensorEntry":
         try:
             e = TensorEntry(
-                file=str(d["file"]), kind=str(d["kind"]), shape=tuple(int(s) for s in d["shape"]),
+                file=str(d["file"]), kind=str(d["kind"]), shape=tuple(_count(s) for s in d["shape"]),
                 dtype=str(d["dtype"]), codec=d.get("codec"), bits=d.get("bits"),
                 block_size=d.get("block_size"), rank=int(d.get("rank", 0)),
                 stored_bytes=int(d.get("stored_bytes", 0)), lowrank_dtype=str(d.get("lowrank_dtype", "float16")),
@@ -65,9 +67,14 @@ class TensorEntry:
             raise ManifestError(path, f"tensor {name!r}: bad entry ({exc})") from None
         if e.kind not in ("raw", "quantized"):
             raise ManifestError(path, f"tensor {name!r}: unknown kind {e.kind!r}")
-        if e.kind == "quantized" and (e.bits is None or e.block_size is None or len(e.shape) < 2):
-            raise ManifestError(path, f"tensor {name!r}: quantized entry needs bits, block_size and a >=2-D shape")
-        if e.lowrank_dtype not in ("float16", "int8") or e.rank < 0 or e.overlay_rows < 0 or e.scale_bits not in (16, 8):
+        if e.dtype not in DTYPES:
+            raise ManifestError(path, f"tensor {name!r}: dtype {e.dtype!r} is not one of {', '.join(DTYPES)}")
+        if e.kind == "quantized" and (e.bits not in WIDTHS or type(e.bits) is not int or type(e.block_size) is not int
+                                      or e.block_size < 1 or len(e.shape) < 2):
+            raise ManifestError(path, f"tensor {name!r}: a quantized entry needs bits in {', '.join(map(str, WIDTHS))}, "
+                                      f"a block_size >= 1 and a >=2-D shape")
+        if (e.lowrank_dtype not in ("float16", "int8") or e.rank < 0 or e.overlay_rows < 0 or e.scale_bits not in (16, 8)
+                or e.rotation < 0):
             raise ManifestError(path, f"tensor {name!r}: bad rank, lowrank_dtype, overlay_rows or scale_bits")
         if e.rotation and (e.kind != "quantized" or e.rotation not in ROTATION_BLOCKS or e.shape[-1] % e.rotation):
             raise ManifestError(path, f"tensor {name!r}: rotation {e.rotation} must be one of "
@@ -88,6 +95,13 @@ class TensorEntry:
         if self.rotation:
             out.add("rotation")
         return out
+
+
+def _count(v: Any) -> int:
+    """A JSON integer >= 0 (a dimension); anything else is a malformed entry."""
+    if type(v) is not int or v < 0:
+        raise ValueError(f"{v!r} is not a non-negative integer")
+    return v
 
 
 def required_features(tensors: dict[str, "TensorEntry"]) -> tuple[str, ...]:
@@ -115,17 +129,20 @@ class Manifest:
         return json.dumps(d, indent=1, sort_keys=False) + "\n"
 
     @staticmethod
-    def from_json(text: str, path: str) -> "Manifest":
+    def from_json(text: str | bytes, path: str) -> "Manifest":
         try:
             d = json.loads(text)
-        except json.JSONDecodeError as exc:
+        except ValueError as exc:  # JSONDecodeError, or UnicodeDecodeError for bytes that are not UTF-8
             raise ManifestError(path, f"not JSON ({exc})") from None
         if not isinstance(d, dict) or d.get("format") != FORMAT:
             raise ManifestError(path, f"'format' must be {FORMAT!r}")
         version = str(d.get("version", ""))
         if version.split(".")[0] != MAJOR or len(version.split(".")) != 2:
             raise UnsupportedVersion(path, version, MAJOR)
-        for feature in d.get("requires", []):
+        requires = d.get("requires", [])
+        if not isinstance(requires, list) or not all(isinstance(f, str) for f in requires):
+            raise ManifestError(path, "'requires' must be a list of strings")
+        for feature in requires:
             if feature not in KNOWN_FEATURES:
                 raise UnsupportedFeature(path, feature)
         try:
@@ -135,7 +152,7 @@ class Manifest:
                 model_type=str(d["model_type"]), num_layers=int(d["num_layers"]),
                 layer_prefix=str(d["layer_prefix"]), quant=dict(d["quant"]), source=dict(d["source"]),
                 files=files, tensors=tensors, stats=dict(d.get("stats", {})),
-                requires=tuple(d.get("requires", [])), created_by=str(d.get("created_by", "")),
+                requires=tuple(requires), created_by=str(d.get("created_by", "")),
                 version=version,
             )
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
@@ -143,11 +160,20 @@ class Manifest:
         missing = set().union(*(t.features() for t in tensors.values())) - set(m.requires)
         if missing:
             raise ManifestError(path, f"tensors use features {sorted(missing)} that 'requires' does not list")
+        layers = {layer_file(i) for i in range(m.num_layers)} if 0 <= m.num_layers <= len(files) else None
+        if layers is None or set(files) & layers != layers or any(f.startswith("layers/") and f not in layers for f in files):
+            raise ManifestError(path, f"'files' must hold {layer_file(0)} .. layer-NNNNN for exactly the "
+                                      f"{m.num_layers} layers 'num_layers' gives, and no other layer file")
+        if NONLAYER_FILE not in files:
+            raise ManifestError(path, f"'files' has no {NONLAYER_FILE}")
+        for rel, fe in files.items():
+            if Path(rel).is_absolute() or ".." in Path(rel).parts or rel in ("", ".", MANIFEST_NAME):
+                raise ManifestError(path, f"file name {rel!r} must be relative, inside the pack")
+            if fe.bytes < 0 or len(fe.sha256) != 64:
+                raise ManifestError(path, f"file {rel!r}: 'bytes' must be >= 0 and 'sha256' 64 hex digits")
         for name, t in tensors.items():
             if t.file not in files:
                 raise ManifestError(path, f"tensor {name!r} lives in {t.file!r}, which is not in 'files'")
-            if Path(t.file).is_absolute() or ".." in Path(t.file).parts:
-                raise ManifestError(path, f"file name {t.file!r} must be relative, inside the pack")
         return m
 
 

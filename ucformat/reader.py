@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import stat
 from pathlib import Path
 
 import torch
@@ -17,12 +18,13 @@ from safetensors import SafetensorError, safe_open
 
 from . import qtensor
 from .errors import (
-    HashMismatch, IncompletePack, MissingFile, NotAPack, PackError, SizeMismatch, TensorError,
+    ConfigError, HashMismatch, IncompletePack, MissingFile, NotAPack, PackError, SizeMismatch, TensorError,
 )
 from .manifest import MANIFEST_NAME, NONLAYER_FILE, PROGRESS_NAME, Manifest, TensorEntry, layer_file, sha256_file
 
 log = logging.getLogger(__name__)
 
+CONFIG_NAME = "config.json"
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 _PART_DTYPES = {"codes": torch.uint8, "scales": torch.float16, "grid": torch.float32,
                 "lr_u": torch.float16, "lr_v": torch.float16,
@@ -49,7 +51,7 @@ class PackReader:
             if (self.path / PROGRESS_NAME).exists():
                 raise IncompletePack(str(self.path))
             raise NotAPack(str(self.path), f"no {MANIFEST_NAME}")
-        self.manifest = Manifest.from_json(mpath.read_text(), str(mpath))
+        self.manifest = Manifest.from_json(mpath.read_bytes(), str(mpath))
         self._checked: dict[str, tuple[int, int]] = {}  # rel -> (size, mtime_ns) when last verified
         self._by_file: dict[str, list[str]] = {}
         for name, entry in self.manifest.tensors.items():
@@ -67,6 +69,8 @@ class PackReader:
             st = p.stat()
         except FileNotFoundError:
             raise MissingFile(str(p)) from None
+        if not stat.S_ISREG(st.st_mode):
+            raise MissingFile(str(p))
         if self._checked.get(rel) == (st.st_size, st.st_mtime_ns):
             return p
         if st.st_size != entry.bytes:
@@ -111,8 +115,9 @@ class PackReader:
                     entry = self.manifest.tensors[name]
                     if entry.kind == "raw":
                         t = self._get(f, stored, rel, name)
-                        if tuple(t.shape) != entry.shape:
-                            raise TensorError(str(p), name, f"shape {tuple(t.shape)}, manifest says {entry.shape}")
+                        if tuple(t.shape) != entry.shape or t.dtype != torch_dtype(entry.dtype):
+                            raise TensorError(str(p), name, f"{t.dtype} {tuple(t.shape)}, manifest says "
+                                                            f"{entry.dtype} {entry.shape}")
                         out[name] = t
                     else:
                         out[name] = self._quantized(f, stored, rel, name, entry)
@@ -135,8 +140,11 @@ class PackReader:
     def read_quantized(self, name: str) -> qtensor.QuantizedTensor:
         entry = self.manifest.tensors[name]
         p = self.check_file(entry.file)
-        with safe_open(str(p), framework="pt", device="cpu") as f:
-            return self._quantized(f, set(f.keys()), entry.file, name, entry)
+        try:
+            with safe_open(str(p), framework="pt", device="cpu") as f:
+                return self._quantized(f, set(f.keys()), entry.file, name, entry)
+        except SafetensorError as exc:
+            raise TensorError(str(p), name, f"unreadable safetensors file ({exc})") from None
 
     def layer_state_dict(self, index: int, dtype: torch.dtype | None = None, device="cpu") -> dict[str, torch.Tensor]:
         return self.read_file(layer_file(index), dtype, device)
@@ -150,12 +158,9 @@ class PackReader:
         return f.get_tensor(key)
 
     def _quantized(self, f, stored, rel: str, name: str, entry: TensorEntry) -> qtensor.QuantizedTensor:
-        expected = qtensor.entry_part_shapes(entry)
         parts = {}
-        for part, shape in expected.items():
-            key = name + qtensor.SUFFIX[part]
+        for part, (key, shape, dtype) in part_layout(name, entry).items():
             t = self._get(f, stored, rel, key)
-            dtype = torch.uint8 if part == "scales" and entry.scale_bits == 8 else _PART_DTYPES[part]
             if tuple(t.shape) != shape or t.dtype != dtype:
                 raise TensorError(str(self.path / rel), key, f"{t.dtype} {tuple(t.shape)}, expected {dtype} {shape}")
             parts[part] = t
@@ -166,7 +171,29 @@ class PackReader:
         return q
 
     def config_dict(self) -> dict:
-        return json.loads(self.check_file("config.json").read_text())
+        """config.json as a JSON object (its size, and its hash where the reader checks hashes, checked first)."""
+        p = self.check_file(CONFIG_NAME)
+        try:
+            d = json.loads(p.read_bytes())
+        except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError
+            raise ConfigError(str(p), f"not JSON ({exc})") from None
+        if not isinstance(d, dict):
+            raise ConfigError(str(p), "not a JSON object")
+        return d
+
+
+def part_layout(name: str, entry: TensorEntry) -> dict[str, tuple[str, tuple[int, ...], torch.dtype]]:
+    """What the file of a quantized entry holds for it (SPEC.md section 2): part -> (key, shape, dtype)."""
+    return {part: (name + qtensor.SUFFIX[part], shape,
+                   torch.uint8 if part == "scales" and entry.scale_bits == 8 else _PART_DTYPES[part])
+            for part, shape in qtensor.entry_part_shapes(entry).items()}
+
+
+def stored_layout(name: str, entry: TensorEntry) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    """Every tensor the entry's file holds for it: key -> (shape, dtype); a raw entry is itself."""
+    if entry.kind == "raw":
+        return {name: (entry.shape, torch_dtype(entry.dtype))}
+    return {key: (shape, dtype) for key, shape, dtype in part_layout(name, entry).values()}
 
 
 def open_pack(path: str | os.PathLike, check_hashes: bool = True) -> PackReader:
