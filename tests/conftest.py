@@ -133,3 +133,36 @@ def rewrite_stored(pack_dir: Path, name: str, fn) -> dict:
     m["files"][rel] = {"bytes": (pack_dir / rel).stat().st_size, "sha256": sha256_file(pack_dir / rel)}
     (pack_dir / MANIFEST_NAME).write_text(json.dumps(m))
     return m
+
+
+@pytest.fixture(scope="session")
+def tiny_chat_pack(smollm2, tmp_path_factory) -> Path:
+    """A tiny random Llama with SmolLM2's vocabulary and tokenizer files, packed at 4 bits: a pack that every
+    command (generate, eval, serve) runs in seconds."""
+    import shutil
+
+    from compressor.config import PackConfig
+    from compressor.pack import pack
+
+    root = tmp_path_factory.mktemp("tiny-chat")
+    src = make_tiny(root / "src", "llama", vocab_size=49152, max_position_embeddings=512)
+    for f in smollm2.iterdir():
+        if f.name.startswith("tokenizer") or f.name == "generation_config.json":
+            shutil.copy(f, src / f.name)
+    pack(src, root / "pack", PackConfig(bits=4), progress=False)
+    return root / "pack"
+
+
+def replace_file(pack_dir: Path, rel: str, data: bytes, consistent: bool = True) -> None:
+    """Write a pack file atomically (a new inode: hard-linked or memory-mapped copies keep the old bytes);
+    consistent: the manifest's size and SHA-256 of it refreshed too, so only the content itself is wrong."""
+    import hashlib
+    import json
+
+    from ucformat.manifest import MANIFEST_NAME, atomic_write_bytes
+
+    atomic_write_bytes(pack_dir / rel, data)
+    if consistent:
+        m = json.loads((pack_dir / MANIFEST_NAME).read_text())
+        m["files"][rel] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+        atomic_write_bytes(pack_dir / MANIFEST_NAME, json.dumps(m).encode())

@@ -77,10 +77,11 @@ def cmd_pack(a) -> int:
 
 
 def cmd_info(a) -> int:
-    from ucformat import PackReader
+    from ucformat import PackReader, conformance
     from ucformat.inspect import summary
 
     reader = PackReader(a.pack, check_hashes=False)
+    conformance.require(reader)  # a pack that is not the model its config.json builds is not shown as one
     s = summary(reader)
     s["allocation"] = _allocation(reader.manifest.tensors)
     if a.json:
@@ -140,15 +141,18 @@ def cmd_verify(a) -> int:
     from ucformat.inspect import verify
 
     reader = PackReader(a.pack)
-    bad = 0
+    bad: set[str] = set()
     for rel, err in verify(reader, deep=a.deep):
         if err is not None:
-            bad += 1
+            bad.add(rel)
             print(f"FAIL {err}")
         elif a.verbose:
             print(f"ok   {rel}")
     n = len(reader.manifest.files)
-    print(f"{a.pack}: {n - bad}/{n} files ok{' (deep: every tensor rebuilt, shape and finiteness checked)' if a.deep else ''}")
+    ok = n - len(bad & set(reader.manifest.files))
+    deep = " (deep: the pack against the model its config.json builds, every tensor rebuilt, shape and finiteness " \
+           "checked)" if a.deep else ""
+    print(f"{a.pack}: {ok}/{n} files ok{deep}" if not bad else f"{a.pack}: {ok}/{n} files ok, {len(bad)} with errors{deep}")
     return EXIT_VERIFY_FAILED if bad else 0
 
 
@@ -288,11 +292,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--all", action="store_true", help="list every tensor")
     s.set_defaults(fn=cmd_info)
 
-    s = sub.add_parser("verify", help="check every file's hash; --deep rebuilds every tensor",
+    s = sub.add_parser("verify", help="check every file's hash; --deep also checks the pack against its model and "
+                                      "rebuilds every tensor",
                        description="Exit 0 only if every file matches its manifest size and SHA-256 "
-                       "(and, with --deep, every tensor rebuilds to its shape with finite values).")
+                       "(and, with --deep, the pack holds exactly the weights the model its config.json builds needs, "
+                       "with their shapes and dtypes, every file exactly the tensors its manifest entries call for, "
+                       "its tokenizer loads, and every tensor rebuilds to its shape with finite values).")
     s.add_argument("pack")
-    s.add_argument("--deep", action="store_true")
+    s.add_argument("--deep", action="store_true", help="also check against the model (ucformat/SPEC.md section 7) "
+                                                       "and rebuild every tensor")
     s.set_defaults(fn=cmd_verify)
 
     s = sub.add_parser("eval", help="perplexity and agreement of a pack vs its base model",

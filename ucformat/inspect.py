@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 
 import torch
 
+from . import assets, conformance
 from .errors import PackError, TensorError
 from .reader import PackReader
 
@@ -39,7 +41,23 @@ def summary(reader: PackReader) -> dict:
 
 
 def verify(reader: PackReader, deep: bool = False) -> Iterator[tuple[str, PackError | None]]:
-    """Yield (file, error or None) for every file; deep also rebuilds every tensor and checks it."""
+    """Yield (file, error or None) for every file; deep also checks the pack against the model its config.json
+    builds (conformance.py; one (file, error) per difference, first) and rebuilds every tensor and checks it."""
+    if deep:
+        try:
+            differences = conformance.check(reader)
+        except PackError as exc:  # config.json unusable: nothing to check the tensors against
+            differences = [exc]
+        if not differences and assets.has_tokenizer(reader):
+            try:
+                assets.load_tokenizer(reader)
+            except PackError as exc:
+                differences = [exc]
+        for exc in differences:
+            yield _rel(reader, exc), exc
+    else:
+        differences = []
+    said = {str(exc) for exc in differences}
     for rel in reader.manifest.files:
         try:
             reader.check_file(rel, deep=True)
@@ -51,7 +69,16 @@ def verify(reader: PackReader, deep: bool = False) -> Iterator[tuple[str, PackEr
                         raise TensorError(str(reader.path / rel), name, "reconstructed tensor has NaN or Inf")
             yield rel, None
         except PackError as exc:
-            yield rel, exc
+            if str(exc) not in said:  # a truncated file is also a conformance difference: said once
+                yield rel, exc
+
+
+def _rel(reader: PackReader, exc: PackError) -> str:
+    """The pack file an error names, relative to the pack ("" when it names none)."""
+    path = getattr(exc, "path", None)
+    if path is None:
+        return ""
+    return os.path.relpath(path, reader.path)
 
 
 def _numel(shape) -> int:
