@@ -18,7 +18,8 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 from transformers import AutoTokenizer
 
-from ucformat import PackReader
+from ucformat import PackReader, conformance
+from ucformat.assets import load_tokenizer
 from ucformat.skeleton import Skeleton
 
 from . import layerwise
@@ -191,18 +192,20 @@ def compare(pack: TokenStats, base: TokenStats | None, ctx: int, windows: int, s
     return r
 
 
-def prepare_windows(pack: str | Path, text: str, cfg: EvalConfig) -> torch.Tensor:
+def prepare_windows(pack: str | Path, text: str, cfg: EvalConfig, tokenizer=None) -> torch.Tensor:
+    """Token windows of `text` by `tokenizer` (default: the one in the model folder `pack`)."""
     text = text.replace("\r\n", "\n")
     if cfg.articles:
         text = wikitext_articles(text, cfg.articles)
-    return make_windows(AutoTokenizer.from_pretrained(str(pack)), text, cfg.ctx, cfg.max_windows)
+    return make_windows(tokenizer or AutoTokenizer.from_pretrained(str(pack)), text, cfg.ctx, cfg.max_windows)
 
 
 def evaluate(pack: str | Path, text: str, base: str | Path | None = None, cfg: EvalConfig = EvalConfig(),
              progress: bool = True) -> EvalResult:
     t0 = time.perf_counter()
     reader = PackReader(pack)
-    windows = prepare_windows(pack, text, cfg)
+    conformance.require(reader)  # the pack is the model its config.json builds
+    windows = prepare_windows(pack, text, cfg, load_tokenizer(reader))
     sk = Skeleton(pack, dtype=torch.float32, device=cfg.device)
     base_stats = None
     if base is not None:

@@ -20,12 +20,13 @@ def cmd_plan(a) -> int:
 
 def cmd_generate(a) -> int:
     import torch
-    from transformers import AutoTokenizer
 
+    from .assets import load_tokenizer
+    from .reader import PackReader
     from .runtime import load
 
+    tok = load_tokenizer(PackReader(a.pack))  # first: a broken tokenizer fails before the weights load
     model = load(a.pack, device=a.device, residency=a.residency, vram_budget=a.vram_budget)
-    tok = AutoTokenizer.from_pretrained(a.pack)
     ids = tok(a.prompt, return_tensors="pt").input_ids.to(a.device)
     sample = a.temperature > 0
     if a.seed is not None:

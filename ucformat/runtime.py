@@ -14,6 +14,8 @@ from pathlib import Path
 
 import torch
 
+from . import conformance
+from .errors import PackError
 from .reader import PackReader
 from .residency import ResidencyPlan, make_plan
 from .skeleton import Skeleton
@@ -26,7 +28,9 @@ def default_dtype(device: str | torch.device) -> torch.dtype:
 
 def plan(pack: str | Path, device: str = "cpu", dtype: torch.dtype | None = None, residency: str = "dense",
          vram_budget: str | int | None = None) -> ResidencyPlan:
-    return make_plan(PackReader(pack, check_hashes=False), residency, device, dtype or default_dtype(device), vram_budget)
+    reader = PackReader(pack, check_hashes=False)
+    conformance.require(reader)
+    return make_plan(reader, residency, device, dtype or default_dtype(device), vram_budget)
 
 
 def load(pack: str | Path, device: str = "cpu", dtype: torch.dtype | None = None, residency: str = "dense",
@@ -46,13 +50,14 @@ def load(pack: str | Path, device: str = "cpu", dtype: torch.dtype | None = None
             avoid_cudnn_attention()
     dtype = dtype or default_dtype(device)
     reader = PackReader(pack)
+    conformance.require(reader)  # the pack is the model its config.json builds, before a weight is read
     the_plan = make_plan(reader, residency, device, dtype, vram_budget)
     sk = Skeleton(pack, dtype=dtype, device=device)
     runtime = Runtime(reader, sk, the_plan, prefetch=prefetch, progress=progress, per_expert=per_expert,
                       kernels=kernels)
     missing = [n for n in sk.missing() if not _is_streamed(n, the_plan, reader)]
     if missing:
-        raise RuntimeError(f"{pack}: weights missing after load: {missing[:5]}")
+        raise PackError(f"{pack}: weights missing after load: {missing[:5]}")
     sk.model.uc_runtime = runtime
     return sk.model
 
