@@ -30,7 +30,9 @@ class LocalServer:
 
         from server.app import AppState, build_app
         from server.config import EngineConfig, ServerConfig
+        from server.loader import check_pack
 
+        check_pack(pack)  # a bad pack is refused here in one line, as by `uc serve`, not after the server starts
         self.cfg = ServerConfig(pack=pack, port=free_port(), log_level="warning", engine=EngineConfig(**engine))
         self.state = AppState(self.cfg)
         app = build_app(self.cfg, state=self.state)

@@ -21,9 +21,11 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from ucformat.errors import PackError
+
 from . import __version__
-from .config import ServerConfig
-from .errors import APIError, BadRequest, InternalError, NotReady, Unauthorized
+from .config import LoadError, ServerConfig
+from .errors import APIError, BadRequest, InternalError, NotReady, PackUnusable, Unauthorized
 from .memory import memory_stats, weight_bytes
 from .metrics import Metrics
 from .protocol import (
@@ -50,6 +52,7 @@ class AppState:
     ready: bool = False
     draining: bool = False
     load_error: str | None = None
+    load_exception: BaseException | None = None
     created: int = 0
     on_load_failure: Callable[[], None] | None = None
     on_ready: Callable[[], None] | None = None
@@ -128,8 +131,11 @@ def load_in_background(state: AppState) -> threading.Thread:
             if state.on_ready:
                 state.on_ready()
         except Exception as exc:
-            log.exception("loading %s failed", state.cfg.pack)
-            state.load_error = f"{type(exc).__name__}: {exc}"
+            if isinstance(exc, (PackError, LoadError)):  # a bad pack or setting: its message says it all
+                log.error("loading %s failed: %s", state.cfg.pack, exc)
+            else:
+                log.exception("loading %s failed", state.cfg.pack)
+            state.load_error, state.load_exception = f"{type(exc).__name__}: {exc}", exc
             if state.on_load_failure:
                 state.on_load_failure()
 
@@ -173,6 +179,9 @@ def build_app(cfg: ServerConfig, engine=None, info=None, state: AppState | None 
         if not state.ready:
             msg = f"the model failed to load: {state.load_error}" if state.load_error else "the model is still loading"
             raise NotReady(msg, code="not_ready", headers={"Retry-After": "5"})
+        fault = state.engine.pack_fault()  # a sync dependency: runs in the threadpool, may re-hash a file
+        if fault is not None:
+            raise PackUnusable(state.info.pack if state.info is not None else cfg.pack, fault)
 
     # -- errors -------------------------------------------------------------------------------------------
     def count(request: Request, exc: APIError) -> None:

@@ -90,9 +90,11 @@ def cmd_serve(a) -> int:
     import logging
 
     from .launch import serve
+    from .loader import check_pack
 
     cfg = config_from_args(a)
     _serve_environment()
+    check_pack(cfg.pack)  # a pack that is not its model, or whose tokenizer does not load: refused before serving
     logging.getLogger().setLevel(cfg.log_level.upper())
     logging.getLogger("server").setLevel(cfg.log_level.upper())
     return serve(dataclasses.replace(cfg))

@@ -25,6 +25,8 @@ from typing import Callable
 
 import torch
 
+from ucformat.errors import PackError
+
 from .kv_cache import SlotKVCache
 from .memory import trim_heap
 from .runner import ModelRunner
@@ -52,8 +54,13 @@ class EngineStopped(EngineError):
 class Engine:
     def __init__(self, model, tokenizer, kv: SlotKVCache, *, max_num_seqs: int = 32, max_queue: int = 256,
                  max_model_len: int, prefill_chunk: int = 512, eos_token_ids: tuple[int, ...] = (),
-                 stats_sink: Callable[[object], None] | None = None, cuda_graphs: bool = True) -> None:
+                 stats_sink: Callable[[object], None] | None = None, cuda_graphs: bool = True,
+                 pack: str | None = None, probe: Callable[[], None] | None = None) -> None:
+        """`pack`: the pack the weights come from (named in errors); `probe`: re-checks the pack files still read
+        while serving and raises PackError if one is unusable (the runtime's check_files)."""
         self.model, self.tokenizer, self.kv = model, tokenizer, kv
+        self.pack, self.probe = pack, probe
+        self._fault: str | None = None  # why the pack could not be read, since a forward failed reading it
         self.runner = ModelRunner(model, kv, cuda_graphs=cuda_graphs)
         self.max_num_seqs, self.max_queue = max_num_seqs, max_queue
         self.max_model_len, self.prefill_chunk = max_model_len, prefill_chunk
@@ -112,6 +119,19 @@ class Engine:
             running=len(self.running) + len(self.prefilling), waiting=self._queued + self._preempted_waiting,
             kv_used_tokens=sum(s.cached for s in owners), kv_capacity_tokens=self.kv.budget_tokens,
             kv_allocated_bytes=self.kv.allocated_bytes, kv_budget_bytes=self.kv.budget_tokens * self.kv.shape.bytes_per_token)
+
+    def pack_fault(self) -> str | None:
+        """Why the pack can no longer be read, or None. Set when a forward fails reading it; cleared once the
+        probe finds its files usable again (a file restored), so readiness follows the files."""
+        if self._fault is not None and self.probe is not None:
+            try:
+                self.probe()
+            except PackError as exc:
+                self._fault = str(exc)
+            else:
+                log.info("the pack %s is readable again", self.pack)
+                self._fault = None
+        return self._fault
 
     def warmup(self, timeout: float = 600.0) -> None:
         """Generate one token through the whole path; raise if that fails."""
@@ -301,9 +321,7 @@ class Engine:
         try:
             logits = self.runner.prefill(segments, tokens, keep)
         except Exception as exc:
-            log.exception("prefill failed")
-            for seq, *_ in plan:
-                self._finish(seq, error="internal", message=f"internal error in prefill: {type(exc).__name__}: {exc}")
+            self._forward_failed([seq for seq, *_ in plan], "prefill", exc)
             return 0
         now = time.monotonic()
         finishing, rows = [], []
@@ -341,9 +359,7 @@ class Engine:
             logits = self.runner.decode([s.all_ids[-1] for s in seqs], [s.cached for s in seqs])
             toks, lps = self.sampler(logits, [s.rows for s in seqs])
         except Exception as exc:
-            log.exception("decode failed")
-            for seq in seqs:
-                self._finish(seq, error="internal", message=f"internal error in decode: {type(exc).__name__}: {exc}")
+            self._forward_failed(seqs, "decode", exc)
             return 0
         now = time.monotonic()
         for seq in seqs:
@@ -353,6 +369,19 @@ class Engine:
                 itls.append(now - seq.t_last)
             self._append(seq, tok, lp, now)
         return len(seqs)
+
+    def _forward_failed(self, seqs: list[Sequence], where: str, exc: Exception) -> None:
+        """Fail the sequences of a forward that raised; the engine goes on with the next step. A pack that could
+        not be read (a streamed layer's file altered or gone) is an error naming the pack, and marks it faulty."""
+        if isinstance(exc, PackError):
+            self._fault = str(exc)
+            log.error("%s failed reading the pack %s: %s", where, self.pack, exc)
+            error, message = "pack", f"the pack {self.pack} cannot be read: {exc}"
+        else:
+            log.exception("%s failed", where)
+            error, message = "internal", f"internal error in {where}: {type(exc).__name__}: {exc}"
+        for seq in seqs:
+            self._finish(seq, error=error, message=message)
 
     # -- tokens and outputs -----------------------------------------------------------------------------------
     def _append(self, seq: Sequence, tok: int, lp: TokenLogprob | None, now: float) -> None:

@@ -64,3 +64,20 @@ class Timeout(APIError):
 
 class InternalError(APIError):
     pass
+
+
+class PackUnreadable(InternalError):
+    """A forward failed reading the pack (a streamed layer's file altered or gone while serving)."""
+    reason = "pack"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, code="pack_unreadable")
+
+
+class PackUnusable(NotReady):
+    """Since a read failed, the pack's files still fail their check: not ready until they pass again."""
+    reason = "pack"
+
+    def __init__(self, pack: str, why: str) -> None:
+        super().__init__(f"the pack {pack} can no longer be read: {why}", code="pack_unusable",
+                         headers={"Retry-After": "5"})

@@ -12,6 +12,8 @@ import time
 
 import uvicorn
 
+from ucformat.errors import PackError
+
 from .app import AppState, build_app
 from .config import ServerConfig
 
@@ -60,7 +62,8 @@ def examples(cfg: ServerConfig) -> str:
 
 
 def serve(cfg: ServerConfig) -> int:
-    """Serve until stopped. Returns the process exit status (1 if the model failed to load)."""
+    """Serve until stopped. Returns the process exit status (1 if the model failed to load); a pack found bad
+    while loading (a weight file's hash) raises its PackError, which `uc` reports in one line."""
     state = AppState(cfg)
     app = build_app(cfg, state=state)
     config = uvicorn.Config(app, host=cfg.host, port=cfg.port, log_level=cfg.log_level,
@@ -73,6 +76,8 @@ def serve(cfg: ServerConfig) -> int:
     state.on_load_failure = failed
     state.on_ready = lambda: print(examples(cfg), flush=True)
     server.run()
+    if isinstance(state.load_exception, PackError):
+        raise state.load_exception
     if state.load_error:
         log.error("could not serve %s: %s", cfg.pack, state.load_error)
         return 1

@@ -85,16 +85,28 @@ def kv_budget(cfg: EngineConfig, device: str) -> int:
     return min(int(free * CPU_KV_SHARE), CPU_KV_MAX)
 
 
-def build_engine(pack: str, cfg: EngineConfig, name: str, stats_sink=None) -> tuple[Engine, ModelInfo]:
-    from transformers import AutoTokenizer
+def check_pack(pack: str) -> None:
+    """What `uc serve` checks before it starts (each a named error, so the command refuses with one line): the pack
+    is the model its config.json builds (ucformat/conformance.py) and its tokenizer loads. The weight files' hashes
+    are checked as the load reads them."""
+    from ucformat import PackReader, conformance
+    from ucformat.assets import load_tokenizer
 
+    reader = PackReader(pack, check_hashes=False)
+    conformance.require(reader)
+    load_tokenizer(reader)
+
+
+def build_engine(pack: str, cfg: EngineConfig, name: str, stats_sink=None) -> tuple[Engine, ModelInfo]:
     from ucformat import PackReader
+    from ucformat.assets import load_tokenizer
 
     reader = PackReader(pack, check_hashes=False)
     man = reader.manifest
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    config_dtype = reader.config_dict().get("dtype") or reader.config_dict().get("torch_dtype")
+    config = reader.config_dict()
+    config_dtype = config.get("dtype") or config.get("torch_dtype")
     dtype = resolve_dtype(cfg.dtype, cfg.device, config_dtype)
     cfg = dataclasses.replace(cfg, residency=resolve_residency(cfg.residency, cfg.device, dtype))
     model = load_model(pack, cfg, dtype)
@@ -104,7 +116,7 @@ def build_engine(pack: str, cfg: EngineConfig, name: str, stats_sink=None) -> tu
         n = prepack(model, batch_hint=min(cfg.max_num_seqs, 16), fuse=cfg.cpu_prepack == "fused")
         if n:
             log.info("prepacked %d linear weights for oneDNN", n)
-    tokenizer = AutoTokenizer.from_pretrained(pack)
+    tokenizer = load_tokenizer(reader)
     shape = KVShape.of(model.config, dtype, cfg.device)
     kv = SlotKVCache(shape, kv_budget(cfg, cfg.device), cfg.max_num_seqs)
     tc = getattr(model.config, "get_text_config", lambda: model.config)()
@@ -113,12 +125,13 @@ def build_engine(pack: str, cfg: EngineConfig, name: str, stats_sink=None) -> tu
     if max_len < 2:
         raise LoadError(f"the KV cache budget ({kv.budget_tokens} tokens) leaves no room; raise --kv-cache-memory")
     eos = _eos_ids(model, tokenizer)
+    runtime = getattr(model, "uc_runtime", None)
     engine = Engine(model, tokenizer, kv, max_num_seqs=cfg.max_num_seqs, max_queue=cfg.max_queue,
                     max_model_len=max_len, prefill_chunk=cfg.prefill_chunk, eos_token_ids=eos, stats_sink=stats_sink,
-                    cuda_graphs=cfg.cuda_graphs != "off")
+                    cuda_graphs=cfg.cuda_graphs != "off", pack=str(Path(pack).resolve()),
+                    probe=getattr(runtime, "check_files", None))
     quant = man.quant if isinstance(man.quant, dict) else {}
     stats = man.stats if isinstance(man.stats, dict) else {}
-    runtime = getattr(model, "uc_runtime", None)
     info = ModelInfo(
         name=name, pack=str(Path(pack).resolve()), format_version=str(man.version), codec=str(quant.get("codec", "")),
         bits=str(quant.get("bits", "")), bpw_allin=stats.get("bpw_allin"),

@@ -21,7 +21,7 @@ class SequenceOutput:
     logprobs: tuple[TokenLogprob, ...] = ()
     prompt_logprobs: tuple[TokenLogprob | None, ...] | None = None  # once, first output, when asked
     finish_reason: str | None = None  # "stop" | "length"
-    error: str | None = None  # "aborted" | "timeout" | "internal"
+    error: str | None = None  # "aborted" | "timeout" | "internal" | "pack" (reading the pack failed)
     error_message: str = ""
     num_prompt_tokens: int = 0
     num_output_tokens: int = 0

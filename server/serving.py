@@ -15,7 +15,9 @@ from functools import lru_cache
 from typing import AsyncIterator
 
 from .engine import EngineRequest, EngineStopped, QueueFull, SequenceOutput
-from .errors import APIError, BadRequest, ContextLengthExceeded, InternalError, NotFound, NotReady, Overloaded, Timeout
+from .errors import (
+    APIError, BadRequest, ContextLengthExceeded, InternalError, NotFound, NotReady, Overloaded, PackUnreadable, Timeout,
+)
 from .sampling import SamplingParams
 from .stats import RequestRecord
 
@@ -39,6 +41,8 @@ def failure_error(out: SequenceOutput) -> APIError:
         exc = Timeout(out.error_message, code="request_timeout")
     elif out.error == "aborted":
         exc = InternalError(out.error_message or "the request was aborted", code="aborted")
+    elif out.error == "pack":
+        exc = PackUnreadable(out.error_message)
     else:
         exc = InternalError(out.error_message or "internal error", code="internal_error")
     exc.counted = True

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 
 # How a request ended. Successes carry the OpenAI finish_reason; failures a reason of their own.
 SUCCESS_REASONS = ("stop", "length")
-FAILURE_REASONS = ("validation", "overloaded", "aborted", "timeout", "internal")
+FAILURE_REASONS = ("validation", "overloaded", "aborted", "timeout", "internal", "pack")
 
 
 @dataclass(frozen=True)

@@ -1,11 +1,14 @@
 """The `uc` command line: one-line errors with non-zero exits, verify exit codes, info and --help."""
 
 import json
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
+from conftest import replace_file
 from ucformat.manifest import layer_file
 
 
@@ -74,3 +77,87 @@ def test_pickle_only_checkpoint_is_refused(tmp_path):
 def test_help_explains():
     out = uc("pack", "--help")
     assert out.returncode == 0 and "--resume" in out.stdout and "default 4" in out.stdout
+
+
+# -- damaged config.json and tokenizer files: every command ends in one line -----------------------------------
+def _config_with(pack, **changes):
+    cfg = json.loads((pack / "config.json").read_text())
+    for k, v in changes.items():
+        cfg.pop(k) if v is None else cfg.__setitem__(k, v)
+    return json.dumps(cfg).encode()
+
+
+# damage -> (how, what the error line says); "consistent" ones refresh the manifest's size and hash
+DAMAGE = {
+    "config not JSON": (lambda p: replace_file(p, "config.json", b"{nope"), "config.json: not JSON"),
+    "config without model_type": (lambda p: replace_file(p, "config.json", _config_with(p, model_type=None)),
+                                  "Should have a `model_type` key"),
+    "config with a string size": (lambda p: replace_file(p, "config.json", _config_with(p, hidden_size="64")),
+                                  "config.json: not a config transformers can load (StrictDataclassFieldValidationError"),
+    "config of another width": (lambda p: replace_file(p, "config.json", _config_with(p, hidden_size=128)),
+                                "needs [49152, 128]"),
+    "config altered": (lambda p: replace_file(p, "config.json", _config_with(p, rope_theta=1.0), consistent=False),
+                       "config.json: size is"),
+    "tokenizer unloadable": (lambda p: replace_file(p, "tokenizer.json", b"{}"),
+                             "the pack's tokenizer cannot be loaded (KeyError: 'added_tokens')"),
+    "tokenizer altered": (lambda p: replace_file(p, "tokenizer.json", b"{}", consistent=False), "tokenizer.json: size is"),
+    "tokenizer missing": (lambda p: (p / "tokenizer.json").unlink(), "tokenizer.json: file listed in the manifest is "
+                                                                     "missing"),
+}
+
+
+@pytest.fixture(scope="module")
+def damaged(tiny_chat_pack, tmp_path_factory):
+    root = tmp_path_factory.mktemp("damaged")
+    out = {}
+    for label, (how, _) in DAMAGE.items():
+        pack = Path(shutil.copytree(tiny_chat_pack, root / label.replace(" ", "-")))
+        how(pack)
+        out[label] = pack
+    return out
+
+
+def run_main(monkeypatch, capsys, *args) -> subprocess.CompletedProcess:
+    """`uc ARGS` in this process (a subprocess each would cost seconds of imports): its exit code and output."""
+    import logging
+
+    from uc.cli import main
+
+    monkeypatch.setattr(logging, "basicConfig", lambda **kw: None)  # no root handler bound to capsys' stream
+    code = main([str(a) for a in args])
+    out = capsys.readouterr()
+    return subprocess.CompletedProcess(args, code, out.out, out.err)
+
+
+@pytest.mark.parametrize("label", DAMAGE)
+@pytest.mark.parametrize("command", ["generate", "eval", "info", "verify", "chat"])
+def test_damaged_config_or_tokenizer_ends_in_one_line(command, label, damaged, tmp_path, monkeypatch, capsys):
+    pack, needle = damaged[label], DAMAGE[label][1]
+    if command == "info" and label.startswith("tokenizer"):
+        assert run_main(monkeypatch, capsys, "info", pack).returncode == 0  # info shows the pack; it needs no tokenizer
+        return
+    if command == "verify":
+        out = run_main(monkeypatch, capsys, "verify", pack, "--deep")
+        assert out.returncode == 1 and "Traceback" not in out.stderr
+        assert needle in next(ln for ln in out.stdout.splitlines() if ln.startswith("FAIL"))
+        return
+    text = tmp_path / "t.txt"
+    text.write_text("The capital of France is Paris. " * 20)
+    args = {"generate": [pack, "Hi", "--max-tokens", "2"],
+            "eval": [pack, "--text", text, "--max-windows", "1", "--ctx", "16", "-q"], "info": [pack],
+            "chat": [pack]}[command]  # (`uc serve`: tests/test_server_faults.py, a process of its own)
+    _one_line_error(run_main(monkeypatch, capsys, command, *args), needle)
+
+
+def test_undamaged_pack_runs_every_command(tiny_chat_pack, tmp_path, monkeypatch, capsys):
+    text = tmp_path / "t.txt"
+    text.write_text("The capital of France is Paris. " * 20)
+    assert run_main(monkeypatch, capsys, "generate", tiny_chat_pack, "Hi", "--max-tokens", "2").returncode == 0
+    assert run_main(monkeypatch, capsys, "eval", tiny_chat_pack, "--text", text, "--max-windows", "1", "--ctx", "16",
+                    "-q").returncode == 0
+    assert run_main(monkeypatch, capsys, "info", tiny_chat_pack).returncode == 0
+    assert run_main(monkeypatch, capsys, "verify", tiny_chat_pack, "--deep").returncode == 0
+
+
+def test_damaged_pack_is_one_line_in_a_real_process(damaged):
+    _one_line_error(uc("generate", damaged["config without model_type"], "Hi"), "Should have a `model_type` key")

@@ -225,6 +225,15 @@ class Runtime:
             self._transferred += parts_bytes(parts)
         return parts
 
+    def check_files(self) -> None:
+        """Re-check every pack file still read while serving (the streamed layers' on the CPU; on CUDA they were
+        copied to pinned memory at load): a stat each, a re-hash where it changed. Raises the file's PackError."""
+        if self.cuda:
+            return
+        for p in self.plan.layers:
+            if p.where == "host":
+                self.reader.check_file(layer_file(p.index))
+
     def _readahead(self, index: int) -> None:
         """CPU: ask the kernel to bring the layer's file into the page cache in the background."""
         if fadvise(self.reader.path / layer_file(index), "WILLNEED"):
