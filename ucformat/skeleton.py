@@ -53,7 +53,8 @@ class Skeleton:
                 hf_logging.enable_progress_bar()
         if getattr(self.model.config, "tie_word_embeddings", False) or _text_cfg(self.model.config).get("tie_word_embeddings"):
             out, inp = self.model.get_output_embeddings(), self.model.get_input_embeddings()
-            if out is not None and out.weight.device.type == "meta" and inp.weight.device.type != "meta":
+            # (a head computed from an 8-bit copy, qhead.py, is a QuantLinear: it has no weight to tie)
+            if getattr(out, "weight", None) is not None and out.weight.device.type == "meta" and inp.weight.device.type != "meta":
                 out.weight = inp.weight
         # weights are constants here: calibration differentiates w.r.t. activations only, and a parameter
         # that required grad would make every backward also build its weight gradient (a 262k-token
