@@ -6,15 +6,17 @@
 Three tables, one process, on the server's compute dtype for this CPU (`--dtype auto`: bfloat16 where the
 CPU multiplies it natively, float32 elsewhere) and with `uc serve`'s OpenMP setting (GOMP_SPINCOUNT):
 1. memory bandwidth: a large float32 copy and a sum, the yardstick for "bytes read per second";
-2. GEMV: each distinct linear shape of the models, the pack's own quantized weights (layer 0) and two
-   7B-class shapes (random weights, same codec), at 1 and 8 activation rows: the code kernel against the
+2. GEMV: each distinct linear shape of the models, the pack's own quantized weights (layer 0), the output
+   head's 8-bit copy and two 7B-class shapes (random weights, same codec), at 1 and 8 activation rows:
+   the code kernel (integer and float activations) against the
    dense float32 and bfloat16 matmul of the same shape and against reconstruct + matmul (what `packed`
    did before), with the packed bytes read per second; then the rows at which reconstruct + GEMM
    overtakes the kernel (the crossover qmatmul.CPU_MAX_ROWS stands for);
 3. decode: the engine's decode step (server/runner.py: the lean step, slot KV cache, 64 cached tokens per
-   row) at batch 1 and 8 for dense, packed and stream at 25% of the dense weights, and packed with the
-   kernels off (every weight rebuilt per step). The variants take turns within each round, so a machine
-   whose speed drifts favours none of them; medians of the rounds.
+   row) at batch 1 and 8 for dense, packed and stream at 25% of the dense weights (integer activations,
+   the default), and packed with float activations (UC_CPU_ACT=float). The variants take turns within
+   each round, so a machine whose speed drifts favours none of them; medians of the rounds;
+4. greedy text from the codes against dense, and where it parts, dense's margin there.
 Writes bench/results/qkernels.json and the "qkernels" section of docs/BENCHMARKS.md with --write.
 """
 
@@ -70,19 +72,35 @@ def bandwidth() -> dict:
     return {"copy_gb_s": 2 * a.numel() * 4 / copy / 1e9, "read_gb_s": a.numel() * 4 / total / 1e9}
 
 
-def gemv_row(label: str, q: qtensor.QuantizedTensor, dtype: torch.dtype, rows: int, bw: float) -> list:
+def gemv_row(label: str, q: qtensor.QuantizedTensor, dtype: torch.dtype, rows: int, bw: float,
+             w32: torch.Tensor | None = None) -> list:
+    """One weight at `rows` activation rows: the kernel with integer and with float activations, the dense
+    float32 / bfloat16 matmul (of w32 when given: a float head, against its 8-bit copy q) and rebuild."""
     n, k = q.shape
-    w32 = qtensor.dequantize(q)
+    w32 = qtensor.dequantize(q) if w32 is None else w32.float()
     w16 = w32.bfloat16()
     x = torch.randn(rows, k).to(dtype)
-    t_q = timed(lambda: qmatmul.linear(x, q))
+    t_q = timed(lambda: cpu_qgemv.linear(x, q, act="int16"))
+    t_qf = timed(lambda: cpu_qgemv.linear(x, q, act="float"))
     t_f32 = timed(lambda: F.linear(x.float(), w32))
     t_bf16 = timed(lambda: F.linear(x.bfloat16(), w16))
     t_rebuild = timed(lambda: F.linear(x, qtensor.dequantize(q, dtype)))
     packed = q.codes.numel() + q.scales.numel() * 2 + q.grid.numel() * 4
-    return [label, f"{n}x{k}", q.bits, rows, f"{t_q * 1e3:.3f}", f"{t_f32 * 1e3:.3f}", f"{t_bf16 * 1e3:.3f}",
-            f"{t_rebuild * 1e3:.3f}", f"{t_f32 / t_q:.2f}x", f"{t_bf16 / t_q:.2f}x", f"{packed / t_q / 1e9:.2f}",
-            f"{packed / (bw * 1e9) / t_q:.0%}"]
+    return [label, f"{n}x{k}", q.bits, rows, f"{t_q * 1e3:.3f}", f"{t_qf * 1e3:.3f}", f"{t_f32 * 1e3:.3f}",
+            f"{t_bf16 * 1e3:.3f}", f"{t_rebuild * 1e3:.3f}", f"{t_qf / t_q:.2f}x", f"{t_f32 / t_q:.2f}x",
+            f"{packed / t_q / 1e9:.2f}", f"{packed / (bw * 1e9) / t_q:.0%}"]
+
+
+def head_rows(pack: Path, model: str, dtype: torch.dtype, bw: float) -> list:
+    """The output head (a float tensor in the pack) against its 8-bit copy (qhead.py), at 1 and 8 rows."""
+    from ucformat import qhead
+
+    r = PackReader(pack)
+    sd = r.nonlayer_state_dict(torch.float32, "cpu")
+    name = "lm_head.weight" if "lm_head.weight" in sd else next(n for n in sd if n.endswith("embed_tokens.weight"))
+    w = sd[name]
+    q = qhead.int8_copy(w)
+    return [gemv_row(f"{model} output head (8-bit copy)", q, dtype, rows, bw, w32=w) for rows in (1, 8)]
 
 
 def crossover(q: qtensor.QuantizedTensor, dtype: torch.dtype) -> int | None:
@@ -117,19 +135,35 @@ def decode_rows(pack: Path, dtype: torch.dtype, rounds: int) -> dict:
     from server.runner import ModelRunner
     from ucformat import runtime
 
-    variants = {"dense": ("dense", None, True), "packed": ("packed", None, True), "stream 25%": ("stream", "25%", True),
-                "packed, kernels off": ("packed", None, False)}
+    variants = {"dense": ("dense", None, "int16"), "packed": ("packed", None, "int16"),
+                "packed, float": ("packed", None, "float"), "stream 25%": ("stream", "25%", "int16")}
     floor = runtime.plan(pack, residency="dense").min_stream_bytes
     dense_bytes = runtime.plan(pack, residency="dense").dense_model_bytes
     runners = {}
-    for name, (mode, budget, kernels) in variants.items():
+    for name, (mode, budget, act) in variants.items():
         if budget and dense_bytes * 0.25 < floor:
             budget = floor
-        m = runtime.load(pack, device="cpu", dtype=dtype, residency=mode, vram_budget=budget, kernels=kernels)
+        cpu_qgemv.ACT = act  # at load: the 8-bit head copy goes with integer activations
+        m = runtime.load(pack, device="cpu", dtype=dtype, residency=mode, vram_budget=budget)
         kv = SlotKVCache(KVShape.of(m.config, dtype, "cpu"), 256 << 20, 8)
         kv.ensure(8, 128, 0, 0)
-        runners[name] = ModelRunner(m, kv)
+        runners[name] = WithAct(ModelRunner(m, kv), act)
+    cpu_qgemv.ACT = "int16"
     return {batch: step_medians(runners, [100 + r for r in range(batch)], [64] * batch, rounds) for batch in (1, 8)}
+
+
+class WithAct:
+    """A runner whose decode steps run with its own UC_CPU_ACT arithmetic (cpu_qgemv.ACT, read per call)."""
+
+    def __init__(self, runner, act: str) -> None:
+        self.runner, self.act = runner, act
+
+    def decode(self, toks, lens):
+        cpu_qgemv.ACT = self.act
+        try:
+            return self.runner.decode(toks, lens)
+        finally:
+            cpu_qgemv.ACT = "int16"
 
 
 PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time, in a land far away,",
@@ -146,19 +180,25 @@ def greedy(pack: Path, dtype: torch.dtype, tokens: int = 32) -> dict:
     tok = AutoTokenizer.from_pretrained(pack)
     floor = runtime.plan(pack, residency="dense").min_stream_bytes
     budget = max(floor, int(runtime.plan(pack, residency="dense").dense_model_bytes * 0.25))
-    outs = {}
+    outs, models = {}, {}
     for mode, vram in (("dense", None), ("packed", None), ("stream", budget)):
-        m = runtime.load(pack, device="cpu", dtype=dtype, residency=mode, vram_budget=vram)
+        m = models[mode] = runtime.load(pack, device="cpu", dtype=dtype, residency=mode, vram_budget=vram)
         with torch.inference_mode():
             outs[mode] = [m.generate(**tok(p, return_tensors="pt"), max_new_tokens=tokens, do_sample=False,
                                      pad_token_id=tok.eos_token_id)[0].tolist() for p in PROMPTS]
-        m.uc_runtime.close()
     res = {}
     for mode in ("packed", "stream"):
         same = sum(a == b for a, b in zip(outs[mode], outs["dense"]))
-        parts = [next(i for i, (x, y) in enumerate(zip(a, b)) if x != y) - len(tok(p).input_ids)
-                 for p, a, b in zip(PROMPTS, outs[mode], outs["dense"]) if a != b]
-        res[mode] = f"{same}/{len(PROMPTS)}" + (f" (others part at token {', '.join(map(str, parts))})" if parts else "")
+        parts = []
+        for p, a, b in zip(PROMPTS, outs[mode], outs["dense"]):
+            if a != b:  # where they part, and by how much dense's first choice led its second there
+                at = next(i for i, (x, y) in enumerate(zip(a, b)) if x != y)
+                with torch.inference_mode():
+                    top = models["dense"](torch.tensor([b[:at]])).logits[0, -1].float().topk(2).values
+                parts.append(f"{at - len(tok(p).input_ids)} (dense margin {(top[0] - top[1]).item():.2f})")
+        res[mode] = f"{same}/{len(PROMPTS)}" + (f"; others part at token {', '.join(parts)}" if parts else "")
+    for m in models.values():
+        m.uc_runtime.close()
     return res
 
 
@@ -191,6 +231,10 @@ def main() -> int:
                 for rows in (1, 8):
                     gemv.append(gemv_row(f"{model} {name}", q, dtype, rows, bw["read_gb_s"]))
                     print(gemv[-1], flush=True)
+            if bits == a.bits[0]:
+                for row in head_rows(pack, model, dtype, bw["read_gb_s"]):
+                    gemv.append(row)
+                    print(row, flush=True)
             big = max(weights.values(), key=lambda q: q.shape[0] * q.shape[1])
             cross.append([model, f"{big.shape[0]}x{big.shape[1]}", bits, crossover(big, dtype)])
             g = greedy(pack, dtype)
@@ -199,8 +243,8 @@ def main() -> int:
             steps = decode_rows(pack, dtype, a.rounds)
             for batch, t in steps.items():
                 decode.append([model, bits, batch, *(f"{batch / v:.1f}" for v in t.values()),
-                               f"{t['dense'] / t['packed']:.2f}x", f"{t['dense'] / t['stream 25%']:.2f}x",
-                               f"{t['packed, kernels off'] / t['packed']:.2f}x"])
+                               f"{t['dense'] / t['packed']:.2f}x", f"{t['dense'] / t['packed, float']:.2f}x",
+                               f"{t['dense'] / t['stream 25%']:.2f}x"])
                 print(decode[-1], flush=True)
         g = torch.Generator().manual_seed(0)
         for label, (n, k) in BIG.items():
@@ -228,21 +272,28 @@ def report(res: dict) -> str:
         f"{res['dtype'].removeprefix('torch.')} (the server's `--dtype auto` here), GOMP_SPINCOUNT=20000. Memory "
         f"bandwidth measured in the same run: {bw['copy_gb_s']:.1f} GB/s copying (read + write), "
         f"{bw['read_gb_s']:.1f} GB/s reading (sum of 256 MiB).", "",
-        "GEMV: median ms of one call; `codes` is qmatmul.linear (the native kernel), `rebuild` reconstructs the "
-        "weight then multiplies (the old packed path); packed GB/s = (codes + scales + grid bytes) / time of "
-        "`codes`; % of read bw = the time to read those bytes at the measured rate / that time.", "",
-        table(["weight", "shape", "bits", "rows", "codes ms", "dense fp32 ms", "dense bf16 ms", "rebuild ms",
-               "vs fp32", "vs bf16", "packed GB/s", "% of read bw"], res["gemv"]), "",
+        "GEMV: median ms of one call of the native kernel from the codes, with integer activations (`int16`, "
+        "the default: 15-bit activations per block, 12-bit grid) and with float ones (`float`, UC_CPU_ACT=float); "
+        "`rebuild` reconstructs the weight then multiplies (the path for long prompts); the output heads are the "
+        "pack's float weight (dense columns) against its 8-bit copy (qhead.py); packed GB/s = (codes + scales + "
+        "grid bytes) / time of `int16`; % of read bw = the time to read those bytes at the measured rate / that "
+        "time.", "",
+        table(["weight", "shape", "bits", "rows", "int16 ms", "float ms", "dense fp32 ms", "dense bf16 ms",
+               "rebuild ms", "int16 vs float", "int16 vs fp32", "packed GB/s", "% of read bw"], res["gemv"]), "",
         "Crossover: fewest activation rows at which reconstruct + GEMM beats the kernel on the model's largest "
         f"matrix (kernel used up to qmatmul.CPU_MAX_ROWS = {qmatmul.CPU_MAX_ROWS} rows):", "",
         table(["model", "shape", "bits", "rebuild faster from rows"],
               [[*c[:3], c[3] or "> 128"] for c in res["crossover"]]), "",
         "Decode: tokens/s of the engine's decode step (batch x steps / time), 64 cached tokens per row; "
-        f"median of {res['rounds']} rounds in which the variants take turns.", "",
-        table(["model", "bits", "batch", "dense", "packed", "stream 25%", "packed, kernels off", "packed / dense",
-               "stream / dense", "kernels on / off"], res["decode"]), "",
+        f"median of {res['rounds']} rounds in which the variants take turns. `packed` and `stream 25%` run "
+        "the defaults (integer activations, the head from its 8-bit copy); `packed, float` runs "
+        "UC_CPU_ACT=float (float activations, the float head).", "",
+        table(["model", "bits", "batch", "dense", "packed", "packed, float", "stream 25%", "packed / dense",
+               "packed float / dense", "stream / dense"], res["decode"]), "",
         "Greedy text: 32 tokens from each of 4 prompts (bench/qkernels.py PROMPTS) with transformers' generate on "
-        "the loaded pack, from the codes against `dense` (the reconstructed weights):", "",
+        "the loaded pack, from the codes (defaults) against `dense` (the reconstructed weights); where a "
+        "continuation parts from dense's, the token and dense's own lead of its first choice over its second "
+        "there (logits):", "",
         table(["model", "bits", "packed: identical to dense", "stream 25%: identical to dense"], res["greedy"]), "",
         f"Command: `{res['command']}`"])
 
