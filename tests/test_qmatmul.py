@@ -102,6 +102,17 @@ def test_integer_path_matches_its_reference(bits):
             close(y, reference(x, q), 1e-3)
 
 
+@pytest.mark.parametrize("bits", [3, 4, 6])
+def test_integer_path_rows_do_not_depend_on_the_batch(bits):
+    """Each activation row is rounded on its own and summed exactly: a row's output is the same bits alone
+    or among others (tiles of 1, 2 and 4 rows), unlike the float path's tile-dependent order."""
+    q = weight(40, 256, bits, 64, 64)
+    x = torch.randn(7, 256, generator=torch.Generator().manual_seed(4))
+    together = cpu_qgemv.linear(x, q, act="int16")
+    for i in range(7):
+        assert torch.equal(cpu_qgemv.linear(x[i:i + 1], q, act="int16")[0], together[i])
+
+
 def test_integer_path_keeps_outliers():
     """Activations with one outlier per block 200x the rest (as on SmolLM2): 15-bit rounding keeps the
     small values to about 1% each, so the sum stays within 1e-3; 8 bits would lose them."""

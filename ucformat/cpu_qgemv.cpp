@@ -33,6 +33,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #if defined(__x86_64__) && defined(__GNUC__)
@@ -449,21 +450,30 @@ inline void bl_row(const ByteTables& bt, const Args& a, const uint8_t* row, cons
   for (int m = 0; m < MT; ++m) a.y[(m0 + m) * a.N + r] = hsum(tot[m]);
 }
 
-template <int BITS>
-void bl_rows(const Args& a, int64_t r0, int64_t r1) {
-  ByteTables bt;
-  bl_tables(a.grid, BITS, bt);
+// Rows [r0, r1) of W against every activation row in tiles of 4, 2, 1 (the row's codes stay in L1 for the
+// later tiles): row_fn(row codes, row scales, r, first activation row, tile size as a type).
+template <class RowFn>
+inline void row_tiles(const Args& a, int64_t r0, int64_t r1, RowFn&& row_fn) {
   const uint16_t* scales = reinterpret_cast<const uint16_t*>(a.scales);
-  for (int64_t r = r0; r < r1; ++r) {  // the row's codes stay in L1 for the later tiles of activations
+  for (int64_t r = r0; r < r1; ++r) {
     const uint8_t* row = a.codes + r * a.nbytes;
     const uint16_t* srow = scales + r * a.nb;
     for (int64_t m = 0; m < a.M;) {
       const int64_t left = a.M - m;
-      if (left >= 4) { bl_row<BITS, 4>(bt, a, row, srow, r, m); m += 4; }
-      else if (left >= 2) { bl_row<BITS, 2>(bt, a, row, srow, r, m); m += 2; }
-      else { bl_row<BITS, 1>(bt, a, row, srow, r, m); m += 1; }
+      if (left >= 4) { row_fn(row, srow, r, m, std::integral_constant<int, 4>{}); m += 4; }
+      else if (left >= 2) { row_fn(row, srow, r, m, std::integral_constant<int, 2>{}); m += 2; }
+      else { row_fn(row, srow, r, m, std::integral_constant<int, 1>{}); m += 1; }
     }
   }
+}
+
+template <int BITS>
+void bl_rows(const Args& a, int64_t r0, int64_t r1) {
+  ByteTables bt;
+  bl_tables(a.grid, BITS, bt);
+  row_tiles(a, r0, r1, [&](const uint8_t* row, const uint16_t* srow, int64_t r, int64_t m, auto mt) {
+    bl_row<BITS, decltype(mt)::value>(bt, a, row, srow, r, m);
+  });
 }
 
 // ---- AVX2, integer activations (b <= 6): integer dot products --------------------------------------------
@@ -580,17 +590,9 @@ void i16_rows(const Args& a, int64_t r0, int64_t r1) {
   if constexpr (BITS >= 2 && BITS <= 8) {
     I16Tables it;
     const float gs = BITS == 8 ? 1.f : i16_tables(a.grid, BITS, it);  // b = 8: the integer grid
-    const uint16_t* scales = reinterpret_cast<const uint16_t*>(a.scales);
-    for (int64_t r = r0; r < r1; ++r) {  // the row's codes stay in L1 for the later tiles of activations
-      const uint8_t* row = a.codes + r * a.nbytes;
-      const uint16_t* srow = scales + r * a.nb;
-      for (int64_t m = 0; m < a.M;) {
-        const int64_t left = a.M - m;
-        if (left >= 4) { i16_row<BITS, 4>(it, gs, a, row, srow, r, m); m += 4; }
-        else if (left >= 2) { i16_row<BITS, 2>(it, gs, a, row, srow, r, m); m += 2; }
-        else { i16_row<BITS, 1>(it, gs, a, row, srow, r, m); m += 1; }
-      }
-    }
+    row_tiles(a, r0, r1, [&](const uint8_t* row, const uint16_t* srow, int64_t r, int64_t m, auto mt) {
+      i16_row<BITS, decltype(mt)::value>(it, gs, a, row, srow, r, m);
+    });
   }
 }
 
