@@ -208,3 +208,21 @@ def test_no_native_build_falls_back_to_rebuild():
     r = subprocess.run([sys.executable, "-c", code], env={**os.environ, "UC_NATIVE": "0"}, capture_output=True,
                        text=True)
     assert r.returncode == 0 and "fallback ok" in r.stdout, r.stderr
+
+
+def test_quantlinear_binds_its_parts_and_computes_what_qmatmul_does():
+    """QuantLinear calls the kernel with its parts bound (decode rows on the CPU), bound again whenever the
+    runtime attaches other parts or another bias; above the row limit it goes through qmatmul.linear."""
+    from ucformat.qlinear import QuantLinear
+
+    q1, q2 = weight(40, 256, 4, 64, 0), weight(40, 256, 5, 64, 64, seed=1)
+    lin = QuantLinear(torch.nn.Linear(256, 40))
+    lin.q, lin.bias = q1, torch.nn.Parameter(torch.randn(40))
+    x = torch.randn(2, 3, 256)
+    assert torch.equal(lin(x), qmatmul.linear(x, q1, lin.bias))
+    lin.q = q2
+    assert torch.equal(lin(x), qmatmul.linear(x, q2, lin.bias))
+    lin.bias = torch.nn.Parameter(torch.zeros(40))
+    assert torch.equal(lin(x), qmatmul.linear(x, q2, lin.bias))
+    long = torch.randn(qmatmul.CPU_MAX_ROWS + 1, 256)
+    assert torch.equal(lin(long), qmatmul.linear(long, q2, lin.bias))

@@ -675,7 +675,7 @@ void narrow(const float* src, T* dst, int64_t n) {
   for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<T>(src[i]);
 }
 
-// x [M, K] (float32, bfloat16 or float16); codes uint8 [N, ceil(K/8)*bits]; scales float16 [N, ceil(K/block)];
+// x [..., K] (float32, bfloat16 or float16; leading dimensions kept); codes uint8 [N, ceil(K/8)*bits]; scales float16 [N, ceil(K/block)];
 // grid float32 [2^bits]; signs uint8 [ceil(K/8)] with rotation n > 0 (else empty); bias [N] or empty.
 // isa: -1 the best this CPU has, else at most 0 scalar / 1 AVX2 / 2 AVX-512 (tests). -> [M, N] in x's dtype,
 // or float32 with `float_out`. Sums are float32 throughout; inputs and outputs are converted here, on the way
@@ -683,7 +683,10 @@ void narrow(const float* src, T* dst, int64_t n) {
 torch::Tensor qgemv(torch::Tensor x, torch::Tensor codes, torch::Tensor scales, torch::Tensor grid, int64_t bits,
                     int64_t block, torch::Tensor signs, int64_t rotation, torch::Tensor bias, int64_t isa,
                     bool float_out, bool act_int) {
-  TORCH_CHECK(x.dim() == 2 && codes.dim() == 2 && scales.dim() == 2, "x, codes and scales must be 2-D");
+  TORCH_CHECK(x.dim() >= 1 && codes.dim() == 2 && scales.dim() == 2, "codes and scales must be 2-D");
+  std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());  // [..., K] -> [..., N]
+  out_shape.back() = codes.size(0);
+  x = x.reshape({-1, x.size(-1)});
   TORCH_CHECK(codes.scalar_type() == torch::kUInt8 && scales.scalar_type() == torch::kHalf &&
               grid.scalar_type() == torch::kFloat, "codes uint8, scales float16, grid float32");
   TORCH_CHECK(codes.is_contiguous() && scales.is_contiguous() && grid.is_contiguous(), "parts must be contiguous");
@@ -814,7 +817,7 @@ torch::Tensor qgemv(torch::Tensor x, torch::Tensor codes, torch::Tensor scales, 
       else if (out_type == torch::kHalf) narrow(row + r0, y.data_ptr<at::Half>() + m * a.N + r0, r1 - r0);
     }
   });
-  return y;
+  return y.view(out_shape);
 }
 
 int64_t isa() { return cpu_isa(); }

@@ -77,6 +77,16 @@ def supports(q: QuantizedTensor) -> bool:
             and q.grid.dtype == torch.float32 and not q.grid.requires_grad and not q.scales.requires_grad)
 
 
+def bound(q: QuantizedTensor, bias: torch.Tensor | None = None):
+    """linear(x, q, bias) with q's parts bound once: x [..., K] -> [..., N] in x's dtype (UC_CPU_ACT read per
+    call)."""
+    mod, grid = _module(), q.grid.reshape(-1)
+    signs = q.rot_signs if q.rotation else _EMPTY
+    b = _EMPTY if bias is None else bias
+    codes, scales, bits, block, rotation = q.codes, q.scales, q.bits, q.block_size, q.rotation
+    return lambda x: mod.qgemv(x, codes, scales, grid, bits, block, signs, rotation, b, _CAP, False, ACT == "int16")
+
+
 def linear(x: torch.Tensor, q: QuantizedTensor, bias: torch.Tensor | None = None, isa: str | None = None,
            float_out: bool = False, act: str | None = None) -> torch.Tensor:
     """x [M, K] -> [M, N] in x's dtype (float32 with `float_out`): x times the codebook part of q (rotation

@@ -37,6 +37,11 @@ def rows_limit(device: torch.device) -> int:
     return GPU_MAX_ROWS if device.type == "cuda" else CPU_MAX_ROWS
 
 
+def cpu_rows() -> int:
+    """rows_limit on the CPU."""
+    return CPU_MAX_ROWS if _ENV_ROWS is None else _ENV_ROWS
+
+
 def path(x2: torch.Tensor, q: QuantizedTensor) -> str:
     """'cpu', 'triton' or 'rebuild' for activations x2 [M, K] against q."""
     kind = x2.device.type
@@ -68,6 +73,15 @@ def linear(x: torch.Tensor, q: QuantizedTensor, bias: torch.Tensor | None = None
     if not plain:
         y = corrections(y, x2, q, bias).to(x.dtype)
     return y.reshape(*lead, y.shape[-1])
+
+
+def cpu_call(q: QuantizedTensor, bias: torch.Tensor | None):
+    """For a plain 2-D q (no overlay, no low-rank term) that the native CPU kernel takes: x [..., K] -> y, the
+    `cpu` path of linear() with its arguments bound (rows up to cpu_rows(): the caller checks). None
+    otherwise."""
+    if len(q.shape) != 2 or q.ov_rows is not None or q.rank or not (cpu_qgemv.supports(q) and cpu_qgemv.available()[0]):
+        return None
+    return cpu_qgemv.bound(q, bias)
 
 
 def corrections(y: torch.Tensor, x2: torch.Tensor, q: QuantizedTensor, bias: torch.Tensor | None) -> torch.Tensor:
