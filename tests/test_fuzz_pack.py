@@ -100,6 +100,14 @@ HOSTILE = st.one_of(st.none(), st.booleans(), st.integers(-3, 3), st.sampled_fro
                     st.dictionaries(st.text(max_size=3), st.integers(), max_size=2))
 
 
+def _maybe_refresh(pack: Path, rel: str, draw) -> str:
+    """Whether the manifest is made to vouch for the altered file (its size and hash refreshed): drawn."""
+    if draw(st.booleans()):
+        _refresh(pack, rel)
+        return "consistent"
+    return "inconsistent"
+
+
 # -- alterations: each takes the pack and hypothesis' draw, returns a label -----------------------------------
 def flip(pack: Path, draw) -> str:
     rel = draw(st.sampled_from(_tensor_files(pack) + [MANIFEST_NAME, "config.json"]))
@@ -108,20 +116,14 @@ def flip(pack: Path, draw) -> str:
     at = draw(st.one_of(st.integers(0, min(n8, len(data)) - 1), st.integers(0, len(data) - 1)))
     data[at] ^= draw(st.integers(1, 255))
     _write(pack / rel, bytes(data))
-    consistent = rel != MANIFEST_NAME and draw(st.booleans())
-    if consistent:
-        _refresh(pack, rel)
-    return f"flip {'consistent' if consistent else 'inconsistent'}"
+    return f"flip {_maybe_refresh(pack, rel, draw) if rel != MANIFEST_NAME else 'inconsistent'}"
 
 
 def truncate(pack: Path, draw) -> str:
     rel = draw(st.sampled_from(_tensor_files(pack)))
     data = (pack / rel).read_bytes()
     _write(pack / rel, data[:draw(st.integers(0, len(data) - 1))])
-    consistent = draw(st.booleans())
-    if consistent:
-        _refresh(pack, rel)
-    return f"truncate {'consistent' if consistent else 'inconsistent'}"
+    return f"truncate {_maybe_refresh(pack, rel, draw)}"
 
 
 def header_length(pack: Path, draw) -> str:
@@ -154,9 +156,7 @@ def header_field(pack: Path, draw) -> str:
                                     st.just([s * 2 for s in shape]), st.just([max(1, s // 2) for s in shape]),
                                     st.lists(st.integers(-1, 70), max_size=3)))
     _write(pack / rel, _join(header, body))
-    consistent = draw(st.booleans())
-    if consistent:
-        _refresh(pack, rel)
+    _maybe_refresh(pack, rel, draw)
     return f"header {field}"
 
 

@@ -77,24 +77,26 @@ def supports(q: QuantizedTensor) -> bool:
             and q.grid.dtype == torch.float32 and not q.grid.requires_grad and not q.scales.requires_grad)
 
 
+def _parts(q: QuantizedTensor, bias: torch.Tensor | None) -> tuple:
+    """The kernel's arguments after x that come from q and the bias."""
+    signs = q.rot_signs if q.rotation else _EMPTY
+    return (q.codes, q.scales, q.grid.reshape(-1), q.bits, q.block_size, signs, q.rotation,
+            _EMPTY if bias is None else bias)
+
+
 def bound(q: QuantizedTensor, bias: torch.Tensor | None = None):
     """linear(x, q, bias) with q's parts bound once: x [..., K] -> [..., N] in x's dtype (UC_CPU_ACT read per
     call)."""
-    mod, grid = _module(), q.grid.reshape(-1)
-    signs = q.rot_signs if q.rotation else _EMPTY
-    b = _EMPTY if bias is None else bias
-    codes, scales, bits, block, rotation = q.codes, q.scales, q.bits, q.block_size, q.rotation
-    return lambda x: mod.qgemv(x, codes, scales, grid, bits, block, signs, rotation, b, _CAP, False, ACT == "int16")
+    mod, parts = _module(), _parts(q, bias)
+    return lambda x: mod.qgemv(x, *parts, _CAP, False, ACT == "int16")
 
 
 def linear(x: torch.Tensor, q: QuantizedTensor, bias: torch.Tensor | None = None, isa: str | None = None,
            float_out: bool = False, act: str | None = None) -> torch.Tensor:
-    """x [M, K] -> [M, N] in x's dtype (float32 with `float_out`): x times the codebook part of q (rotation
-    included), plus bias. `act` (default: UC_CPU_ACT, else int16): "int16" rounds each block's activations
-    to 16 bits and the grid to 8 bits and sums integer products (AVX2, b <= 6, blocks of 32 .. 512 columns;
-    other weights take the float path); "float" sums float32 products, the reference's numbers to float
-    rounding."""
+    """x [..., K] -> [..., N] in x's dtype (float32 with `float_out`): x times the codebook part of q
+    (rotation included), plus bias. `act` (default: UC_CPU_ACT, else int16): "int16" rounds each block's
+    activations to 15 bits and the grid to 12 bits and sums integer products (AVX2, b = 2 .. 6 and 8-bit
+    codes over the integer grid, blocks of 32 .. 256 columns; other weights take the float path); "float"
+    sums float32 products, the reference's numbers to float rounding."""
     cap = _CAP if isa is None else ISAS[isa]
-    signs = q.rot_signs if q.rotation else _EMPTY
-    return _module().qgemv(x, q.codes, q.scales, q.grid.reshape(-1), q.bits, q.block_size, signs, q.rotation,
-                           _EMPTY if bias is None else bias, cap, float_out, (act or ACT) == "int16")
+    return _module().qgemv(x, *_parts(q, bias), cap, float_out, (act or ACT) == "int16")
