@@ -1,11 +1,15 @@
 """Fused CPU ops for the lean decode step (decoder.py): RMSNorm and the rotary embedding, one op each instead
-of the six to eight torch ops (and as many Python frames) their transformers forwards take.
+of the six to eight torch ops (and as many Python frames) their transformers forwards take; and decode
+attention in float32 (the dtype CPUs without fast bfloat16 serve in), which writes the new keys and values
+into the slot cache and attends over each row's own columns in one op (instead of two index copies, a
+mask and an SDPA call: about 100 us a layer of a SmolLM2 step).
 
 Both reproduce the transformers arithmetic, roundings included: RMSNorm computes x * rsqrt(mean(x^2) + eps) in
 float32 and then either rounds to x's dtype and multiplies by w (Llama, Qwen, Mistral) or multiplies by
 1 + w in float32 and rounds once (Gemma); the rotation q * cos + rotate_half(q) * sin rounds each product
 and the sum to the tensor's dtype, as three bfloat16 torch ops do. Only the order of the float32 sum of
-squares differs. Built on first use (ucformat/native.py); where that is not possible, or for tensors they
+squares differs. Attention computes scores, softmax and weighted sum in float32 and rounds the output once,
+as SDPA does; its sums run in another order (tests/test_decoder.py bounds the difference). Built on first use (ucformat/native.py); where that is not possible, or for tensors they
 do not take (not CPU, mixed dtypes), `rms_norm` and `rope_` run the torch ops.
 """
 
@@ -19,7 +23,10 @@ NAME = "uc_cpu_ops_v1"
 _SOURCE = r"""
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
+#include <algorithm>
 #include <cmath>
+#include <type_traits>
+#include <vector>
 
 template <typename T> static inline float f(T v) { return static_cast<float>(v); }
 template <typename T> static inline float rnd(float v) { return static_cast<float>(static_cast<T>(v)); }
@@ -85,9 +92,95 @@ void rope_(torch::Tensor q, torch::Tensor k, torch::Tensor cos, torch::Tensor si
   });
 }
 
+// Decode attention of one new token per row against its slot of the KV cache. q [R, heads, D], k/v [R, kvh, D]
+// (the new keys and values, contiguous); kc/vc [rows, kvh, cap, D] (a layer's cache); lens [R] int64. Writes
+// row r's key and value at column lens[r], then o[r, h] = softmax(scale * K q) V over the columns
+// (lens[r] - window, lens[r]] (all of [0, lens[r]] without a window), K and V of kv head h / (heads / kvh).
+// Scores, softmax and sums in float32; o rounded once to the cache's dtype. -> [R, heads * D]
+__attribute__((target_clones("avx2", "default")))
+static float dot(const float* a, const float* b, int64_t n) {
+  float s = 0.f;
+#pragma omp simd reduction(+ : s)
+  for (int64_t j = 0; j < n; ++j) s += a[j] * b[j];
+  return s;
+}
+
+__attribute__((target_clones("avx2", "default")))
+static void axpy(float p, const float* x, float* y, int64_t n) {
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) y[j] += p * x[j];
+}
+
+template <typename T>
+static void attend_rows(const T* q, T* kc, T* vc, const int64_t* lens, T* o, int64_t R, int64_t heads, int64_t kvh,
+                        int64_t cap, int64_t d, int64_t window, float scale) {
+  const int64_t group = heads / kvh;
+  at::parallel_for(0, R * heads, 1, [&](int64_t b, int64_t e) {
+    std::vector<float> qf(d), kf(d), acc(d), s;
+    for (int64_t t = b; t < e; ++t) {
+      const int64_t r = t / heads, h = t % heads, g = h / group, len = lens[r];
+      const int64_t lo = window > 0 ? std::max<int64_t>(0, len - window + 1) : 0;
+      const T* kb = kc + ((r * kvh + g) * cap) * d;
+      const T* vb = vc + ((r * kvh + g) * cap) * d;
+      for (int64_t j = 0; j < d; ++j) qf[j] = f(q[t * d + j]) * scale;
+      s.resize(len + 1 - lo);
+      float mx = -INFINITY;
+      for (int64_t c = lo; c <= len; ++c) {
+        const float* kr;
+        if constexpr (std::is_same_v<T, float>) kr = kb + c * d;
+        else { for (int64_t j = 0; j < d; ++j) kf[j] = f(kb[c * d + j]); kr = kf.data(); }
+        s[c - lo] = dot(qf.data(), kr, d);
+        mx = std::max(mx, s[c - lo]);
+      }
+      float sum = 0.f;
+      for (auto& v : s) { v = std::exp(v - mx); sum += v; }
+      std::fill(acc.begin(), acc.end(), 0.f);
+      for (int64_t c = lo; c <= len; ++c) {
+        const float* vr;
+        if constexpr (std::is_same_v<T, float>) vr = vb + c * d;
+        else { for (int64_t j = 0; j < d; ++j) kf[j] = f(vb[c * d + j]); vr = kf.data(); }
+        axpy(s[c - lo], vr, acc.data(), d);
+      }
+      const float inv = 1.0f / sum;
+      for (int64_t j = 0; j < d; ++j) o[t * d + j] = static_cast<T>(acc[j] * inv);
+    }
+  });
+}
+
+torch::Tensor attend_decode(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor kc, torch::Tensor vc,
+                            torch::Tensor lens, int64_t window, double scale) {
+  TORCH_CHECK(q.is_contiguous() && k.is_contiguous() && v.is_contiguous() && kc.is_contiguous() && vc.is_contiguous(),
+              "attend: layout");
+  TORCH_CHECK(q.scalar_type() == kc.scalar_type() && k.scalar_type() == kc.scalar_type() &&
+              v.scalar_type() == kc.scalar_type() && vc.scalar_type() == kc.scalar_type(), "attend: dtypes");
+  TORCH_CHECK(kc.dim() == 4 && vc.sizes() == kc.sizes() && lens.scalar_type() == torch::kLong, "attend: cache");
+  const int64_t R = lens.numel(), kvh = kc.size(1), cap = kc.size(2), d = kc.size(3);
+  const int64_t heads = q.numel() / (R * d);
+  TORCH_CHECK(R <= kc.size(0) && q.numel() == R * heads * d && k.numel() == R * kvh * d && v.numel() == k.numel() &&
+              heads % kvh == 0, "attend: shapes");
+  const torch::Tensor lc = lens.contiguous();
+  const int64_t* ln = lc.data_ptr<int64_t>();
+  for (int64_t r = 0; r < R; ++r) TORCH_CHECK(ln[r] >= 0 && ln[r] < cap, "attend: position past the cache");
+  auto o = torch::empty({R, heads * d}, q.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "attend", [&] {
+    scalar_t* kp = kc.data_ptr<scalar_t>();
+    scalar_t* vp = vc.data_ptr<scalar_t>();
+    for (int64_t r = 0; r < R; ++r)
+      for (int64_t g = 0; g < kvh; ++g) {
+        const int64_t at = ((r * kvh + g) * cap + ln[r]) * d, src = (r * kvh + g) * d;
+        std::copy_n(k.data_ptr<scalar_t>() + src, d, kp + at);
+        std::copy_n(v.data_ptr<scalar_t>() + src, d, vp + at);
+      }
+    attend_rows<scalar_t>(q.data_ptr<scalar_t>(), kp, vp, ln, o.data_ptr<scalar_t>(), R, heads, kvh, cap, d, window,
+                          static_cast<float>(scale));
+  });
+  return o;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rms_norm", &rms_norm);
   m.def("rope_", &rope_);
+  m.def("attend_decode", &attend_decode);
 }
 """
 
@@ -126,3 +219,18 @@ def rope_(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
     c, s = cos.unsqueeze(2), sin.unsqueeze(2)
     q.copy_(q * c + _rotate_half(q) * s)
     k.copy_(k * c + _rotate_half(k) * s)
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+           lens: torch.Tensor, window: int | None, scale: float) -> torch.Tensor | None:
+    """One new token per row r: its key and value k/v [R, 1, kv_heads, D] written at column lens[r] of the
+    layer's cache keys/values [rows, kv_heads, cap, D], then q [R, 1, heads, D] attends over that row's
+    columns (the last `window` of them where the layer slides). -> [R, 1, heads * D]; None where the op
+    does not apply (not the CPU, not float32, not built): the caller takes its SDPA path. Float32 only: in
+    bfloat16, SDPA's roundings (its probabilities rounded before P V) differ from one float32 softmax by
+    enough to flip near-tied greedy tokens of the transformers forward the lean step must reproduce."""
+    if (q.device.type != "cpu" or not (q.dtype == k.dtype == v.dtype == keys.dtype == torch.float32) or not q.is_contiguous()
+            or not k.is_contiguous() or not v.is_contiguous() or _module() is None):
+        return None
+    o = _module().attend_decode(q, k, v, keys, values, lens, int(window or 0), float(scale))
+    return o.unsqueeze(1)

@@ -4,8 +4,10 @@
 A decode step of a stock transformers model calls a few thousand small torch ops and as many Python
 frames: on a 2-core CPU, with the linears computed from the codes, that host work was most of a 25 ms
 SmolLM2 step (docs/BENCHMARKS.md). This step does per layer only what the arithmetic needs: one norm,
-the projections (QuantLinear parts handed straight to qmatmul, no module call), one rotation of q and k,
-the cache write, one SDPA call, the output projection, the MLP. It reads the model's own modules for
+the projections (QuantLinears straight to their bound kernel, no module call; q/k/v and gate/up as one
+kernel call each where the CPU kernel takes all of them), one rotation of q and k, the cache write and
+attention (one op on the CPU, cpu_ops.attend; else an index copy and one SDPA call), the output
+projection, the MLP. It reads the model's own modules for
 every weight and constant, so whatever the runtime attaches (dense, packed or streamed layers; the
 runtime's enter/leave are called around each streamed layer as its forward hooks would) is what runs.
 
@@ -19,6 +21,7 @@ against the transformers forward for every supported architecture.
 
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass
 
 import torch
@@ -27,7 +30,7 @@ import torch.nn.functional as F
 from ucformat import qmatmul
 from ucformat.qlinear import QuantLinear
 
-from .cpu_ops import rms_norm, rope_
+from .cpu_ops import attend, rms_norm, rope_
 from .kv_cache import DecodeView
 
 LLAMA_LIKE = ("llama", "mistral", "qwen2", "qwen3")
@@ -65,14 +68,38 @@ def recipe_of(model) -> Recipe | None:
 
 def _linear(mod, x: torch.Tensor) -> torch.Tensor:
     if type(mod) is QuantLinear:
-        return qmatmul.linear(x, mod.q, mod.bias)
+        return mod.forward(x)  # decode rows on the CPU: its bound kernel call
+    if type(mod) is torch.nn.Linear:
+        return F.linear(x, mod.weight, mod.bias)
     return mod(x)
+
+
+class Siblings:
+    """Linears that read the same input (q/k/v, gate/up): one kernel call for all of them where each is a
+    QuantLinear whose parts the CPU kernel takes (qmatmul.cpu_group_call; bound once, rebound when the
+    runtime attaches other parts, as for streamed layers), else one call each."""
+
+    __slots__ = ("parts", "call")
+
+    def __init__(self) -> None:
+        self.parts: list = []
+        self.call = None
+
+    def __call__(self, mods: tuple, x: torch.Tensor) -> list[torch.Tensor]:
+        if x.is_cpu and x.shape[0] <= qmatmul.cpu_rows() and all(type(m) is QuantLinear for m in mods):
+            parts = [p for m in mods for p in (m.q, m.bias)]
+            if len(parts) != len(self.parts) or not all(map(operator.is_, parts, self.parts)):
+                self.parts = parts
+                self.call = None if None in parts[::2] else qmatmul.cpu_group_call(parts[::2], parts[1::2])
+            if self.call is not None:
+                return self.call(x)
+        return [_linear(m, x) for m in mods]
 
 
 class Decoder:
     """decode(ids [R], view, masks) -> logits [R, V] for the model `recipe_of` accepted."""
 
-    def __init__(self, model, recipe: Recipe) -> None:
+    def __init__(self, model, recipe: Recipe, windows: list[int | None] | None = None) -> None:
         self.model, self.r = model, recipe
         inner = model.model
         self.embed, self.layers, self.norm, self.rotary = inner.embed_tokens, inner.layers, inner.norm, inner.rotary_emb
@@ -82,6 +109,10 @@ class Decoder:
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.heads
         self.runtime = getattr(model, "uc_runtime", None)
         self.hooked = [self.runtime is not None and self.runtime.hooked(i) for i in range(len(self.layers))]
+        # each layer's attention window (None: all columns), the one its mask has; None: masks only (SDPA)
+        self.windows = windows
+        self.qkv = [Siblings() for _ in self.layers]
+        self.gate_up = [Siblings() for _ in self.layers]
 
     @torch.inference_mode()
     def decode(self, ids: torch.Tensor, view: DecodeView, masks) -> torch.Tensor:
@@ -111,24 +142,31 @@ class Decoder:
         r, attn, mlp = self.r, layer.self_attn, layer.mlp
         rows = h.shape[0]
         x = rms_norm(h, layer.input_layernorm, r.gemma_norm)
-        q = _linear(attn.q_proj, x).view(rows, 1, self.heads, self.head_dim)
-        k = _linear(attn.k_proj, x).view(rows, 1, self.kv_heads, self.head_dim)
-        v = _linear(attn.v_proj, x).view(rows, 1, self.kv_heads, self.head_dim).transpose(1, 2)
+        q, k, v = self.qkv[index]((attn.q_proj, attn.k_proj, attn.v_proj), x)
+        q = q.view(rows, 1, self.heads, self.head_dim)
+        k = k.view(rows, 1, self.kv_heads, self.head_dim)
+        v = v.view(rows, 1, self.kv_heads, self.head_dim)
         if r.qk_norm:
             q, k = rms_norm(q, attn.q_norm, r.gemma_norm), rms_norm(k, attn.k_norm, r.gemma_norm)
         rope_(q, k, *rope)  # in place, before the heads move to dimension 1
-        q, k = q.transpose(1, 2), k.transpose(1, 2)  # [R, heads, 1, head_dim]
-        keys, values = view.update(k, v, index)
-        o = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=r.scaling,
-                                           enable_gqa=self.heads != self.kv_heads)
-        o = _linear(attn.o_proj, o.transpose(1, 2).reshape(rows, 1, self.heads * self.head_dim))
+        cache = view.cache
+        o = None if self.windows is None else attend(q, k, v, cache.k[index], cache.v[index], view.lens,
+                                                     self.windows[index], r.scaling)
+        if o is None:
+            q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [R, heads, 1, head_dim]
+            keys, values = view.update(k, v, index)
+            o = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=r.scaling,
+                                               enable_gqa=self.heads != self.kv_heads)
+            o = o.transpose(1, 2).reshape(rows, 1, self.heads * self.head_dim)
+        o = _linear(attn.o_proj, o)
         if r.sandwich:
             h = h + rms_norm(o, layer.post_attention_layernorm, True)
             x = rms_norm(h, layer.pre_feedforward_layernorm, True)
         else:
             h = h + o
             x = rms_norm(h, layer.post_attention_layernorm, False)
-        x = _linear(mlp.down_proj, mlp.act_fn(_linear(mlp.gate_proj, x)) * _linear(mlp.up_proj, x))
+        gate, up = self.gate_up[index]((mlp.gate_proj, mlp.up_proj), x)
+        x = _linear(mlp.down_proj, mlp.act_fn(gate) * up)
         if r.sandwich:
             x = rms_norm(x, layer.post_feedforward_layernorm, True)
         return h + x

@@ -21,12 +21,6 @@ class ModelRunner:
     def __init__(self, model, kv: SlotKVCache, lean_decode: bool = True, cuda_graphs: bool = True) -> None:
         self.model = model
         self.kv = kv
-        recipe = recipe_of(model) if lean_decode else None
-        self.decoder = Decoder(model, recipe) if recipe is not None else None  # else the transformers forward
-        # on CUDA, the lean step replayed from graphs (graphs.py) where every layer's weights stay in place
-        self.static = None
-        if cuda_graphs and self.decoder is not None and kv.shape.device.type == "cuda" and graphs.usable(model)[0]:
-            self.static = graphs.StaticDecode(self.decoder, self._masks, kv)
         cfg = model.config
         tc = getattr(cfg, "get_text_config", lambda: cfg)()
         types = list(getattr(tc, "layer_types", None) or [])
@@ -38,9 +32,22 @@ class ModelRunner:
         else:
             self.mask_types, self.window = None, window
         self.additive = getattr(cfg, "_attn_implementation", "sdpa") == "eager"
+        recipe = recipe_of(model) if lean_decode else None
+        # else the transformers forward
+        self.decoder = Decoder(model, recipe, self._windows(types, tc.num_hidden_layers)) if recipe is not None else None
+        # on CUDA, the lean step replayed from graphs (graphs.py) where every layer's weights stay in place
+        self.static = None
+        if cuda_graphs and self.decoder is not None and kv.shape.device.type == "cuda" and graphs.usable(model)[0]:
+            self.static = graphs.StaticDecode(self.decoder, self._masks, kv)
         params = inspect.signature(model.forward).parameters
         self.cache_kw = "cache" if "cache" in params else "past_key_values"
         self.dtype = next(model.parameters()).dtype
+
+    def _windows(self, types: list[str], layers: int) -> list[int | None]:
+        """Each layer's attention window, the one its mask (_masks) applies."""
+        if self.mask_types is None:
+            return [self.window] * layers
+        return [self.window if t == "sliding_attention" else None for t in types]
 
     def _masks(self, view: DecodeView | PrefillView):
         def one(window):

@@ -102,3 +102,34 @@ def test_lean_step_on_codes_matches_stock_forward(arch, tmp_path, monkeypatch):
         for x, y, d in zip(a, b, dense):
             torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-5)
             torch.testing.assert_close(x, d, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("window", [None, 16])
+def test_decode_attention_op_matches_sdpa(window):
+    """cpu_ops.attend (the lean step's cache write + attention on the CPU) against the index copy and SDPA
+    it replaces: rows at different lengths, grouped kv heads, a sliding window; the cache written alike."""
+    import torch.nn.functional as F
+
+    from server import cpu_ops
+    from server.kv_cache import decode_mask
+
+    g = torch.Generator().manual_seed(0)
+    rows, heads, kv_heads, d, cap = 3, 6, 2, 32, 256
+    keys, values = (torch.randn(4, kv_heads, cap, d, generator=g) for _ in range(2))
+    q = torch.randn(rows, 1, heads, d, generator=g)
+    k, v = (torch.randn(rows, 1, kv_heads, d, generator=g) for _ in range(2))
+    lens = torch.tensor([0, 40, 200])
+    got_k, got_v = keys.clone(), values.clone()
+    o = cpu_ops.attend(q, k, v, got_k, got_v, lens, window, 0.2)
+    if o is None:
+        pytest.skip("native CPU decode ops unavailable")
+    for r in range(rows):
+        keys[r, :, lens[r]], values[r, :, lens[r]] = k[r, 0], v[r, 0]
+    assert torch.equal(got_k, keys) and torch.equal(got_v, values)
+    width = int(lens.max()) + 1
+    ref = F.scaled_dot_product_attention(q.transpose(1, 2), keys[:rows, :, :width], values[:rows, :, :width],
+                                         attn_mask=decode_mask(lens, width, window), scale=0.2, enable_gqa=True)
+    ref = ref.transpose(1, 2).reshape(rows, 1, heads * d)
+    torch.testing.assert_close(o, ref, rtol=1e-5, atol=1e-5)
+    assert cpu_ops.attend(q.bfloat16(), k.bfloat16(), v.bfloat16(), keys.bfloat16(), values.bfloat16(), lens,
+                          window, 0.2) is None  # bfloat16: SDPA's roundings, the caller's path

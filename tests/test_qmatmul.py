@@ -226,3 +226,23 @@ def test_quantlinear_binds_its_parts_and_computes_what_qmatmul_does():
     assert torch.equal(lin(x), qmatmul.linear(x, q2, lin.bias))
     long = torch.randn(qmatmul.CPU_MAX_ROWS + 1, 256)
     assert torch.equal(lin(long), qmatmul.linear(long, q2, lin.bias))
+
+
+@pytest.mark.parametrize("act", cpu_qgemv.ACTS)
+@pytest.mark.parametrize("rows", [1, 3, 16])
+def test_group_call_equals_one_call_per_weight(act, rows, monkeypatch):
+    """Weights that read the same input in one kernel call (q/k/v, gate/up): each output bit for bit what its
+    own call gives, with widths, block sizes, rotations and biases differing between the weights."""
+    monkeypatch.setattr(cpu_qgemv, "ACT", act)
+    qs = [weight(40, 256, 4, 64, 0), weight(24, 256, 5, 32, 64, seed=1), weight(9, 256, 3, 128, 0, seed=2)]
+    biases = [torch.randn(40), None, torch.randn(9)]
+    x = torch.randn(rows, 1, 256)
+    group = qmatmul.cpu_group_call(qs, biases)
+    ys = group(x)
+    assert [tuple(y.shape) for y in ys] == [(rows, 1, 40), (rows, 1, 24), (rows, 1, 9)]
+    for y, q, b in zip(ys, qs, biases):
+        assert torch.equal(y, cpu_qgemv.bound(q, b)(x))
+    # a weight the kernel does not take (low-rank term): no group call
+    lowrank = dataclasses.replace(qs[0], lr_u=torch.zeros(40, 2, dtype=torch.float16),
+                                  lr_v=torch.zeros(2, 256, dtype=torch.float16))
+    assert qmatmul.cpu_group_call([lowrank, qs[1]], [None, None]) is None

@@ -675,28 +675,39 @@ void narrow(const float* src, T* dst, int64_t n) {
   for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<T>(src[i]);
 }
 
-// x [..., K] (float32, bfloat16 or float16; leading dimensions kept); codes uint8 [N, ceil(K/8)*bits]; scales float16 [N, ceil(K/block)];
-// grid float32 [2^bits]; signs uint8 [ceil(K/8)] with rotation n > 0 (else empty); bias [N] or empty.
-// isa: -1 the best this CPU has, else at most 0 scalar / 1 AVX2 / 2 AVX-512 (tests). -> [M, N] in x's dtype,
-// or float32 with `float_out`. Sums are float32 throughout; inputs and outputs are converted here, on the way
-// in and out, so a call is one op.
-torch::Tensor qgemv(torch::Tensor x, torch::Tensor codes, torch::Tensor scales, torch::Tensor grid, int64_t bits,
-                    int64_t block, torch::Tensor signs, int64_t rotation, torch::Tensor bias, int64_t isa,
-                    bool float_out, bool act_int) {
-  TORCH_CHECK(x.dim() >= 1 && codes.dim() == 2 && scales.dim() == 2, "codes and scales must be 2-D");
-  std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());  // [..., K] -> [..., N]
-  out_shape.back() = codes.size(0);
-  x = x.reshape({-1, x.size(-1)});
+// One weight's call: its Args, the path chosen, and the calling thread's buffers (activations widened and
+// rotated, in the path's order, and the float sums).
+struct Call {
+  Args a{};
+  int use = SCALAR;
+  bool ints = false, bytes = false;
+  int64_t cw = 0;
+  at::ScalarType out_type = at::kFloat;
+  torch::Tensor y, bf;
+  std::vector<float> xf_buf, xa_buf, y_buf, xs_buf;
+  std::vector<int16_t> xq_buf;
+};
+
+// x [M, K] (float32, bfloat16 or float16, contiguous); codes uint8 [N, ceil(K/8)*bits]; scales float16
+// [N, ceil(K/block)]; grid float32 [2^bits]; signs uint8 [ceil(K/8)] with rotation n > 0 (else empty); bias [N]
+// or empty. isa: -1 the best this CPU has, else at most 0 scalar / 1 AVX2 / 2 AVX-512 (tests). Sets up `c`
+// and its output [M, N] in x's dtype, or float32 with `float_out`. Sums are float32 throughout; inputs and
+// outputs are converted on the way in and out, so a call is one op.
+void prepare(Call& c, const torch::Tensor& xc, const torch::Tensor& codes, const torch::Tensor& scales,
+             const torch::Tensor& grid, int64_t bits, int64_t block, const torch::Tensor& signs, int64_t rotation,
+             const torch::Tensor& bias, int64_t isa, bool float_out, bool act_int) {
+  TORCH_CHECK(codes.dim() == 2 && scales.dim() == 2, "codes and scales must be 2-D");
   TORCH_CHECK(codes.scalar_type() == torch::kUInt8 && scales.scalar_type() == torch::kHalf &&
               grid.scalar_type() == torch::kFloat, "codes uint8, scales float16, grid float32");
   TORCH_CHECK(codes.is_contiguous() && scales.is_contiguous() && grid.is_contiguous(), "parts must be contiguous");
-  const auto xt = x.scalar_type();
+  const auto xt = xc.scalar_type();
   TORCH_CHECK(xt == torch::kFloat || xt == torch::kBFloat16 || xt == torch::kHalf, "x must be float32, bfloat16 or float16");
-  Args a{};
+  Args& a = c.a;
+  a = Args{};
   a.bits = static_cast<int>(bits);
   planes(a.bits, a.p0, a.p1);
-  a.M = x.size(0);
-  a.K = x.size(1);
+  a.M = xc.size(0);
+  a.K = xc.size(1);
   a.N = codes.size(0);
   a.nbytes = codes.size(1);
   a.nb = scales.size(1);
@@ -725,14 +736,14 @@ torch::Tensor qgemv(torch::Tensor x, torch::Tensor codes, torch::Tensor scales, 
   if (ints) a.nchunks = a.K / block * (block / 32);  // whole blocks only (one activation scale each)
   if (a.nchunks == 0) use = SCALAR;
   a.ldxa = a.nchunks * cw;
+  c.use = use;
+  c.ints = ints;
+  c.bytes = bytes;
+  c.cw = cw;
 
-  // the calling thread's buffers: activations widened (and rotated), in even/odd order, and the sums
-  static thread_local std::vector<float> xf_buf, xa_buf, y_buf, xs_buf;
-  static thread_local std::vector<int16_t> xq_buf;
-  xf_buf.resize(a.M * a.K);
-  const torch::Tensor xc = x.contiguous();
+  c.xf_buf.resize(a.M * a.K);
   for (int64_t m = 0; m < a.M; ++m) {
-    float* d = xf_buf.data() + m * a.K;
+    float* d = c.xf_buf.data() + m * a.K;
     if (xt == torch::kFloat) std::memcpy(d, xc.data_ptr<float>() + m * a.K, a.K * sizeof(float));
     else if (xt == torch::kBFloat16) widen(xc.data_ptr<at::BFloat16>() + m * a.K, d, a.K);
     else widen(xc.data_ptr<at::Half>() + m * a.K, d, a.K);
@@ -740,90 +751,151 @@ torch::Tensor qgemv(torch::Tensor x, torch::Tensor codes, torch::Tensor scales, 
   if (rotation > 0) {
     TORCH_CHECK(a.K % rotation == 0 && (rotation & (rotation - 1)) == 0 && signs.scalar_type() == torch::kUInt8 &&
                 signs.numel() == (a.K + 7) / 8, "bad rotation parts");
-    rotate_rows(xf_buf.data(), a.M, a.K, signs.contiguous().data_ptr<uint8_t>(), rotation);
+    rotate_rows(c.xf_buf.data(), a.M, a.K, signs.contiguous().data_ptr<uint8_t>(), rotation);
   }
-  a.xf = xf_buf.data();
+  a.xf = c.xf_buf.data();
   if (a.nchunks && ints) {  // each block's whole chunks rounded to 15 bits with one scale, in i16_order
     const int64_t nblk = a.nchunks / (block / 32);
-    xq_buf.resize(a.M * a.ldxa);
-    xs_buf.resize(a.M * a.nb);
+    c.xq_buf.resize(a.M * a.ldxa);
+    c.xs_buf.resize(a.M * a.nb);
     for (int64_t m = 0; m < a.M; ++m)
       for (int64_t k = 0; k < nblk; ++k) {
         const float* s = a.xf + m * a.K + k * block;
         float mx = 0.f;
         for (int64_t i = 0; i < block; ++i) mx = std::max(mx, std::fabs(s[i]));
         const float inv = mx > 0.f ? 16383.f / mx : 0.f;
-        int16_t* o = xq_buf.data() + m * a.ldxa + k * block;
+        int16_t* o = c.xq_buf.data() + m * a.ldxa + k * block;
         for (int64_t i = 0; i < block; ++i)  // b = 8: natural order
           o[i] = static_cast<int16_t>(std::lrint(s[bits == 8 ? i : 32 * (i / 32) + k256::i16_order(i % 32)] * inv));
-        xs_buf[m * a.nb + k] = mx / 16383.f;
+        c.xs_buf[m * a.nb + k] = mx / 16383.f;
       }
-    a.xq = xq_buf.data();
-    a.xs = xs_buf.data();
+    a.xq = c.xq_buf.data();
+    a.xs = c.xs_buf.data();
   } else if (a.nchunks && bytes) {  // the byte-table order within each chunk of 32 (bl_order)
-    xa_buf.resize(a.M * a.ldxa);
+    c.xa_buf.resize(a.M * a.ldxa);
     for (int64_t m = 0; m < a.M; ++m)
-      for (int64_t c = 0; c < a.nchunks; ++c) {
-        const float* s = a.xf + m * a.K + c * 32;
-        float* o = xa_buf.data() + m * a.ldxa + c * 32;
+      for (int64_t k = 0; k < a.nchunks; ++k) {
+        const float* s = a.xf + m * a.K + k * 32;
+        float* o = c.xa_buf.data() + m * a.ldxa + k * 32;
         for (int64_t i = 0; i < 32; ++i) o[i] = s[bl_order(i)];
       }
-    a.xa = xa_buf.data();
+    a.xa = c.xa_buf.data();
   } else if (a.nchunks) {  // even/odd order within each chunk: [x0 x2 .. x(cw-2) | x1 x3 .. x(cw-1)]
-    xa_buf.resize(a.M * a.ldxa);
+    c.xa_buf.resize(a.M * a.ldxa);
     const int64_t half = cw / 2;
     for (int64_t m = 0; m < a.M; ++m)
-      for (int64_t c = 0; c < a.nchunks; ++c) {
-        const float* s = a.xf + m * a.K + c * cw;
-        float* o = xa_buf.data() + m * a.ldxa + c * cw;
+      for (int64_t k = 0; k < a.nchunks; ++k) {
+        const float* s = a.xf + m * a.K + k * cw;
+        float* o = c.xa_buf.data() + m * a.ldxa + k * cw;
         for (int64_t i = 0; i < half; ++i) {
           o[i] = s[2 * i];
           o[half + i] = s[2 * i + 1];
         }
       }
-    a.xa = xa_buf.data();
+    a.xa = c.xa_buf.data();
   }
-  torch::Tensor bf;
+  c.bf = torch::Tensor();
   if (bias.numel()) {
     TORCH_CHECK(bias.numel() == a.N, "bias has ", bias.numel(), " values for ", a.N, " rows");
-    bf = bias.to(torch::kFloat).contiguous();
-    a.bias = bf.data_ptr<float>();
+    c.bf = bias.to(torch::kFloat).contiguous();
+    a.bias = c.bf.data_ptr<float>();
   }
-  const auto out_type = float_out ? torch::kFloat : xt;
-  auto y = torch::empty({a.M, a.N}, torch::dtype(out_type));
-  if (out_type == torch::kFloat) {
-    a.y = y.data_ptr<float>();
+  c.out_type = float_out ? torch::kFloat : xt;
+  c.y = torch::empty({a.M, a.N}, torch::dtype(c.out_type));
+  if (c.out_type == torch::kFloat) {
+    a.y = c.y.data_ptr<float>();
   } else {
-    y_buf.resize(a.M * a.N);
-    a.y = y_buf.data();
+    c.y_buf.resize(a.M * a.N);
+    a.y = c.y_buf.data();
   }
-  const int64_t tail = a.nchunks * cw;
-  // about 32k weight-rows of work per task, at least 4 rows
-  const int64_t grain = std::max<int64_t>(4, 32768 / std::max<int64_t>(1, a.K * a.M));
-  at::parallel_for(0, a.N, grain, [&](int64_t r0, int64_t r1) {
+}
+
+// Rows [r0, r1) of c's weight against every activation row, bias added, output in its dtype.
+void run_rows(const Call& c, int64_t r0, int64_t r1) {
+  const Args& a = c.a;
 #if UC_X86
-    if (ints) by_bits<Run256I>(a.bits, a, r0, r1);
-    else if (use == AVX512) by_bits<Run512>(a.bits, a, r0, r1);
-    else if (use == AVX2 && bytes) by_bits<Run256B>(a.bits, a, r0, r1);
-    else if (use == AVX2) by_bits<Run256>(a.bits, a, r0, r1);
+  if (c.ints) by_bits<Run256I>(a.bits, a, r0, r1);
+  else if (c.use == AVX512) by_bits<Run512>(a.bits, a, r0, r1);
+  else if (c.use == AVX2 && c.bytes) by_bits<Run256B>(a.bits, a, r0, r1);
+  else if (c.use == AVX2) by_bits<Run256>(a.bits, a, r0, r1);
 #endif
-    if (use == SCALAR) rows_scalar(a, r0, r1, 0, /*store=*/true);
-    else if (tail < a.K) rows_scalar(a, r0, r1, tail, /*store=*/false);
-    for (int64_t m = 0; m < a.M; ++m) {
-      float* row = a.y + m * a.N;
-      if (a.bias)
-        for (int64_t r = r0; r < r1; ++r) row[r] += a.bias[r];
-      if (out_type == torch::kBFloat16) narrow(row + r0, y.data_ptr<at::BFloat16>() + m * a.N + r0, r1 - r0);
-      else if (out_type == torch::kHalf) narrow(row + r0, y.data_ptr<at::Half>() + m * a.N + r0, r1 - r0);
+  const int64_t tail = a.nchunks * c.cw;
+  if (c.use == SCALAR) rows_scalar(a, r0, r1, 0, /*store=*/true);
+  else if (tail < a.K) rows_scalar(a, r0, r1, tail, /*store=*/false);
+  for (int64_t m = 0; m < a.M; ++m) {
+    float* row = a.y + m * a.N;
+    if (a.bias)
+      for (int64_t r = r0; r < r1; ++r) row[r] += a.bias[r];
+    if (c.out_type == torch::kBFloat16) narrow(row + r0, c.y.data_ptr<at::BFloat16>() + m * a.N + r0, r1 - r0);
+    else if (c.out_type == torch::kHalf) narrow(row + r0, c.y.data_ptr<at::Half>() + m * a.N + r0, r1 - r0);
+  }
+}
+
+// about 32k weight-rows of work per task, at least 4 rows
+inline int64_t grain_of(const Args& a) { return std::max<int64_t>(4, 32768 / std::max<int64_t>(1, a.K * a.M)); }
+
+// x [..., K] (leading dimensions kept) -> [..., N]; the parts as `prepare` takes them.
+torch::Tensor qgemv(torch::Tensor x, torch::Tensor codes, torch::Tensor scales, torch::Tensor grid, int64_t bits,
+                    int64_t block, torch::Tensor signs, int64_t rotation, torch::Tensor bias, int64_t isa,
+                    bool float_out, bool act_int) {
+  TORCH_CHECK(x.dim() >= 1, "x must have a last dimension");
+  std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());  // [..., K] -> [..., N]
+  out_shape.back() = codes.size(0);
+  const torch::Tensor xc = x.reshape({-1, x.size(-1)}).contiguous();
+  static thread_local Call mine;  // the calling thread's buffers, kept between calls
+  Call& c = mine;  // (the workers must see this thread's, not their own thread_local)
+  prepare(c, xc, codes, scales, grid, bits, block, signs, rotation, bias, isa, float_out, act_int);
+  at::parallel_for(0, c.a.N, grain_of(c.a), [&](int64_t r0, int64_t r1) { run_rows(c, r0, r1); });
+  torch::Tensor y = c.y.view(out_shape);
+  c.y = torch::Tensor();
+  return y;
+}
+
+// Several weights that read the same input (q/k/v, gate/up) in one call and one parallel region: the rows
+// of all of them are one range split over the threads. parts: per weight (codes, scales, grid, signs, bias)
+// tensors and (bits, block, rotation) integers. -> one output per weight, [..., N_i].
+std::vector<torch::Tensor> qgemv_group(torch::Tensor x, std::vector<torch::Tensor> codes,
+                                       std::vector<torch::Tensor> scales, std::vector<torch::Tensor> grids,
+                                       std::vector<torch::Tensor> signs, std::vector<torch::Tensor> biases,
+                                       std::vector<int64_t> bits, std::vector<int64_t> blocks,
+                                       std::vector<int64_t> rotations, int64_t isa, bool act_int) {
+  const size_t n = codes.size();
+  TORCH_CHECK(n > 0 && scales.size() == n && grids.size() == n && signs.size() == n && biases.size() == n &&
+              bits.size() == n && blocks.size() == n && rotations.size() == n, "qgemv_group: one entry per weight");
+  TORCH_CHECK(x.dim() >= 1, "x must have a last dimension");
+  const torch::Tensor xc = x.reshape({-1, x.size(-1)}).contiguous();
+  static thread_local std::vector<Call> mine;
+  if (mine.size() < n) mine.resize(n);
+  std::vector<Call>& calls = mine;  // (the workers must see this thread's, not their own thread_local)
+  std::vector<int64_t> first(n + 1, 0);  // weight i owns rows [first[i], first[i + 1]) of the range
+  int64_t grain = INT64_MAX;
+  for (size_t i = 0; i < n; ++i) {
+    prepare(calls[i], xc, codes[i], scales[i], grids[i], bits[i], blocks[i], signs[i], rotations[i], biases[i], isa,
+            false, act_int);
+    first[i + 1] = first[i] + calls[i].a.N;
+    grain = std::min(grain, grain_of(calls[i].a));
+  }
+  at::parallel_for(0, first[n], grain, [&](int64_t b, int64_t e) {
+    for (size_t i = 0; i < n; ++i) {
+      const int64_t r0 = std::max(b, first[i]), r1 = std::min(e, first[i + 1]);
+      if (r0 < r1) run_rows(calls[i], r0 - first[i], r1 - first[i]);
     }
   });
-  return y.view(out_shape);
+  std::vector<torch::Tensor> out;
+  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
+  for (size_t i = 0; i < n; ++i) {
+    shape.back() = calls[i].a.N;
+    out.push_back(calls[i].y.view(shape));
+    calls[i].y = torch::Tensor();
+  }
+  return out;
 }
 
 int64_t isa() { return cpu_isa(); }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("qgemv", &qgemv);
+  m.def("qgemv_group", &qgemv_group);
   m.def("isa", &isa);
 }
 

@@ -91,6 +91,15 @@ def bound(q: QuantizedTensor, bias: torch.Tensor | None = None):
     return lambda x: mod.qgemv(x, *parts, _CAP, False, ACT == "int16")
 
 
+def bound_group(qs: list[QuantizedTensor], biases: list[torch.Tensor | None]):
+    """Weights that read the same input (q/k/v, gate/up) in one kernel call and one parallel region, their
+    parts bound once: x [..., K] -> [y_i [..., N_i]], each y_i what bound(q_i, bias_i)(x) returns."""
+    mod = _module()
+    parts = [_parts(q, b) for q, b in zip(qs, biases)]
+    codes, scales, grids, bits, blocks, signs, rots, bs = (list(t) for t in zip(*parts))
+    return lambda x: mod.qgemv_group(x, codes, scales, grids, signs, bs, bits, blocks, rots, _CAP, ACT == "int16")
+
+
 def linear(x: torch.Tensor, q: QuantizedTensor, bias: torch.Tensor | None = None, isa: str | None = None,
            float_out: bool = False, act: str | None = None) -> torch.Tensor:
     """x [..., K] -> [..., N] in x's dtype (float32 with `float_out`): x times the codebook part of q

@@ -84,6 +84,14 @@ def cpu_call(q: QuantizedTensor, bias: torch.Tensor | None):
     return cpu_qgemv.bound(q, bias)
 
 
+def cpu_group_call(qs: list[QuantizedTensor], biases: list[torch.Tensor | None]):
+    """For weights that read the same input, each one cpu_call takes: x [..., K] -> [y_i], one kernel call
+    for all of them (cpu_qgemv.bound_group). None where any of them is not such a weight."""
+    if any(cpu_call(q, b) is None for q, b in zip(qs, biases)):
+        return None
+    return cpu_qgemv.bound_group(qs, biases)
+
+
 def corrections(y: torch.Tensor, x2: torch.Tensor, q: QuantizedTensor, bias: torch.Tensor | None) -> torch.Tensor:
     """The overlay rows and the low-rank term added to the codebook part y (float32 [M, N]) for inputs x2;
     with an overlay the kernel left the bias out, and it is added last."""
