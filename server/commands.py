@@ -32,6 +32,10 @@ def register(sub) -> None:
     _add_fields(s, EngineConfig)
     s.set_defaults(fn=cmd_serve)
 
+    from .cluster_cli import register as register_cluster
+
+    register_cluster(sub)
+
 
 def config_from_args(a) -> ServerConfig:
     engine = EngineConfig(**{f.name: getattr(a, f.name) for f in flag_fields(EngineConfig)})

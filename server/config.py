@@ -70,6 +70,19 @@ class ServerConfig:
         return self.served_model_name or Path(self.pack).resolve().name
 
 
+@dataclass(frozen=True)
+class ClusterConfig:
+    """How Ray Serve runs the replicas of each pack (the engine's settings stay in EngineConfig)."""
+    address: str = _opt("auto", "Ray cluster to join: auto (the one `ray start` made on this node), ray://HOST:10001, "
+                                "or local (start a one-node Ray in this process)")
+    replicas: int = _opt(1, "replicas per pack (the minimum when --max-replicas is given)")
+    max_replicas: int | None = _opt(None, "autoscale each pack between --replicas and this many replicas on ongoing "
+                                          "requests (target: --max-num-seqs per replica)")
+    replica_cpus: float = _opt(1.0, "CPUs Ray reserves per replica (also the replica's torch threads, rounded)")
+    replica_gpus: float | None = _opt(None, "GPUs per replica (default: 1 with --device cuda, else 0)")
+    metrics_port: int = _opt(0, "port of each replica's /metrics on its node (0: any free port)")
+
+
 def env_name(name: str) -> str:
     return ENV_PREFIX + name.upper()
 
