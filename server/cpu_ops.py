@@ -177,10 +177,11 @@ torch::Tensor attend_decode(torch::Tensor q, torch::Tensor k, torch::Tensor v, t
   return o;
 }
 
+// Without the GIL, as the quantized products: the server's event loop runs meanwhile.
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("rms_norm", &rms_norm);
-  m.def("rope_", &rope_);
-  m.def("attend_decode", &attend_decode);
+  m.def("rms_norm", &rms_norm, py::call_guard<py::gil_scoped_release>());
+  m.def("rope_", &rope_, py::call_guard<py::gil_scoped_release>());
+  m.def("attend_decode", &attend_decode, py::call_guard<py::gil_scoped_release>());
 }
 """
 

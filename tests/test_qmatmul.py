@@ -113,6 +113,24 @@ def test_integer_path_rows_do_not_depend_on_the_batch(bits):
         assert torch.equal(cpu_qgemv.linear(x[i:i + 1], q, act="int16")[0], together[i])
 
 
+@pytest.mark.parametrize("bits", [2, 4, 5, 6, 8])
+def test_integer_path_weight_rows_do_not_depend_on_their_neighbours(bits):
+    """At one activation row the integer path walks weight rows in pairs (the last of an odd count alone):
+    each row's output is the same bits as that row computed on its own."""
+    q = weight(9, 256, bits, 64, 0) if bits != 8 else qhead_copy(9, 256)
+    x = torch.randn(1, 256, generator=torch.Generator().manual_seed(5))
+    together = cpu_qgemv.linear(x, q, act="int16")
+    for r in range(9):
+        one = dataclasses.replace(q, shape=(1, 256), codes=q.codes[r:r + 1], scales=q.scales[r:r + 1])
+        assert torch.equal(cpu_qgemv.linear(x, one, act="int16")[0, 0], together[0, r])
+
+
+def qhead_copy(n: int, k: int) -> qtensor.QuantizedTensor:
+    from ucformat import qhead
+
+    return qhead.int8_copy(torch.randn(n, k, generator=torch.Generator().manual_seed(6)))
+
+
 def test_integer_path_keeps_outliers():
     """Activations with one outlier per block 200x the rest (as on SmolLM2): 15-bit rounding keeps the
     small values to about 1% each, so the sum stays within 1e-3; 8 bits would lose them."""

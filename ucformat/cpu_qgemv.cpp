@@ -359,11 +359,10 @@ inline void bl_tables(const float* grid, int bits, ByteTables& bt) {
 // unpacks, float vector v, lane L, slot j holds code 8v + 2j + L (bl_order, at the top of the file).
 
 // 32 codes of a 4-bit plane (16 bytes, byte i = codes 2i, 2i+1) -> [even codes | odd codes] as bytes
+// (the 16 bytes broadcast to both lanes, the upper lane shifted by 4: no shuffle-port work)
 inline __m256i bl_idx4(const uint8_t* p) {
-  const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
-  const __m128i m = _mm_set1_epi8(0x0F);
-  return _mm256_inserti128_si256(_mm256_castsi128_si256(_mm_and_si128(v, m)),
-                                 _mm_and_si128(_mm_srli_epi16(v, 4), m), 1);
+  const __m256i v = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  return _mm256_and_si256(_mm256_srlv_epi32(v, _mm256_setr_epi32(0, 0, 0, 0, 4, 4, 4, 4)), _mm256_set1_epi8(0x0F));
 }
 
 // 32 codes of a 2-bit plane (8 bytes, byte i = codes 4i .. 4i+3), same order (b = 6: its high bits)
@@ -585,11 +584,66 @@ __attribute__((always_inline)) inline void i16_row(const I16Tables& it, float gs
   for (int m = 0; m < MT; ++m) a.y[(m0 + m) * a.N + r] = hsum(tot[m]) * gs;
 }
 
+// One activation row (decode at batch 1) against two weight rows r, r + 1 at once: each chunk of
+// activations is loaded once for both, and the two rows' sums are independent chains that keep the
+// multiply ports busy while the other waits on its lookups. The same integer sums and float roundings as
+// i16_row<BITS, 1> for each row (a row's output does not depend on its neighbour: tested bitwise).
+template <int BITS>
+__attribute__((always_inline)) inline void i16_pair(const I16Tables& it, float gs, const Args& a, int64_t r) {
+  const int64_t cpb = a.block / 32, nblocks = a.nchunks / cpb, nb = a.nb;
+  const uint8_t* row0 = a.codes + r * a.nbytes;
+  const uint8_t* row1 = row0 + a.nbytes;
+  const uint16_t* s0 = reinterpret_cast<const uint16_t*>(a.scales) + r * nb;
+  const uint16_t* s1 = s0 + nb;
+  __m256 tot0 = _mm256_setzero_ps(), tot1 = _mm256_setzero_ps();
+  for (int64_t k = 0; k < nblocks; ++k) {
+    __m256i i0 = _mm256_setzero_si256(), i1 = _mm256_setzero_si256();
+    _mm_prefetch(reinterpret_cast<const char*>(row0 + k * cpb * 4 * BITS + 2048), _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(row1 + k * cpb * 4 * BITS + 2048), _MM_HINT_T0);
+    for (int64_t c = k * cpb; c < (k + 1) * cpb; ++c) {
+      const __m256i* x = reinterpret_cast<const __m256i*>(a.xq + c * 32);
+      const __m256i x0 = _mm256_loadu_si256(x), x1 = _mm256_loadu_si256(x + 1);
+      __m256i a0, a1, b0, b1;
+      if constexpr (BITS == 8) {
+        const __m256i off = _mm256_set1_epi16(128);
+        const __m128i* p = reinterpret_cast<const __m128i*>(row0 + c * 32);
+        const __m128i* q = reinterpret_cast<const __m128i*>(row1 + c * 32);
+        a0 = _mm256_sub_epi16(_mm256_cvtepu8_epi16(_mm_loadu_si128(p)), off);
+        a1 = _mm256_sub_epi16(_mm256_cvtepu8_epi16(_mm_loadu_si128(p + 1)), off);
+        b0 = _mm256_sub_epi16(_mm256_cvtepu8_epi16(_mm_loadu_si128(q)), off);
+        b1 = _mm256_sub_epi16(_mm256_cvtepu8_epi16(_mm_loadu_si128(q + 1)), off);
+      } else {
+        const __m256i lo0 = i16_pick<BITS>(it.lo, a, row0, c), hi0 = i16_pick<BITS>(it.hi, a, row0, c);
+        const __m256i lo1 = i16_pick<BITS>(it.lo, a, row1, c), hi1 = i16_pick<BITS>(it.hi, a, row1, c);
+        a0 = _mm256_unpacklo_epi8(lo0, hi0);
+        a1 = _mm256_unpackhi_epi8(lo0, hi0);
+        b0 = _mm256_unpacklo_epi8(lo1, hi1);
+        b1 = _mm256_unpackhi_epi8(lo1, hi1);
+      }
+      i0 = _mm256_add_epi32(i0, _mm256_add_epi32(_mm256_madd_epi16(a0, x0), _mm256_madd_epi16(a1, x1)));
+      i1 = _mm256_add_epi32(i1, _mm256_add_epi32(_mm256_madd_epi16(b0, x0), _mm256_madd_epi16(b1, x1)));
+    }
+    const float xk = a.xs[k];
+    tot0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(i0), _mm256_set1_ps(_cvtsh_ss(s0[k]) * xk), tot0);
+    tot1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(i1), _mm256_set1_ps(_cvtsh_ss(s1[k]) * xk), tot1);
+  }
+  a.y[r] = hsum(tot0) * gs;
+  a.y[r + 1] = hsum(tot1) * gs;
+}
+
 template <int BITS>
 void i16_rows(const Args& a, int64_t r0, int64_t r1) {
   if constexpr (BITS >= 2 && BITS <= 8) {
     I16Tables it;
     const float gs = BITS == 8 ? 1.f : i16_tables(a.grid, BITS, it);  // b = 8: the integer grid
+    if (a.M == 1) {  // decode at batch 1: weight rows in pairs
+      int64_t r = r0;
+      for (; r + 2 <= r1; r += 2) i16_pair<BITS>(it, gs, a, r);
+      if (r < r1)
+        i16_row<BITS, 1>(it, gs, a, a.codes + r * a.nbytes, reinterpret_cast<const uint16_t*>(a.scales) + r * a.nb,
+                         r, 0);
+      return;
+    }
     row_tiles(a, r0, r1, [&](const uint8_t* row, const uint16_t* srow, int64_t r, int64_t m, auto mt) {
       i16_row<BITS, decltype(mt)::value>(it, gs, a, row, srow, r, m);
     });
@@ -684,18 +738,35 @@ struct Call {
   int64_t cw = 0;
   at::ScalarType out_type = at::kFloat;
   torch::Tensor y, bf;
+  int64_t rotation = 0;
+  const void* signs = nullptr;
+  bool natural = false;
   std::vector<float> xf_buf, xa_buf, y_buf, xs_buf;
   std::vector<int16_t> xq_buf;
 };
+
+void finish(Call& c, const torch::Tensor& bias, bool float_out, at::ScalarType xt);
+
+// x rounded to the nearest int16 (ties to even, as lrint), |x| <= 16383 here
+inline int16_t round16(float x) {
+#if UC_X86
+  return static_cast<int16_t>(_mm_cvtss_si32(_mm_set_ss(x)));  // inline, where lrint may be a libm call
+#else
+  return static_cast<int16_t>(std::lrint(x));
+#endif
+}
 
 // x [M, K] (float32, bfloat16 or float16, contiguous); codes uint8 [N, ceil(K/8)*bits]; scales float16
 // [N, ceil(K/block)]; grid float32 [2^bits]; signs uint8 [ceil(K/8)] with rotation n > 0 (else empty); bias [N]
 // or empty. isa: -1 the best this CPU has, else at most 0 scalar / 1 AVX2 / 2 AVX-512 (tests). Sets up `c`
 // and its output [M, N] in x's dtype, or float32 with `float_out`. Sums are float32 throughout; inputs and
 // outputs are converted on the way in and out, so a call is one op.
+// `same`: earlier calls on the same x (a group); where one of them laid the activations out the same way
+// (path, block, rotation), c reads its buffers instead of laying them out again.
 void prepare(Call& c, const torch::Tensor& xc, const torch::Tensor& codes, const torch::Tensor& scales,
              const torch::Tensor& grid, int64_t bits, int64_t block, const torch::Tensor& signs, int64_t rotation,
-             const torch::Tensor& bias, int64_t isa, bool float_out, bool act_int) {
+             const torch::Tensor& bias, int64_t isa, bool float_out, bool act_int, const Call* same = nullptr,
+             size_t nsame = 0) {
   TORCH_CHECK(codes.dim() == 2 && scales.dim() == 2, "codes and scales must be 2-D");
   TORCH_CHECK(codes.scalar_type() == torch::kUInt8 && scales.scalar_type() == torch::kHalf &&
               grid.scalar_type() == torch::kFloat, "codes uint8, scales float16, grid float32");
@@ -740,6 +811,21 @@ void prepare(Call& c, const torch::Tensor& xc, const torch::Tensor& codes, const
   c.ints = ints;
   c.bytes = bytes;
   c.cw = cw;
+  c.rotation = rotation;
+  c.signs = rotation > 0 ? signs.data_ptr() : nullptr;
+  c.natural = bits == 8;  // the integer path lays b = 8 out in natural order
+  for (size_t j = 0; j < nsame; ++j) {
+    const Call& o = same[j];
+    if (o.use == use && o.ints == ints && o.bytes == bytes && o.cw == cw && o.a.block == block &&
+        o.a.nchunks == a.nchunks && o.rotation == rotation && o.signs == c.signs && o.natural == c.natural) {
+      a.xf = o.a.xf;
+      a.xa = o.a.xa;
+      a.xq = o.a.xq;
+      a.xs = o.a.xs;
+      finish(c, bias, float_out, xc.scalar_type());
+      return;
+    }
+  }
 
   c.xf_buf.resize(a.M * a.K);
   for (int64_t m = 0; m < a.M; ++m) {
@@ -765,8 +851,14 @@ void prepare(Call& c, const torch::Tensor& xc, const torch::Tensor& codes, const
         for (int64_t i = 0; i < block; ++i) mx = std::max(mx, std::fabs(s[i]));
         const float inv = mx > 0.f ? 16383.f / mx : 0.f;
         int16_t* o = c.xq_buf.data() + m * a.ldxa + k * block;
-        for (int64_t i = 0; i < block; ++i)  // b = 8: natural order
-          o[i] = static_cast<int16_t>(std::lrint(s[bits == 8 ? i : 32 * (i / 32) + k256::i16_order(i % 32)] * inv));
+        if (bits == 8)  // natural order
+          for (int64_t i = 0; i < block; ++i) o[i] = round16(s[i] * inv);
+        else  // i16_order: per 16, the even columns then the odd ones
+          for (int64_t i = 0; i < block; i += 16)
+            for (int64_t t = 0; t < 8; ++t) {
+              o[i + t] = round16(s[i + 2 * t] * inv);
+              o[i + 8 + t] = round16(s[i + 2 * t + 1] * inv);
+            }
         c.xs_buf[m * a.nb + k] = mx / 16383.f;
       }
     a.xq = c.xq_buf.data();
@@ -794,6 +886,12 @@ void prepare(Call& c, const torch::Tensor& xc, const torch::Tensor& codes, const
       }
     a.xa = c.xa_buf.data();
   }
+  finish(c, bias, float_out, xt);
+}
+
+// c's bias (as float32) and output tensor.
+void finish(Call& c, const torch::Tensor& bias, bool float_out, at::ScalarType xt) {
+  Args& a = c.a;
   c.bf = torch::Tensor();
   if (bias.numel()) {
     TORCH_CHECK(bias.numel() == a.N, "bias has ", bias.numel(), " values for ", a.N, " rows");
@@ -871,7 +969,7 @@ std::vector<torch::Tensor> qgemv_group(torch::Tensor x, std::vector<torch::Tenso
   int64_t grain = INT64_MAX;
   for (size_t i = 0; i < n; ++i) {
     prepare(calls[i], xc, codes[i], scales[i], grids[i], bits[i], blocks[i], signs[i], rotations[i], biases[i], isa,
-            false, act_int);
+            false, act_int, calls.data(), i);
     first[i + 1] = first[i] + calls[i].a.N;
     grain = std::min(grain, grain_of(calls[i].a));
   }
@@ -893,9 +991,11 @@ std::vector<torch::Tensor> qgemv_group(torch::Tensor x, std::vector<torch::Tenso
 
 int64_t isa() { return cpu_isa(); }
 
+// The products run without the GIL: a server's event loop thread goes on streaming while the engine's
+// thread is in here.
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("qgemv", &qgemv);
-  m.def("qgemv_group", &qgemv_group);
+  m.def("qgemv", &qgemv, py::call_guard<py::gil_scoped_release>());
+  m.def("qgemv_group", &qgemv_group, py::call_guard<py::gil_scoped_release>());
   m.def("isa", &isa);
 }
 
