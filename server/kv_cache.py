@@ -151,11 +151,18 @@ class DecodeView(_View):
         self.width = max(lens) + 1
         dev = cache.shape.device
         self.lens = torch.tensor(lens, device=dev)
-        # flat row of (r, h, lens[r]) in a [rows * kv_heads * cap, head_dim] view of a layer's buffer: one
-        # index_copy_ per layer writes every new key (advanced-index assignment is ~10x slower on the CPU)
-        heads, cap = cache.shape.kv_heads, cache.cap
-        rh = torch.arange(self.n, device=dev).unsqueeze(1) * heads + torch.arange(heads, device=dev)
-        self.flat = (rh * cap + self.lens.unsqueeze(1)).reshape(-1)
+        self._flat = None
+
+    @property
+    def flat(self) -> torch.Tensor:
+        """Flat row of (r, h, lens[r]) in a [rows * kv_heads * cap, head_dim] view of a layer's buffer: one
+        index_copy_ per layer writes every new key (advanced-index assignment is ~10x slower on the CPU).
+        Built on first use: the lean step's own attention op (cpu_ops.attend) writes the cache itself."""
+        if self._flat is None:
+            heads, cap, dev = self.cache.shape.kv_heads, self.cache.cap, self.lens.device
+            rh = torch.arange(self.n, device=dev).unsqueeze(1) * heads + torch.arange(heads, device=dev)
+            self._flat = (rh * cap + self.lens.unsqueeze(1)).reshape(-1)
+        return self._flat
 
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
         # key_states: [R, kv_heads, 1, head_dim]
