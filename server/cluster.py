@@ -1,14 +1,14 @@
 """uc serve's engine as Ray Serve replicas: one engine per replica, the same OpenAI API through Ray Serve's
-HTTP proxy (docs/SERVER.md, "Ray Serve"). Ray Serve places, balances, autoscales and restarts the replicas;
+HTTP proxy (docs/SERVER.md, "Scaling out"). Ray Serve places, balances, autoscales and restarts the replicas;
 nothing here does any of that.
 
-- One pack: `UCReplica` is the ingress. Each replica runs the very FastAPI app of `uc serve`
+- One pack: the replicas (`_Replica`) are the ingress. Each replica runs the very FastAPI app of `uc serve`
   (server/app.py) over its own engine, so statuses, error envelopes, streaming and 429s are unchanged.
-- Several packs: `UCRouter` (no engine, no CPU reservation) is the ingress; it reads the body's `model` and
+- Several packs: `_Router` (no engine, no CPU reservation) is the ingress; it reads the body's `model` and
   passes the request to that pack's deployment through a Serve handle (Serve picks the replica), which runs
-  it through the same app (`UCReplica.asgi`) and streams the ASGI messages back.
+  it through the same app (`_Replica.asgi`) and streams the ASGI messages back.
 - Metrics: every replica serves its own Prometheus registry on a port of its node and registers the
-  address with `MetricsTargets`; `GET /metrics/targets` answers Prometheus HTTP service discovery with the
+  address with `_MetricsTargets`; `GET /metrics/targets` answers Prometheus HTTP service discovery with the
   live ones (each replica's series as they are, labelled by replica), so nothing is re-aggregated.
 """
 
@@ -80,7 +80,7 @@ def _node_ip() -> str:
     """The address Ray knows this replica's node by (`ray start --node-ip-address`), which Prometheus reaches."""
     import ray
 
-    node = ray.get_runtime_context().get_node_id()
+    node = ray_node_id()
     return next((n["NodeManagerAddress"] for n in ray.nodes() if n["NodeID"] == node), ray.util.get_node_ip_address())
 
 

@@ -80,7 +80,8 @@ class ClusterConfig:
                                           "requests (target: --max-num-seqs per replica)")
     replica_cpus: float = _opt(1.0, "CPUs Ray reserves per replica (also the replica's torch threads, rounded)")
     replica_gpus: float | None = _opt(None, "GPUs per replica (default: 1 with --device cuda, else 0)")
-    metrics_port: int = _opt(0, "port of each replica's /metrics on its node (0: any free port)")
+    metrics_port: int = _opt(0, "port of each replica's /metrics on its node (0: any free port; a fixed one allows "
+                                 "one replica per node)")
 
 
 def env_name(name: str) -> str:
