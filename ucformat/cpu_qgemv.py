@@ -87,17 +87,22 @@ def _parts(q: QuantizedTensor, bias: torch.Tensor | None) -> tuple:
 def bound(q: QuantizedTensor, bias: torch.Tensor | None = None):
     """linear(x, q, bias) with q's parts bound once: x [..., K] -> [..., N] in x's dtype (UC_CPU_ACT read per
     call)."""
-    mod, parts = _module(), _parts(q, bias)
-    return lambda x: mod.qgemv(x, *parts, _CAP, False, ACT == "int16")
+    b = _bind([q], [bias])
+    return lambda x: b.one(x, _CAP, ACT == "int16")
 
 
 def bound_group(qs: list[QuantizedTensor], biases: list[torch.Tensor | None]):
     """Weights that read the same input (q/k/v, gate/up) in one kernel call and one parallel region, their
     parts bound once: x [..., K] -> [y_i [..., N_i]], each y_i what bound(q_i, bias_i)(x) returns."""
-    mod = _module()
+    b = _bind(qs, biases)
+    return lambda x: b.group(x, _CAP, ACT == "int16")
+
+
+def _bind(qs: list[QuantizedTensor], biases: list[torch.Tensor | None]):
+    """The weights' parts held by the extension (its Bound): a call then converts only x."""
     parts = [_parts(q, b) for q, b in zip(qs, biases)]
     codes, scales, grids, bits, blocks, signs, rots, bs = (list(t) for t in zip(*parts))
-    return lambda x: mod.qgemv_group(x, codes, scales, grids, signs, bs, bits, blocks, rots, _CAP, ACT == "int16")
+    return _module().Bound(codes, scales, grids, signs, bs, bits, blocks, rots)
 
 
 def linear(x: torch.Tensor, q: QuantizedTensor, bias: torch.Tensor | None = None, isa: str | None = None,
