@@ -86,7 +86,7 @@ class Siblings:
         self.call = None
 
     def __call__(self, mods: tuple, x: torch.Tensor) -> list[torch.Tensor]:
-        if x.is_cpu and x.shape[0] <= qmatmul.cpu_rows() and all(type(m) is QuantLinear for m in mods):
+        if x.is_cpu and x.numel() <= x.shape[-1] * qmatmul.cpu_rows() and all(type(m) is QuantLinear for m in mods):
             parts = [p for m in mods for p in (m.q, m.bias)]
             if len(parts) != len(self.parts) or not all(map(operator.is_, parts, self.parts)):
                 self.parts = parts

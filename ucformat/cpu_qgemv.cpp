@@ -949,17 +949,18 @@ torch::Tensor qgemv(torch::Tensor x, torch::Tensor codes, torch::Tensor scales, 
   return y;
 }
 
+// Weights' parts held on the C++ side (ucformat/cpu_qgemv.py `bound`, `bound_group`): a call converts only
+// x, not every part again (about 4 us less per call of a group of three). One entry per weight (checked
+// by its constructor, in the module definition below).
+struct Bound {
+  std::vector<torch::Tensor> codes, scales, grids, signs, biases;
+  std::vector<int64_t> bits, blocks, rotations;
+};
+
 // Several weights that read the same input (q/k/v, gate/up) in one call and one parallel region: the rows
-// of all of them are one range split over the threads. parts: per weight (codes, scales, grid, signs, bias)
-// tensors and (bits, block, rotation) integers. -> one output per weight, [..., N_i].
-std::vector<torch::Tensor> qgemv_group(torch::Tensor x, const std::vector<torch::Tensor>& codes,
-                                       const std::vector<torch::Tensor>& scales, const std::vector<torch::Tensor>& grids,
-                                       const std::vector<torch::Tensor>& signs, const std::vector<torch::Tensor>& biases,
-                                       const std::vector<int64_t>& bits, const std::vector<int64_t>& blocks,
-                                       const std::vector<int64_t>& rotations, int64_t isa, bool act_int) {
-  const size_t n = codes.size();
-  TORCH_CHECK(n > 0 && scales.size() == n && grids.size() == n && signs.size() == n && biases.size() == n &&
-              bits.size() == n && blocks.size() == n && rotations.size() == n, "qgemv_group: one entry per weight");
+// of all of them are one range split over the threads. -> one output per weight, [..., N_i].
+std::vector<torch::Tensor> qgemv_group(torch::Tensor x, const Bound& w, int64_t isa, bool act_int) {
+  const size_t n = w.codes.size();
   TORCH_CHECK(x.dim() >= 1, "x must have a last dimension");
   const torch::Tensor xc = x.reshape({-1, x.size(-1)}).contiguous();
   static thread_local std::vector<Call> mine;
@@ -968,8 +969,8 @@ std::vector<torch::Tensor> qgemv_group(torch::Tensor x, const std::vector<torch:
   std::vector<int64_t> first(n + 1, 0);  // weight i owns rows [first[i], first[i + 1]) of the range
   int64_t grain = INT64_MAX;
   for (size_t i = 0; i < n; ++i) {
-    prepare(calls[i], xc, codes[i], scales[i], grids[i], bits[i], blocks[i], signs[i], rotations[i], biases[i], isa,
-            false, act_int, calls.data(), i);
+    prepare(calls[i], xc, w.codes[i], w.scales[i], w.grids[i], w.bits[i], w.blocks[i], w.signs[i], w.rotations[i],
+            w.biases[i], isa, false, act_int, calls.data(), i);
     first[i + 1] = first[i] + calls[i].a.N;
     grain = std::min(grain, grain_of(calls[i].a));
   }
@@ -989,27 +990,12 @@ std::vector<torch::Tensor> qgemv_group(torch::Tensor x, const std::vector<torch:
   return out;
 }
 
-// Weights' parts held on the C++ side (ucformat/cpu_qgemv.py `bound`, `bound_group`): a call converts only
-// x, not every part again (about 4 us less per call of a group of three).
-struct Bound {
-  std::vector<torch::Tensor> codes, scales, grids, signs, biases;
-  std::vector<int64_t> bits, blocks, rotations;
-  torch::Tensor one(torch::Tensor x, int64_t isa, bool act_int) const {
-    return qgemv(x, codes[0], scales[0], grids[0], bits[0], blocks[0], signs[0], rotations[0], biases[0], isa, false,
-                 act_int);
-  }
-  std::vector<torch::Tensor> group(torch::Tensor x, int64_t isa, bool act_int) const {
-    return qgemv_group(x, codes, scales, grids, signs, biases, bits, blocks, rotations, isa, act_int);
-  }
-};
-
 int64_t isa() { return cpu_isa(); }
 
 // The products run without the GIL: a server's event loop thread goes on streaming while the engine's
 // thread is in here.
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("qgemv", &qgemv, py::call_guard<py::gil_scoped_release>());
-  m.def("qgemv_group", &qgemv_group, py::call_guard<py::gil_scoped_release>());
   py::class_<Bound>(m, "Bound")
       .def(py::init([](std::vector<torch::Tensor> codes, std::vector<torch::Tensor> scales,
                        std::vector<torch::Tensor> grids, std::vector<torch::Tensor> signs,
@@ -1020,8 +1006,14 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
                     bits.size() == n && blocks.size() == n && rotations.size() == n, "Bound: one entry per weight");
         return Bound{codes, scales, grids, signs, biases, bits, blocks, rotations};
       }))
-      .def("one", &Bound::one, py::call_guard<py::gil_scoped_release>())
-      .def("group", &Bound::group, py::call_guard<py::gil_scoped_release>());
+      .def("one",
+           [](const Bound& w, torch::Tensor x, int64_t isa, bool act_int) {
+             return qgemv(x, w.codes[0], w.scales[0], w.grids[0], w.bits[0], w.blocks[0], w.signs[0],
+                          w.rotations[0], w.biases[0], isa, false, act_int);
+           },
+           py::call_guard<py::gil_scoped_release>())
+      .def("group", [](const Bound& w, torch::Tensor x, int64_t isa, bool act_int) { return qgemv_group(x, w, isa, act_int); },
+           py::call_guard<py::gil_scoped_release>());
   m.def("isa", &isa);
 }
 
