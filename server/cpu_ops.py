@@ -8,9 +8,10 @@ Both reproduce the transformers arithmetic, roundings included: RMSNorm computes
 float32 and then either rounds to x's dtype and multiplies by w (Llama, Qwen, Mistral) or multiplies by
 1 + w in float32 and rounds once (Gemma); the rotation q * cos + rotate_half(q) * sin rounds each product
 and the sum to the tensor's dtype, as three bfloat16 torch ops do. Only the order of the float32 sum of
-squares differs. Attention computes scores, softmax and weighted sum in float32 and rounds the output once,
-as SDPA does; its sums run in another order (tests/test_decoder.py bounds the difference). Built on first use (ucformat/native.py); where that is not possible, or for tensors they
-do not take (not CPU, mixed dtypes), `rms_norm` and `rope_` run the torch ops.
+squares differs. Attention computes scores, softmax and weighted sum in float32 as SDPA does; its sums run
+in another order (tests/test_decoder.py bounds the difference). Built on first use (ucformat/native.py);
+where that is not possible, or for tensors they do not take (not CPU, mixed dtypes; attention: not
+float32), the torch ops run.
 """
 
 from __future__ import annotations
@@ -25,7 +26,6 @@ _SOURCE = r"""
 #include <ATen/Parallel.h>
 #include <algorithm>
 #include <cmath>
-#include <type_traits>
 #include <vector>
 
 template <typename T> static inline float f(T v) { return static_cast<float>(v); }
@@ -111,48 +111,40 @@ static void axpy(float p, const float* x, float* y, int64_t n) {
   for (int64_t j = 0; j < n; ++j) y[j] += p * x[j];
 }
 
-template <typename T>
-static void attend_rows(const T* q, T* kc, T* vc, const int64_t* lens, T* o, int64_t R, int64_t heads, int64_t kvh,
-                        int64_t cap, int64_t d, int64_t window, float scale) {
+static void attend_rows(const float* q, const float* kc, const float* vc, const int64_t* lens, float* o, int64_t R,
+                        int64_t heads, int64_t kvh, int64_t cap, int64_t d, int64_t window, float scale) {
   const int64_t group = heads / kvh;
   at::parallel_for(0, R * heads, 1, [&](int64_t b, int64_t e) {
-    std::vector<float> qf(d), kf(d), acc(d), s;
+    std::vector<float> qf(d), acc(d), s;
     for (int64_t t = b; t < e; ++t) {
       const int64_t r = t / heads, h = t % heads, g = h / group, len = lens[r];
       const int64_t lo = window > 0 ? std::max<int64_t>(0, len - window + 1) : 0;
-      const T* kb = kc + ((r * kvh + g) * cap) * d;
-      const T* vb = vc + ((r * kvh + g) * cap) * d;
-      for (int64_t j = 0; j < d; ++j) qf[j] = f(q[t * d + j]) * scale;
+      const float* kb = kc + ((r * kvh + g) * cap) * d;
+      const float* vb = vc + ((r * kvh + g) * cap) * d;
+      for (int64_t j = 0; j < d; ++j) qf[j] = q[t * d + j] * scale;
       s.resize(len + 1 - lo);
       float mx = -INFINITY;
       for (int64_t c = lo; c <= len; ++c) {
-        const float* kr;
-        if constexpr (std::is_same_v<T, float>) kr = kb + c * d;
-        else { for (int64_t j = 0; j < d; ++j) kf[j] = f(kb[c * d + j]); kr = kf.data(); }
-        s[c - lo] = dot(qf.data(), kr, d);
+        s[c - lo] = dot(qf.data(), kb + c * d, d);
         mx = std::max(mx, s[c - lo]);
       }
       float sum = 0.f;
       for (auto& v : s) { v = std::exp(v - mx); sum += v; }
       std::fill(acc.begin(), acc.end(), 0.f);
-      for (int64_t c = lo; c <= len; ++c) {
-        const float* vr;
-        if constexpr (std::is_same_v<T, float>) vr = vb + c * d;
-        else { for (int64_t j = 0; j < d; ++j) kf[j] = f(vb[c * d + j]); vr = kf.data(); }
-        axpy(s[c - lo], vr, acc.data(), d);
-      }
+      for (int64_t c = lo; c <= len; ++c) axpy(s[c - lo], vb + c * d, acc.data(), d);
       const float inv = 1.0f / sum;
-      for (int64_t j = 0; j < d; ++j) o[t * d + j] = static_cast<T>(acc[j] * inv);
+      for (int64_t j = 0; j < d; ++j) o[t * d + j] = acc[j] * inv;
     }
   });
 }
 
+// float32 only (cpu_ops.attend says why).
 torch::Tensor attend_decode(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor kc, torch::Tensor vc,
                             torch::Tensor lens, int64_t window, double scale) {
   TORCH_CHECK(q.is_contiguous() && k.is_contiguous() && v.is_contiguous() && kc.is_contiguous() && vc.is_contiguous(),
               "attend: layout");
-  TORCH_CHECK(q.scalar_type() == kc.scalar_type() && k.scalar_type() == kc.scalar_type() &&
-              v.scalar_type() == kc.scalar_type() && vc.scalar_type() == kc.scalar_type(), "attend: dtypes");
+  TORCH_CHECK(q.scalar_type() == torch::kFloat && k.scalar_type() == torch::kFloat && v.scalar_type() == torch::kFloat &&
+              kc.scalar_type() == torch::kFloat && vc.scalar_type() == torch::kFloat, "attend: float32 only");
   TORCH_CHECK(kc.dim() == 4 && vc.sizes() == kc.sizes() && lens.scalar_type() == torch::kLong, "attend: cache");
   const int64_t R = lens.numel(), kvh = kc.size(1), cap = kc.size(2), d = kc.size(3);
   const int64_t heads = q.numel() / (R * d);
@@ -162,18 +154,16 @@ torch::Tensor attend_decode(torch::Tensor q, torch::Tensor k, torch::Tensor v, t
   const int64_t* ln = lc.data_ptr<int64_t>();
   for (int64_t r = 0; r < R; ++r) TORCH_CHECK(ln[r] >= 0 && ln[r] < cap, "attend: position past the cache");
   auto o = torch::empty({R, heads * d}, q.options());
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "attend", [&] {
-    scalar_t* kp = kc.data_ptr<scalar_t>();
-    scalar_t* vp = vc.data_ptr<scalar_t>();
-    for (int64_t r = 0; r < R; ++r)
-      for (int64_t g = 0; g < kvh; ++g) {
-        const int64_t at = ((r * kvh + g) * cap + ln[r]) * d, src = (r * kvh + g) * d;
-        std::copy_n(k.data_ptr<scalar_t>() + src, d, kp + at);
-        std::copy_n(v.data_ptr<scalar_t>() + src, d, vp + at);
-      }
-    attend_rows<scalar_t>(q.data_ptr<scalar_t>(), kp, vp, ln, o.data_ptr<scalar_t>(), R, heads, kvh, cap, d, window,
-                          static_cast<float>(scale));
-  });
+  float* kp = kc.data_ptr<float>();
+  float* vp = vc.data_ptr<float>();
+  for (int64_t r = 0; r < R; ++r)
+    for (int64_t g = 0; g < kvh; ++g) {
+      const int64_t at = ((r * kvh + g) * cap + ln[r]) * d, src = (r * kvh + g) * d;
+      std::copy_n(k.data_ptr<float>() + src, d, kp + at);
+      std::copy_n(v.data_ptr<float>() + src, d, vp + at);
+    }
+  attend_rows(q.data_ptr<float>(), kp, vp, ln, o.data_ptr<float>(), R, heads, kvh, cap, d, window,
+              static_cast<float>(scale));
   return o;
 }
 
