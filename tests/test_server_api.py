@@ -641,8 +641,9 @@ def test_disconnects_abort_and_free_slots(small):
 
 
 def test_sigterm_drains_then_exits(small):
-    """Last test of the module: it stops the small server."""
-    body = {"prompt": PROMPT, "max_tokens": 40, "temperature": 0, "ignore_eos": True, "stream": True}
+    """Last test of the module: it stops the small server. The stream is long enough (about 4 s at 100
+    tok/s) to still be running while the drain is checked, however fast decoding gets."""
+    body = {"prompt": PROMPT, "max_tokens": 400, "temperature": 0, "ignore_eos": True, "stream": True}
     with httpx.stream("POST", small.url + "/v1/completions", json=body, timeout=120) as r:
         lines = r.iter_lines()
         next(lines)
