@@ -2,7 +2,9 @@
 of the six to eight torch ops (and as many Python frames) their transformers forwards take; and decode
 attention in float32 (the dtype CPUs without fast bfloat16 serve in), which writes the new keys and values
 into the slot cache and attends over each row's own columns in one op (instead of two index copies, a
-mask and an SDPA call: about 100 us a layer of a SmolLM2 step).
+mask and an SDPA call: about 100 us a layer of a SmolLM2 step). And `Body`: every layer of a float32 decode
+step in one call (native_step.py says when), the quantized kernels reached by address, these ops between
+them.
 
 Both reproduce the transformers arithmetic, roundings included: RMSNorm computes x * rsqrt(mean(x^2) + eps) in
 float32 and then either rounds to x's dtype and multiplies by w (Llama, Qwen, Mistral) or multiplies by
@@ -167,30 +169,163 @@ torch::Tensor attend_decode(torch::Tensor q, torch::Tensor k, torch::Tensor v, t
   return o;
 }
 
+// ---- The layers of a decode step in one call (float32; server/decoder.py builds it where it applies) ------
+// The linears are the quantized kernel's group calls (ucformat/cpu_qgemv.cpp `group_at`, reached by address:
+// the kernels live in another extension); everything between them is the ops above, on plain buffers.
+using GroupFn = std::vector<torch::Tensor> (*)(const torch::Tensor&, const void*, int64_t, bool);
+
+struct Norm {
+  torch::Tensor w;  // empty: none
+  float eps = 0.f;
+  void apply(float* x, float* y, int64_t n, int64_t h, bool gemma) const {
+    norm_rows<float>(x, w.data_ptr<float>(), y, n, h, eps, gemma);
+  }
+};
+
+struct BodyLayer {
+  const void *qkv, *o, *gate_up, *down;  // Bounds: q/k/v, o, gate/up, down
+  Norm in, post_attn, pre_ff, post_ff, q, k;
+  int64_t window, rope;  // attention window (0: none); which cos/sin this layer's type rotates by
+};
+
+// act(gate) * up in place of gate, by torch's own CPU kernels (the numbers of the Python step, bit for bit):
+// transformers' gelu_pytorch_tanh where `gelu`, else silu.
+static void act_mul(torch::Tensor& g, const torch::Tensor& u, bool gelu) {
+  if (gelu) g = at::gelu(g, "tanh");
+  else at::silu_(g);
+  g.mul_(u);
+}
+
+struct Body {
+  GroupFn fn = nullptr;
+  bool gemma = false, sandwich = false, gelu = false;
+  int64_t heads = 0, kvh = 0, d = 0;
+  float scale = 1.f;
+  std::vector<BodyLayer> layers;
+
+  // h [R, H] float32 (not changed) -> h after every layer; cos/sin: [R, D] per rope kind; kc/vc: every
+  // layer's cache [rows, kvh, cap, D]; lens [R] (each row's new column).
+  torch::Tensor run(torch::Tensor h0, std::vector<torch::Tensor> cos, std::vector<torch::Tensor> sin,
+                    std::vector<torch::Tensor> kc, std::vector<torch::Tensor> vc, torch::Tensor lens, int64_t isa,
+                    bool act_int) const {
+    TORCH_CHECK(h0.scalar_type() == torch::kFloat && h0.dim() == 2 && lens.scalar_type() == torch::kLong, "body: input");
+    TORCH_CHECK(kc.size() == layers.size() && vc.size() == layers.size(), "body: one cache per layer");
+    const int64_t R = h0.size(0), H = h0.size(1);
+    torch::Tensor h = h0.contiguous().clone(), x = torch::empty_like(h);
+    float* hp = h.data_ptr<float>();
+    float* xp = x.data_ptr<float>();
+    const torch::Tensor lc = lens.contiguous();
+    const int64_t* ln = lc.data_ptr<int64_t>();
+    for (size_t i = 0; i < layers.size(); ++i) {
+      const BodyLayer& L = layers[i];
+      const torch::Tensor& kt = kc[i];
+      const torch::Tensor& vt = vc[i];
+      TORCH_CHECK(kt.scalar_type() == torch::kFloat && kt.is_contiguous() && vt.is_contiguous() && kt.dim() == 4 &&
+                  vt.sizes() == kt.sizes() && kt.size(1) == kvh && kt.size(3) == d && R <= kt.size(0), "body: cache");
+      const int64_t cap = kt.size(2);
+      for (int64_t r = 0; r < R; ++r) TORCH_CHECK(ln[r] >= 0 && ln[r] < cap, "body: position past the cache");
+      L.in.apply(hp, xp, R, H, gemma);
+      std::vector<torch::Tensor> qkv = fn(x, L.qkv, isa, act_int);
+      float* q = qkv[0].data_ptr<float>();
+      float* k = qkv[1].data_ptr<float>();
+      float* v = qkv[2].data_ptr<float>();
+      if (L.q.w.defined()) {
+        L.q.apply(q, q, R * heads, d, gemma);
+        L.k.apply(k, k, R * kvh, d, gemma);
+      }
+      TORCH_CHECK(L.rope >= 0 && L.rope < static_cast<int64_t>(cos.size()) && cos.size() == sin.size(), "body: rope");
+      const torch::Tensor& c = cos[L.rope];
+      const torch::Tensor& sn = sin[L.rope];
+      rope_rows<float>(q, c.data_ptr<float>(), sn.data_ptr<float>(), R, heads, d);
+      rope_rows<float>(k, c.data_ptr<float>(), sn.data_ptr<float>(), R, kvh, d);
+      float* kp = kt.data_ptr<float>();
+      float* vp = vt.data_ptr<float>();
+      for (int64_t r = 0; r < R; ++r)
+        for (int64_t g = 0; g < kvh; ++g) {
+          const int64_t at = ((r * kvh + g) * cap + ln[r]) * d, src = (r * kvh + g) * d;
+          std::copy_n(k + src, d, kp + at);
+          std::copy_n(v + src, d, vp + at);
+        }
+      torch::Tensor att = torch::empty({R, heads * d}, h.options());
+      attend_rows(q, kp, vp, ln, att.data_ptr<float>(), R, heads, kvh, cap, d, L.window, scale);
+      torch::Tensor o = fn(att, L.o, isa, act_int)[0];
+      float* op = o.data_ptr<float>();
+      if (sandwich) {
+        L.post_attn.apply(op, op, R, H, gemma);
+        for (int64_t j = 0; j < R * H; ++j) hp[j] += op[j];
+        L.pre_ff.apply(hp, xp, R, H, gemma);
+      } else {
+        for (int64_t j = 0; j < R * H; ++j) hp[j] += op[j];
+        L.post_attn.apply(hp, xp, R, H, gemma);
+      }
+      std::vector<torch::Tensor> gu = fn(x, L.gate_up, isa, act_int);
+      act_mul(gu[0], gu[1], gelu);
+      torch::Tensor dn = fn(gu[0], L.down, isa, act_int)[0];
+      float* dp = dn.data_ptr<float>();
+      if (sandwich) L.post_ff.apply(dp, dp, R, H, gemma);
+      for (int64_t j = 0; j < R * H; ++j) hp[j] += dp[j];
+    }
+    return h;
+  }
+};
+
+static Norm norm_of(torch::Tensor w, double eps) {
+  Norm n;
+  if (w.numel()) {
+    TORCH_CHECK(w.scalar_type() == torch::kFloat && w.is_contiguous(), "body: norm weights float32");
+    n.w = w;
+    n.eps = static_cast<float>(eps);
+  }
+  return n;
+}
+
 // Without the GIL, as the quantized products: the server's event loop runs meanwhile.
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rms_norm", &rms_norm, py::call_guard<py::gil_scoped_release>());
   m.def("rope_", &rope_, py::call_guard<py::gil_scoped_release>());
   m.def("attend_decode", &attend_decode, py::call_guard<py::gil_scoped_release>());
+  py::class_<Body>(m, "Body")
+      .def(py::init([](intptr_t fn, bool gemma, bool sandwich, bool gelu, int64_t heads, int64_t kvh, int64_t d,
+                       double scale) {
+        Body b;
+        b.fn = reinterpret_cast<GroupFn>(fn);
+        b.gemma = gemma, b.sandwich = sandwich, b.gelu = gelu, b.heads = heads, b.kvh = kvh, b.d = d;
+        b.scale = static_cast<float>(scale);
+        return b;
+      }))
+      // norms: (weight or an empty tensor, eps) each
+      .def("add_layer", [](Body& b, intptr_t qkv, intptr_t o, intptr_t gate_up, intptr_t down,
+                           std::vector<std::pair<torch::Tensor, double>> norms, int64_t window, int64_t rope) {
+        TORCH_CHECK(norms.size() == 6, "body: in, post_attn, pre_ff, post_ff, q, k norms");
+        BodyLayer L{reinterpret_cast<const void*>(qkv), reinterpret_cast<const void*>(o),
+                    reinterpret_cast<const void*>(gate_up), reinterpret_cast<const void*>(down)};
+        Norm* slots[6] = {&L.in, &L.post_attn, &L.pre_ff, &L.post_ff, &L.q, &L.k};
+        for (int j = 0; j < 6; ++j) *slots[j] = norm_of(norms[j].first, norms[j].second);
+        L.window = window;
+        L.rope = rope;
+        b.layers.push_back(L);
+      })
+      .def("run", &Body::run, py::call_guard<py::gil_scoped_release>());
 }
 """
 
 
-def _module():
+def module():
+    """The built extension, or None (not buildable, UC_NATIVE=0)."""
     return native.load(NAME, _SOURCE, "CPU decode ops")[0]
 
 
-def _eps(norm) -> float:
+def eps_of(norm) -> float:
     return float(getattr(norm, "variance_epsilon", None) or getattr(norm, "eps"))
 
 
 def rms_norm(x: torch.Tensor, norm: torch.nn.Module, gemma: bool) -> torch.Tensor:
     """The module `norm`'s RMSNorm of x (last dimension), as its transformers forward computes it."""
     w = norm.weight
-    if x.device.type == "cpu" and w.dtype == x.dtype and x.is_contiguous() and _module() is not None:
-        return _module().rms_norm(x, w, _eps(norm), gemma)
+    if x.device.type == "cpu" and w.dtype == x.dtype and x.is_contiguous() and module() is not None:
+        return module().rms_norm(x, w, eps_of(norm), gemma)
     xf = x.float()
-    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + _eps(norm))
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps_of(norm))
     if gemma:
         return (xf * (1.0 + w.float())).to(x.dtype)
     return w * xf.to(x.dtype)
@@ -204,8 +339,8 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 def rope_(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
     """In place, q [R, S, heads, D] and k [R, S, kv_heads, D] rotated by cos/sin [R, S, D]."""
     if (q.device.type == "cpu" and q.is_contiguous() and k.is_contiguous() and q.dtype == k.dtype == cos.dtype
-            and _module() is not None):
-        _module().rope_(q, k, cos.contiguous(), sin.contiguous())
+            and module() is not None):
+        module().rope_(q, k, cos.contiguous(), sin.contiguous())
         return
     c, s = cos.unsqueeze(2), sin.unsqueeze(2)
     q.copy_(q * c + _rotate_half(q) * s)
@@ -221,7 +356,7 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keys: torch.Tensor
     bfloat16, SDPA's roundings (its probabilities rounded before P V) differ from one float32 softmax by
     enough to flip near-tied greedy tokens of the transformers forward the lean step must reproduce."""
     if (q.device.type != "cpu" or not (q.dtype == k.dtype == v.dtype == keys.dtype == torch.float32) or not q.is_contiguous()
-            or not k.is_contiguous() or not v.is_contiguous() or _module() is None):
+            or not k.is_contiguous() or not v.is_contiguous() or module() is None):
         return None
-    o = _module().attend_decode(q, k, v, keys, values, lens, int(window or 0), float(scale))
+    o = module().attend_decode(q, k, v, keys, values, lens, int(window or 0), float(scale))
     return o.unsqueeze(1)

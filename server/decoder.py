@@ -1,15 +1,19 @@
-"""A lean decode step for the common decoder-only architectures: the arithmetic of the transformers modules
-(their weights, norms, activation, rotary embedding and SDPA attention) without their Python layers.
+"""A lean step for the common decoder-only architectures: the arithmetic of the transformers modules (their
+weights, norms, activation, rotary embedding and SDPA attention) without their Python layers, for both
+forwards of the engine (decode: one new token per running row; prefill: prompt segments packed in one row).
 
 A decode step of a stock transformers model calls a few thousand small torch ops and as many Python
 frames: on a 2-core CPU, with the linears computed from the codes, that host work was most of a 25 ms
 SmolLM2 step (docs/BENCHMARKS.md). This step does per layer only what the arithmetic needs: one norm,
 the projections (QuantLinears straight to their bound kernel, no module call; q/k/v and gate/up as one
 kernel call each where the CPU kernel takes all of them), one rotation of q and k, the cache write and
-attention (one op on the CPU, cpu_ops.attend; else an index copy and one SDPA call), the output
-projection, the MLP. It reads the model's own modules for
-every weight and constant, so whatever the runtime attaches (dense, packed or streamed layers; the
-runtime's enter/leave are called around each streamed layer as its forward hooks would) is what runs.
+attention (at decode on the CPU, one op, cpu_ops.attend; else the view's cache write and one SDPA call
+under the view's mask), the output projection, the MLP; the head only at the positions whose logits
+are wanted. A short prompt's rows go through the same kernels as decode rows (qmatmul's row limit); a
+long one's linears reconstruct and call the GEMM, as the transformers forward does. It reads the model's
+own modules for every weight and constant, so whatever the runtime attaches (dense, packed or streamed
+layers; the runtime's enter/leave are called around each streamed layer as its forward hooks would) is
+what runs.
 
 What differs between the supported architectures is data (`Recipe`): how RMSNorm applies its weight
 (Llama casts then scales by w; Gemma scales by 1 + w in float32), q/k norms (Qwen3, Gemma 3), norms after
@@ -31,7 +35,8 @@ from ucformat import qmatmul
 from ucformat.qlinear import QuantLinear
 
 from .cpu_ops import attend, rms_norm, rope_
-from .kv_cache import DecodeView
+from .kv_cache import DecodeView, PrefillView
+from .native_step import NativeBody
 
 LLAMA_LIKE = ("llama", "mistral", "qwen2", "qwen3")
 GEMMA = ("gemma3_text",)
@@ -97,7 +102,7 @@ class Siblings:
 
 
 class Decoder:
-    """decode(ids [R], view, masks) -> logits [R, V] for the model `recipe_of` accepted."""
+    """decode / prefill for the model `recipe_of` accepted."""
 
     def __init__(self, model, recipe: Recipe, windows: list[int | None] | None = None) -> None:
         self.model, self.r = model, recipe
@@ -113,17 +118,28 @@ class Decoder:
         self.windows = windows
         self.qkv = [Siblings() for _ in self.layers]
         self.gate_up = [Siblings() for _ in self.layers]
+        self.native = NativeBody(self)
 
     @torch.inference_mode()
     def decode(self, ids: torch.Tensor, view: DecodeView, masks) -> torch.Tensor:
+        """One new token per running row: ids [R] -> logits [R, V]."""
+        return self.forward(ids.unsqueeze(1), view, masks, None)
+
+    @torch.inference_mode()
+    def prefill(self, ids: torch.Tensor, view: PrefillView, masks, keep: torch.Tensor) -> torch.Tensor:
+        """Prompt segments packed in one row: ids [1, T] -> logits [len(keep), V] at the positions keep."""
+        return self.forward(ids, view, masks, keep)
+
+    def forward(self, ids: torch.Tensor, view, masks, keep: torch.Tensor | None) -> torch.Tensor:
         r = self.r
-        h = self.embed(ids.unsqueeze(1))  # [R, 1, H] (Gemma's module applies its scale)
-        pos = view.position_ids()  # [R, 1]
+        h = self.embed(ids)  # [R, S, H] (Gemma's module applies its scale)
+        pos = view.position_ids()  # [R, S]
         if r.layer_types is None:
             rope = self.rotary(h, pos)
         else:
             rope = {t: self.rotary(h, pos, t) for t in set(r.layer_types)}
-        for i, layer in enumerate(self.layers):
+        out = self.native(h, rope, view) if keep is None else None  # every layer in one native call
+        for i, layer in enumerate(self.layers if out is None else ()):
             if self.hooked[i]:
                 self.runtime.enter(i)
             try:
@@ -132,32 +148,36 @@ class Decoder:
             finally:
                 if self.hooked[i]:
                     self.runtime.leave(i)
+        if out is not None:
+            h = out
+        h = h[:, -1] if keep is None else h[0, keep]  # the head only where logits are wanted
         h = rms_norm(h, self.norm, r.gemma_norm)
-        logits = _linear(self.head, h[:, -1])
+        logits = _linear(self.head, h)
         if r.final_softcap:
             logits = torch.tanh(logits / r.final_softcap) * r.final_softcap
         return logits
 
     def _layer(self, layer, index: int, h: torch.Tensor, rope, mask, view: DecodeView) -> torch.Tensor:
         r, attn, mlp = self.r, layer.self_attn, layer.mlp
-        rows = h.shape[0]
+        rows, seq = h.shape[:2]
         x = rms_norm(h, layer.input_layernorm, r.gemma_norm)
         q, k, v = self.qkv[index]((attn.q_proj, attn.k_proj, attn.v_proj), x)
-        q = q.view(rows, 1, self.heads, self.head_dim)
-        k = k.view(rows, 1, self.kv_heads, self.head_dim)
-        v = v.view(rows, 1, self.kv_heads, self.head_dim)
+        q = q.view(rows, seq, self.heads, self.head_dim)
+        k = k.view(rows, seq, self.kv_heads, self.head_dim)
+        v = v.view(rows, seq, self.kv_heads, self.head_dim)
         if r.qk_norm:
             q, k = rms_norm(q, attn.q_norm, r.gemma_norm), rms_norm(k, attn.k_norm, r.gemma_norm)
         rope_(q, k, *rope)  # in place, before the heads move to dimension 1
         cache = view.cache
-        o = None if self.windows is None else attend(q, k, v, cache.k[index], cache.v[index], view.lens,
-                                                     self.windows[index], r.scaling)
+        o = None
+        if self.windows is not None and isinstance(view, DecodeView):
+            o = attend(q, k, v, cache.k[index], cache.v[index], view.lens, self.windows[index], r.scaling)
         if o is None:
-            q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [R, heads, 1, head_dim]
+            q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [R, heads, S, head_dim]
             keys, values = view.update(k, v, index)
             o = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=r.scaling,
                                                enable_gqa=self.heads != self.kv_heads)
-            o = o.transpose(1, 2).reshape(rows, 1, self.heads * self.head_dim)
+            o = o.transpose(1, 2).reshape(rows, seq, self.heads * self.head_dim)
         o = _linear(attn.o_proj, o)
         if r.sandwich:
             h = h + rms_norm(o, layer.post_attention_layernorm, True)

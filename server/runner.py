@@ -1,5 +1,6 @@
 """ModelRunner: the two forwards of an engine step (batched decode, packed prefill) on a stock transformers
-causal LM, through the slot KV cache, with explicit position ids and masks.
+causal LM, through the slot KV cache, with explicit position ids and masks: the lean step (decoder.py) for
+the architectures it takes, both forwards; else the transformers forward.
 
 Masks follow the model's attention: one boolean [.., q, k] mask for sdpa (additive floats for eager), a
 dict keyed by layer type for models that mix sliding and full attention (Gemma 3), the window applied
@@ -79,6 +80,8 @@ class ModelRunner:
         dev = self.kv.shape.device
         ids = torch.tensor(tokens, device=dev).unsqueeze(0)  # [1, T]
         keep_t = torch.tensor(keep or [len(tokens) - 1], device=dev)
+        if self.decoder is not None:
+            return self.decoder.prefill(ids, view, self._masks(view), keep_t)
         out = self.model(input_ids=ids, attention_mask=self._masks(view), position_ids=view.position_ids(),
                          use_cache=True, logits_to_keep=keep_t, **{self.cache_kw: view})
         return out.logits[0]

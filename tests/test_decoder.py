@@ -1,5 +1,5 @@
-"""The lean decode step (server/decoder.py) against the transformers forward it replaces: same logits for
-every architecture it accepts (float32: to float tolerance; bfloat16: same greedy tokens, logits within a
+"""The lean step (server/decoder.py: decode and prefill) against the transformers forward it replaces: same
+logits for every architecture it accepts (float32: to float tolerance; bfloat16: same greedy tokens, logits within a
 few bfloat16 steps), including models whose linears compute from the codes (packed residency)."""
 
 from __future__ import annotations
@@ -29,22 +29,36 @@ def runners(model):
     return out
 
 
-def prefill(runner: ModelRunner, prompts: list[list[int]]) -> list[int]:
-    """The prompts prefilled in one packed forward, one cache row each: the greedy next tokens."""
-    segments, flat, keep, at = [], [], [], 0
-    for r, p in enumerate(prompts):
-        segments.append((r, at, len(p)))
-        flat += p
-        at += len(p)
-        keep.append(at - 1)
-    return runner.prefill(segments, flat, keep).argmax(-1).tolist()
+def prefill(runner: ModelRunner, prompts: list[list[int]], chunk: int | None = None) -> torch.Tensor:
+    """The prompts prefilled in packed forwards, one cache row each (all of them in one forward, or in
+    forwards of up to `chunk` tokens of each prompt, the later ones attending to the cached columns): the
+    logits at each prompt's last token [len(prompts), V]."""
+    done = [0] * len(prompts)
+    last = [None] * len(prompts)
+    while any(d < len(p) for d, p in zip(done, prompts)):
+        segments, flat, keep, rows = [], [], [], []
+        for r, p in enumerate(prompts):
+            take = p[done[r]:done[r] + (chunk or len(p))]
+            if not take:
+                continue
+            segments.append((r, done[r], len(take)))
+            flat += take
+            keep.append(len(flat) - 1)
+            rows.append(r)
+            done[r] += len(take)
+        logits = runner.prefill(segments, flat, keep)
+        for i, r in enumerate(rows):
+            last[r] = logits[i]
+    return torch.stack(last).float()
 
 
-def steps(runner: ModelRunner, prompts: list[list[int]], n: int) -> list[torch.Tensor]:
-    """Prefill the prompts (one row each), then n greedy decode steps of all rows: the decode logits."""
+def steps(runner: ModelRunner, prompts: list[list[int]], n: int, chunk: int | None = None) -> list[torch.Tensor]:
+    """Prefill the prompts (one row each), then n greedy decode steps of all rows: the prefill logits at each
+    prompt's last token, then each step's decode logits."""
     runner.kv.ensure(len(prompts), 64, 0, 0)
-    tokens, lens = prefill(runner, prompts), [len(p) for p in prompts]
-    out = []
+    first = prefill(runner, prompts, chunk)
+    tokens, lens = first.argmax(-1).tolist(), [len(p) for p in prompts]
+    out = [first]
     for _ in range(n):
         logits = runner.decode(tokens, lens)
         out.append(logits.float())
@@ -65,8 +79,11 @@ def test_lean_step_matches_transformers(arch, dtype, tmp_path):
     model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype).eval()
     assert recipe_of(model) is not None
     lean, stock = runners(model)
-    a, b = steps(lean, PROMPTS, 12), steps(stock, PROMPTS, 12)  # 12 steps: past Gemma's sliding window of 8
-    for x, y in zip(a, b):
+    # 12 steps: past Gemma's sliding window of 8; prompts whole, and in chunks of 3 tokens (later chunks
+    # attend to the cached columns, and past the window; the last forward prefills one token)
+    a, b = steps(lean, PROMPTS, 12), steps(stock, PROMPTS, 12)
+    a2, b2 = steps(lean, PROMPTS, 2, chunk=3), steps(stock, PROMPTS, 2, chunk=3)
+    for x, y in zip(a + a2, b + b2):
         if dtype == torch.float32:
             torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-5)
         else:
@@ -102,6 +119,36 @@ def test_lean_step_on_codes_matches_stock_forward(arch, tmp_path, monkeypatch):
         for x, y, d in zip(a, b, dense):
             torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-5)
             torch.testing.assert_close(x, d, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("arch", LEAN)
+@pytest.mark.parametrize("act", ["int16", "float"])
+def test_native_body_is_the_python_step_bit_for_bit(arch, act, tmp_path, monkeypatch):
+    """Packed float32 decode runs every layer in one native call (native_step.py); its logits are those of
+    the lean step's Python layers bit for bit (the same kernels, norms, rotation, attention and torch's own
+    activation), for every architecture: q/k/v biases (Qwen2), q/k norms (Qwen3, Gemma 3), sandwich norms,
+    tanh-GELU and sliding windows (Gemma 3, past its window of 8), grouped kv heads. Not in stream
+    residency (its layers are attached between calls) and not in bfloat16."""
+    monkeypatch.setattr(cpu_qgemv, "ACT", act)
+    src = make_tiny(tmp_path / "src", arch, dtype=torch.float32, num_hidden_layers=3, hidden_size=128,
+                    intermediate_size=256)
+    p = tmp_path / "pack"
+    pack(src, p, PackConfig(bits=4, block_size=32), progress=False)
+    model = ucformat.load(p, residency="packed")
+    native, python = runners(model)[0], runners(model)[0]
+    python.decoder.native.usable = False
+    a, b = steps(native, PROMPTS, 12), steps(python, PROMPTS, 12)
+    assert native.decoder.native.body is not None and python.decoder.native.body is None
+    for x, y in zip(a, b):
+        assert torch.equal(x, y)
+    floor = ucformat.runtime.plan(p, residency="dense").min_stream_bytes
+    stream = runners(ucformat.load(p, residency="stream", vram_budget=floor))[0]
+    assert any(stream.decoder.hooked)
+    steps(stream, PROMPTS, 2)
+    assert stream.decoder.native.body is None and not stream.decoder.native.usable
+    half = runners(ucformat.load(p, residency="packed", dtype=torch.bfloat16))[0]
+    steps(half, PROMPTS, 2)
+    assert half.decoder.native.body is None
 
 
 @pytest.mark.parametrize("window", [None, 16])

@@ -27,7 +27,7 @@ def pair(model, device: str):
 
 
 def run(runner: ModelRunner, prompts, n: int, grow_at: int | None = None) -> list[torch.Tensor]:
-    tokens, lens, out = prefill(runner, prompts), [len(p) for p in prompts], []
+    tokens, lens, out = prefill(runner, prompts).argmax(-1).tolist(), [len(p) for p in prompts], []
     for i in range(n):
         if i == grow_at:  # the cache is reallocated mid-run: the static step must follow it
             runner.kv.ensure(8, 1024, len(prompts), max(lens))

@@ -992,6 +992,13 @@ std::vector<torch::Tensor> qgemv_group(torch::Tensor x, const Bound& w, int64_t 
 
 int64_t isa() { return cpu_isa(); }
 
+// For other extensions that run a whole decode step in C++ (server/cpu_ops.py `Body`): qgemv_group on a
+// Bound given by address. Its address (`group_entry`) and a Bound's (`Bound.address`) travel as integers;
+// the Python side keeps the Bound alive while they are used.
+std::vector<torch::Tensor> group_at(const torch::Tensor& x, const void* w, int64_t isa, bool act_int) {
+  return qgemv_group(x, *static_cast<const Bound*>(w), isa, act_int);
+}
+
 // The products run without the GIL: a server's event loop thread goes on streaming while the engine's
 // thread is in here.
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -1013,8 +1020,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
            },
            py::call_guard<py::gil_scoped_release>())
       .def("group", [](const Bound& w, torch::Tensor x, int64_t isa, bool act_int) { return qgemv_group(x, w, isa, act_int); },
-           py::call_guard<py::gil_scoped_release>());
+           py::call_guard<py::gil_scoped_release>())
+      .def("address", [](const Bound& w) { return reinterpret_cast<intptr_t>(&w); });
   m.def("isa", &isa);
+  m.def("group_entry", [] { return reinterpret_cast<intptr_t>(&group_at); });
 }
 
 #else  // UC_DRIVER: the loops shared by every instruction set, compiled inside its namespace

@@ -58,6 +58,11 @@ def _cap() -> int:
 
 
 _CAP = _cap()
+
+
+def cap() -> int:
+    """The instruction set cap in effect (UC_CPU_ISA), as the kernels' `isa` argument takes it."""
+    return _CAP
 ACTS = ("int16", "float")
 
 
@@ -96,6 +101,14 @@ def bound_group(qs: list[QuantizedTensor], biases: list[torch.Tensor | None]):
     parts bound once: x [..., K] -> [y_i [..., N_i]], each y_i what bound(q_i, bias_i)(x) returns."""
     b = _bind(qs, biases)
     return lambda x: b.group(x, _CAP, ACT == "int16")
+
+
+def handle(qs: list[QuantizedTensor], biases: list[torch.Tensor | None]):
+    """(the extension's Bound of these weights, the address of the C++ function that runs a Bound's group
+    call): for native code that calls the kernels itself (server/cpu_ops.py `Body`). The caller keeps the
+    Bound alive as long as it uses its address."""
+    b = _bind(qs, biases)
+    return b, _module().group_entry()
 
 
 def _bind(qs: list[QuantizedTensor], biases: list[torch.Tensor | None]):

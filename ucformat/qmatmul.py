@@ -75,22 +75,22 @@ def linear(x: torch.Tensor, q: QuantizedTensor, bias: torch.Tensor | None = None
     return y.reshape(*lead, y.shape[-1])
 
 
-def _cpu_plain(q: QuantizedTensor) -> bool:
+def cpu_plain(q: QuantizedTensor) -> bool:
     """A plain 2-D q (no overlay, no low-rank term) that the native CPU kernel takes whole."""
     return (len(q.shape) == 2 and q.ov_rows is None and not q.rank and cpu_qgemv.supports(q)
             and cpu_qgemv.available()[0])
 
 
 def cpu_call(q: QuantizedTensor, bias: torch.Tensor | None):
-    """For a q that _cpu_plain accepts: x [..., K] -> y, the `cpu` path of linear() with its arguments bound
+    """For a q that cpu_plain accepts: x [..., K] -> y, the `cpu` path of linear() with its arguments bound
     (rows up to cpu_rows(): the caller checks). None otherwise."""
-    return cpu_qgemv.bound(q, bias) if _cpu_plain(q) else None
+    return cpu_qgemv.bound(q, bias) if cpu_plain(q) else None
 
 
 def cpu_group_call(qs: list[QuantizedTensor], biases: list[torch.Tensor | None]):
-    """For weights that read the same input, each one _cpu_plain accepts: x [..., K] -> [y_i], one kernel
+    """For weights that read the same input, each one cpu_plain accepts: x [..., K] -> [y_i], one kernel
     call for all of them (cpu_qgemv.bound_group). None where any of them is not such a weight."""
-    return cpu_qgemv.bound_group(qs, biases) if all(map(_cpu_plain, qs)) else None
+    return cpu_qgemv.bound_group(qs, biases) if all(map(cpu_plain, qs)) else None
 
 
 def corrections(y: torch.Tensor, x2: torch.Tensor, q: QuantizedTensor, bias: torch.Tensor | None) -> torch.Tensor:
