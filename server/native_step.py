@@ -26,6 +26,7 @@ from ucformat.qlinear import QuantLinear
 
 from . import cpu_ops
 
+_Q = operator.attrgetter("q")
 ACTIVATIONS = {"SiLUActivation": False, "SiLU": False, "GELUTanh": True}  # module type -> tanh-GELU?
 LINEARS = (("self_attn", "q_proj"), ("self_attn", "k_proj"), ("self_attn", "v_proj"), ("self_attn", "o_proj"),
            ("mlp", "gate_proj"), ("mlp", "up_proj"), ("mlp", "down_proj"))
@@ -47,35 +48,26 @@ class NativeBody:
     def __init__(self, decoder) -> None:
         self.d = decoder
         self.body = None
-        self.parts: tuple = ()
+        self.qs: list = []  # each linear's QuantizedTensor when the body was built
         self.keep: list = []  # the Bounds whose addresses the body holds
         self.kinds: list[str | None] = [None]
+        self.mods = [getattr(getattr(layer, sub), name, None) for layer in decoder.layers for sub, name in LINEARS]
         self.usable = self._static_ok()
 
     def _static_ok(self) -> bool:
         d = self.d
         if d.windows is None or any(d.hooked) or cpu_ops.module() is None or not cpu_qgemv.available()[0]:
             return False
-        if next(d.model.parameters()).dtype != torch.float32:
+        if next(d.model.parameters()).dtype != torch.float32 or not all(type(m) is QuantLinear for m in self.mods):
             return False
         return all(type(layer.mlp.act_fn).__name__ in ACTIVATIONS for layer in d.layers)
 
-    def _parts(self) -> tuple | None:
-        out = []
-        for layer in self.d.layers:
-            for sub, name in LINEARS:
-                mod = getattr(getattr(layer, sub), name, None)
-                if type(mod) is not QuantLinear or mod.q is None:
-                    return None
-                out += (mod.q, mod.bias)
-        return tuple(out)
-
-    def _build(self, parts: tuple) -> None:
+    def _build(self, qs: list) -> None:
         d, r = self.d, self.d.r
         self.body, self.keep = None, []
-        qs, bs = parts[0::2], parts[1::2]
         if not all(map(qmatmul.cpu_plain, qs)):
             return
+        bs = [m.bias for m in self.mods]  # attached with q (at load: nothing is streamed here)
         self.kinds = sorted(set(r.layer_types)) if r.layer_types else [None]
         gelu = {ACTIVATIONS[type(layer.mlp.act_fn).__name__] for layer in d.layers}
         if len(gelu) != 1:
@@ -108,12 +100,13 @@ class NativeBody:
     def __call__(self, h: torch.Tensor, rope, view) -> torch.Tensor | None:
         if not self.usable or h.shape[1] != 1 or h.shape[0] > qmatmul.cpu_rows() or not h.is_cpu:
             return None
-        parts = self._parts()
-        if parts is None:
-            return None
-        if len(parts) != len(self.parts) or not all(map(operator.is_, parts, self.parts)):
-            self.parts = parts  # first call, or the runtime attached other parts: bind again
-            self._build(parts)
+        qs = list(map(_Q, self.mods))  # a few us: no module __getattr__ (q is a plain attribute)
+        if len(qs) != len(self.qs) or not all(map(operator.is_, qs, self.qs)):
+            self.qs = qs  # first call, or the runtime attached other parts: bind again
+            if None in qs:
+                self.qs = []
+                return None
+            self._build(qs)
         if self.body is None:
             return None
         rows, _, hidden = h.shape
