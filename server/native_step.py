@@ -11,8 +11,10 @@ residual adds and the activation in place. Embedding, rotary tables, final norm 
 It applies when every layer's seven linears are QuantLinears the CPU kernel takes whole (packed
 residency: no overlay, no low-rank term), nothing is streamed (no runtime hooks to call between layers),
 the compute dtype is float32, the activation is SiLU or tanh-GELU, and the rows are decode rows within the
-kernel's row limit. Everywhere else the lean step's Python layers run. Its logits are the lean step's
-up to the order of float32 sums in the activation's exp/tanh (tests/test_decoder.py compares them).
+kernel's row limit. Everywhere else the lean step's Python layers run. Its logits are the Python layers'
+bit for bit: the same kernels and ops in the same order, and torch's own activation kernels called from
+C++ (an exp of our own differed by an ulp, which integer activations turn into a different rounding;
+tests/test_decoder.py compares them).
 """
 
 from __future__ import annotations
@@ -50,17 +52,19 @@ class NativeBody:
         self.body = None
         self.qs: list = []  # each linear's QuantizedTensor when the body was built
         self.keep: list = []  # the Bounds whose addresses the body holds
-        self.kinds: list[str | None] = [None]
+        self.kinds: list[str | None] = decoder.kinds or [None]  # the rope tables, in the body's order
         self.mods = [getattr(getattr(layer, sub), name, None) for layer in decoder.layers for sub, name in LINEARS]
         self.usable = self._static_ok()
 
     def _static_ok(self) -> bool:
         d = self.d
-        if d.windows is None or any(d.hooked) or cpu_ops.module() is None or not cpu_qgemv.available()[0]:
+        if d.windows is None or any(d.hooked) or next(d.model.parameters()).dtype != torch.float32:
             return False
-        if next(d.model.parameters()).dtype != torch.float32 or not all(type(m) is QuantLinear for m in self.mods):
+        if not all(type(m) is QuantLinear for m in self.mods):
             return False
-        return all(type(layer.mlp.act_fn).__name__ in ACTIVATIONS for layer in d.layers)
+        if not all(type(layer.mlp.act_fn).__name__ in ACTIVATIONS for layer in d.layers):
+            return False
+        return cpu_ops.module() is not None and cpu_qgemv.available()[0]  # built only where they would run
 
     def _build(self, qs: list) -> None:
         d, r = self.d, self.d.r
@@ -68,7 +72,6 @@ class NativeBody:
         if not all(map(qmatmul.cpu_plain, qs)):
             return
         bs = [m.bias for m in self.mods]  # attached with q (at load: nothing is streamed here)
-        self.kinds = sorted(set(r.layer_types)) if r.layer_types else [None]
         gelu = {ACTIVATIONS[type(layer.mlp.act_fn).__name__] for layer in d.layers}
         if len(gelu) != 1:
             return
