@@ -1,8 +1,8 @@
 """The layers of a CPU decode step in one native call (cpu_ops `Body`), where the model allows it.
 
 The lean step (decoder.py) still pays Python between its kernels: per layer about a dozen small ops
-(norms, the rotation, residual adds, the activation) and their frames, about 2.8 ms of a 10 ms SmolLM2
-4-bit step on the 2-core CPU of docs/BENCHMARKS.md, where the linears took 7.2 ms. `Body` runs the same
+(norms, the rotation, residual adds, the activation) and their frames, 42% of a SmolLM2 4-bit step at
+one row on the 2-core CPU of docs/BENCHMARKS.md (bench/native_step.py). `Body` runs the same
 arithmetic for every layer in C++ with the GIL released: the quantized kernels by address (their group
 calls: q/k/v, o, gate/up, down), the norms, rotation and attention of cpu_ops on plain buffers, the
 residual adds and the activation in place. Embedding, rotary tables, final norm and head stay in Python
