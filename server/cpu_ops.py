@@ -140,6 +140,17 @@ static void attend_rows(const float* q, const float* kc, const float* vc, const 
   });
 }
 
+// Row r's new key and value (k/v [R, kvh, D]) into column lens[r] of a layer's cache kc/vc [rows, kvh, cap, D].
+static void write_kv(const float* k, const float* v, float* kc, float* vc, const int64_t* lens, int64_t R,
+                     int64_t kvh, int64_t cap, int64_t d) {
+  for (int64_t r = 0; r < R; ++r)
+    for (int64_t g = 0; g < kvh; ++g) {
+      const int64_t at = ((r * kvh + g) * cap + lens[r]) * d, src = (r * kvh + g) * d;
+      std::copy_n(k + src, d, kc + at);
+      std::copy_n(v + src, d, vc + at);
+    }
+}
+
 // float32 only (cpu_ops.attend says why).
 torch::Tensor attend_decode(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor kc, torch::Tensor vc,
                             torch::Tensor lens, int64_t window, double scale) {
@@ -158,12 +169,7 @@ torch::Tensor attend_decode(torch::Tensor q, torch::Tensor k, torch::Tensor v, t
   auto o = torch::empty({R, heads * d}, q.options());
   float* kp = kc.data_ptr<float>();
   float* vp = vc.data_ptr<float>();
-  for (int64_t r = 0; r < R; ++r)
-    for (int64_t g = 0; g < kvh; ++g) {
-      const int64_t at = ((r * kvh + g) * cap + ln[r]) * d, src = (r * kvh + g) * d;
-      std::copy_n(k.data_ptr<float>() + src, d, kp + at);
-      std::copy_n(v.data_ptr<float>() + src, d, vp + at);
-    }
+  write_kv(k.data_ptr<float>(), v.data_ptr<float>(), kp, vp, ln, R, kvh, cap, d);
   attend_rows(q.data_ptr<float>(), kp, vp, ln, o.data_ptr<float>(), R, heads, kvh, cap, d, window,
               static_cast<float>(scale));
   return o;
@@ -240,12 +246,7 @@ struct Body {
       rope_rows<float>(k, c.data_ptr<float>(), sn.data_ptr<float>(), R, kvh, d);
       float* kp = kt.data_ptr<float>();
       float* vp = vt.data_ptr<float>();
-      for (int64_t r = 0; r < R; ++r)
-        for (int64_t g = 0; g < kvh; ++g) {
-          const int64_t at = ((r * kvh + g) * cap + ln[r]) * d, src = (r * kvh + g) * d;
-          std::copy_n(k + src, d, kp + at);
-          std::copy_n(v + src, d, vp + at);
-        }
+      write_kv(k, v, kp, vp, ln, R, kvh, cap, d);
       torch::Tensor att = torch::empty({R, heads * d}, h.options());
       attend_rows(q, kp, vp, ln, att.data_ptr<float>(), R, heads, kvh, cap, d, L.window, scale);
       torch::Tensor o = fn(att, L.o, isa, act_int)[0];
