@@ -209,6 +209,54 @@ def serve(pack: Path, budget: str, max_tokens: int) -> dict:
     return out
 
 
+def _hwm(pid: int) -> int:
+    """A live process's peak resident set so far (VmHWM), in bytes; 0 where /proc does not say."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def resumable_pack(src: Path, dst: Path, args: list[str], env: dict) -> dict:
+    """A calibrated pack that may take longer than one session: `uc pack --resume` continues an unfinished
+    pack at DST. Every segment (one process, finished or killed) writes its wall time to DST.segments.json
+    every 30 s, so the row's pack time is the sum of the segments' wall times, a killed one's included up to
+    its last beat (an upper bound on a shared machine), and its peak RSS the largest any segment reached
+    (uc pack's own figure for a finished segment, the kernel's high-water mark at the last beat for a killed one)."""
+    log = dst.with_name(dst.name + ".segments.json")
+    segments = json.loads(log.read_text()) if log.exists() and dst.exists() else []
+    cmd = [sys.executable, "-m", "uc", "pack", str(src), str(dst), *args, *(["--resume"] if dst.exists() else []),
+           "--json", "-q"]
+    seg = {"wall_seconds": 0.0, "finished": False}
+    segments.append(seg)
+    t0 = time.perf_counter()
+    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env) as proc:
+        while True:
+            try:
+                stdout, stderr = proc.communicate(timeout=30)
+                break
+            except subprocess.TimeoutExpired:
+                seg["wall_seconds"] = time.perf_counter() - t0
+                seg["peak_rss_bytes"] = max(seg.get("peak_rss_bytes", 0), _hwm(proc.pid))
+                log.write_text(json.dumps(segments, indent=1))
+    seg["wall_seconds"] = time.perf_counter() - t0
+    if proc.returncode != 0:
+        log.write_text(json.dumps(segments, indent=1))
+        raise SystemExit(f"uc pack {' '.join(args)} failed (rerun to resume):\n{stderr[-3000:]}")
+    p = json.loads(stdout)
+    seg.update(finished=True, peak_rss_bytes=max(seg.get("peak_rss_bytes", 0), p["peak_rss_bytes"]),
+               layers_done=p["layers_done"], layers_resumed=p["layers_resumed"])
+    log.write_text(json.dumps(segments, indent=1))
+    quant = json.loads((dst / "manifest.json").read_text())["quant"]
+    return {"bpw_allin": p["bpw_allin"], "pack_seconds": sum(x["wall_seconds"] for x in segments),
+            "peak_rss_bytes": max(x.get("peak_rss_bytes", 0) for x in segments), "pack_bytes": p["pack_bytes"],
+            "scale_bits": quant.get("scale_bits", 16), "rotation": quant.get("rotation", 0),
+            "scales": quant.get("scales", "absmax"), "calib": p.get("calib"), "segments": len(segments)}
+
+
 def windows_of(model: str, a) -> int:
     return a.windows or WINDOWS.get(model, 4)
 
@@ -267,11 +315,15 @@ def main() -> None:
         base = token_stats(sk, CheckpointSource(SourceCheckpoint(src)), windows, progress=False, keep=True)
         for method, setting, args in due:
             dst = work / f"{model}-{method}-{setting}"
-            shutil.rmtree(dst, ignore_errors=True)
-            if args is not None:
+            if method == "ours":  # hours: an unfinished pack resumes where the last session stopped
+                p = resumable_pack(src, dst, args, env)
+                source = PackSource(PackReader(dst))
+            elif args is not None:
+                shutil.rmtree(dst, ignore_errors=True)
                 p = _pack(src, dst, args, env)
                 source = PackSource(PackReader(dst))
             else:
+                shutil.rmtree(dst, ignore_errors=True)
                 out = subprocess.run([sys.executable, str(ROOT / "bench" / "quality_a.py"), "--baseline", method,
                                       setting, str(src), str(dst)], capture_output=True, text=True, env=env)
                 if out.returncode != 0:
