@@ -232,6 +232,9 @@ struct Body {
       for (int64_t r = 0; r < R; ++r) TORCH_CHECK(ln[r] >= 0 && ln[r] < cap, "body: position past the cache");
       L.in.apply(hp, xp, R, H, gemma);
       std::vector<torch::Tensor> qkv = fn(x, L.qkv, isa, act_int);
+      // the Bounds were built from the same modules as heads/kvh/d; a mismatch would write past the buffers
+      TORCH_CHECK(qkv.size() == 3 && qkv[0].numel() == R * heads * d && qkv[1].numel() == R * kvh * d &&
+                  qkv[2].numel() == R * kvh * d, "body: q/k/v outputs do not match the attention shape");
       float* q = qkv[0].data_ptr<float>();
       float* k = qkv[1].data_ptr<float>();
       float* v = qkv[2].data_ptr<float>();
@@ -250,6 +253,7 @@ struct Body {
       torch::Tensor att = torch::empty({R, heads * d}, h.options());
       attend_rows(q, kp, vp, ln, att.data_ptr<float>(), R, heads, kvh, cap, d, L.window, scale);
       torch::Tensor o = fn(att, L.o, isa, act_int)[0];
+      TORCH_CHECK(o.numel() == R * H, "body: o output does not match the hidden size");
       float* op = o.data_ptr<float>();
       if (sandwich) {
         L.post_attn.apply(op, op, R, H, gemma);
@@ -260,8 +264,10 @@ struct Body {
         L.post_attn.apply(hp, xp, R, H, gemma);
       }
       std::vector<torch::Tensor> gu = fn(x, L.gate_up, isa, act_int);
+      TORCH_CHECK(gu.size() == 2 && gu[0].sizes() == gu[1].sizes(), "body: gate/up outputs differ");
       act_mul(gu[0], gu[1], gelu);
       torch::Tensor dn = fn(gu[0], L.down, isa, act_int)[0];
+      TORCH_CHECK(dn.numel() == R * H, "body: down output does not match the hidden size");
       float* dp = dn.data_ptr<float>();
       if (sandwich) L.post_ff.apply(dp, dp, R, H, gemma);
       for (int64_t j = 0; j < R * H; ++j) hp[j] += dp[j];

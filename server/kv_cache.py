@@ -74,14 +74,15 @@ class SlotKVCache:
     def fits(self, rows: int, cols: int) -> bool:
         return rows <= self.max_rows and rows * _round_up(max(cols, 1), CAP_STEP) <= self.budget_tokens
 
-    def ensure(self, rows: int, cols: int, used_rows: int, used_cols: int) -> None:
+    def ensure(self, rows: int, cols: int, used_rows: int, used_cols: int, expect_rows: int = 0) -> None:
         """Make room for `rows` x `cols`, keeping the content of rows [0, used_rows) x columns [0, used_cols).
-        Grows geometrically within the budget so that reallocations are rare. Caller checked `fits`."""
+        Grows geometrically within the budget so that reallocations are rare; when it grows rows it makes room
+        for `expect_rows` at once (the rows about to be admitted). Caller checked `fits`."""
         if rows <= self.rows and cols <= self.cap:
             return
         new_rows = max(rows, self.rows)
         if new_rows > self.rows:
-            new_rows = max(rows, min(2 * self.rows, self.max_rows))
+            new_rows = max(rows, min(max(2 * self.rows, expect_rows), self.max_rows))
         new_cap = max(_round_up(cols, CAP_STEP), self.cap)
         if new_cap > self.cap:
             new_cap = max(new_cap, min(2 * self.cap, self.max_len))
