@@ -59,8 +59,8 @@ def serve_options(cfg: ServerConfig, cc: ClusterConfig) -> dict:
     }
     if cc.max_replicas and cc.max_replicas > cc.replicas:
         opts["autoscaling_config"] = {"min_replicas": cc.replicas, "max_replicas": cc.max_replicas,
-                                      "target_ongoing_requests": e.max_num_seqs, "upscale_delay_s": 10,
-                                      "downscale_delay_s": 300}
+                                      "target_ongoing_requests": e.max_num_seqs, "upscale_delay_s": cc.upscale_delay,
+                                      "downscale_delay_s": cc.downscale_delay}
     else:
         opts["num_replicas"] = cc.replicas
     return opts

@@ -39,6 +39,8 @@ def configs_from_args(a) -> tuple[list[ServerConfig], ClusterConfig]:
         raise LoadError("--replicas must be at least 1 and --max-replicas at least --replicas")
     if cc.replica_cpus <= 0:
         raise LoadError("--replica-cpus must be positive")
+    if cc.upscale_delay < 0 or cc.downscale_delay < 0:
+        raise LoadError("--upscale-delay and --downscale-delay must not be negative")
     if len(a.packs) > 1 and a.served_model_name:
         raise LoadError("--served-model-name names one pack; with several, each is served by its folder name")
     engine = EngineConfig(**{f.name: getattr(a, f.name) for f in flag_fields(EngineConfig)})

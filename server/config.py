@@ -78,6 +78,10 @@ class ClusterConfig:
     replicas: int = _opt(1, "replicas per pack (the minimum when --max-replicas is given)")
     max_replicas: int | None = _opt(None, "autoscale each pack between --replicas and this many replicas on ongoing "
                                           "requests (target: --max-num-seqs per replica)")
+    upscale_delay: float = _opt(10.0, "with --max-replicas: seconds the load must stay above the target before Serve "
+                                      "adds a replica")
+    downscale_delay: float = _opt(300.0, "with --max-replicas: seconds the load must stay below the target before "
+                                         "Serve removes a replica")
     replica_cpus: float = _opt(1.0, "CPUs Ray reserves per replica (also the replica's torch threads, rounded)")
     replica_gpus: float | None = _opt(None, "GPUs per replica (default: 1 with --device cuda, else 0)")
     metrics_port: int = _opt(0, "port of each replica's /metrics on its node (0: any free port; a fixed one allows "

@@ -41,6 +41,8 @@ def test_bad_input_is_one_line_before_ray_is_needed(tiny_chat_pack, tmp_path, mo
     _one_line_error(run_main(monkeypatch, capsys, "serve-cluster", tmp_path), "not a finished uc pack")
     _one_line_error(run_main(monkeypatch, capsys, "serve-cluster", tiny_chat_pack, "--replicas", "3",
                              "--max-replicas", "2"), "--max-replicas at least --replicas")
+    _one_line_error(run_main(monkeypatch, capsys, "serve-cluster", tiny_chat_pack, "--downscale-delay", "-1"),
+                    "must not be negative")
     _one_line_error(run_main(monkeypatch, capsys, "serve-cluster", tiny_chat_pack, tiny_chat_pack,
                              "--served-model-name", "x"), "with several, each is served by its folder name")
     try:
@@ -69,9 +71,10 @@ def test_serve_options(monkeypatch):
     assert opts["ray_actor_options"]["num_gpus"] == 0 and configs[0].engine.threads == 1
     assert opts["ray_actor_options"]["runtime_env"]["env_vars"]["GOMP_SPINCOUNT"] == "20000"
     configs, cc = configs_from_args(p.parse_args(["serve-cluster", str(pack), "--max-replicas", "6", "--device",
-                                                  "cuda"]))
+                                                  "cuda", "--downscale-delay", "20"]))
     opts = serve_options(configs[0], cc)
     assert opts["autoscaling_config"]["min_replicas"] == 2 and opts["autoscaling_config"]["max_replicas"] == 6
+    assert opts["autoscaling_config"]["downscale_delay_s"] == 20 and opts["autoscaling_config"]["upscale_delay_s"] == 10
     assert opts["autoscaling_config"]["target_ongoing_requests"] == configs[0].engine.max_num_seqs
     assert "num_replicas" not in opts and opts["ray_actor_options"]["num_gpus"] == 1
     assert opts["graceful_shutdown_timeout_s"] == configs[0].drain_timeout
