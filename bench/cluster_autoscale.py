@@ -174,7 +174,7 @@ def report(r: dict) -> str:
     return "\n".join([
         "## Scaling out: autoscaling (`bench/cluster_autoscale.py`)",
         "",
-        f"Machine: {r['machine']}. One local Ray node; `uc {r['serve_cluster'].split(' ', 1)[0]} ...` with "
+        f"Machine: {r['machine']}. One local Ray node; `uc serve-cluster PACK` with "
         f"`--replicas 1 --max-replicas 2 --max-num-seqs 4` (Serve's target: 4 ongoing requests per replica), "
         f"upscale delay {r['upscale_delay_s']:g} s, downscale delay {r['downscale_delay_s']:g} s. Load: "
         f"{r['clients']} closed-loop clients, completions of {r['max_tokens']} tokens, until a second replica "
@@ -183,9 +183,11 @@ def report(r: dict) -> str:
         "",
         table(["seconds since the first request", "live replicas"], rows),
         "",
-        f"Second replica serving after **{up} s** of load; back to one replica **{down} s** after the last "
-        f"request. Requests during the load: {json.dumps(r['statuses'])} (status: count); answered per replica "
-        f"(each replica's `uc:request_success_total`): {per}.",
+        f"Second replica serving after **{up} s** of load (Serve's decision, then the new replica loads the "
+        f"pack and warms up before it takes requests); back to one replica **{down} s** after the last "
+        f"request (the downscale delay plus Serve's metric interval). Requests during the load: "
+        f"{json.dumps(r['statuses'])} (status: count; none refused or lost while the replica was added); "
+        f"answered per replica (each replica's `uc:request_success_total`): {per}.",
         "",
         f"Command: `/work/venv-cluster/bin/{r['command']} --write` (the Ray venv: `pip install "
         "'ultracompress[cluster]'`)",
