@@ -22,10 +22,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import re
 import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -35,7 +33,7 @@ import httpx
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from bench.cluster_load import PROMPTS, free_port, start, stop  # noqa: E402
+from bench.cluster_load import PROMPTS, free_port, setup, start, stop  # noqa: E402
 from bench.report import machine, table, write_section  # noqa: E402
 
 RESULTS = REPO / "bench" / "results" / "cluster_autoscale.json"
@@ -124,18 +122,11 @@ def main() -> int:
     p.add_argument("--write", action="store_true", help="write bench/results/cluster_autoscale.json and the docs section")
     args = p.parse_args()
     pack = Path(args.pack)
-    if not (pack / "manifest.json").is_file():
-        print(f"cluster_autoscale: error: {pack}: not a uc pack", file=sys.stderr)
-        return 2
-    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     try:
-        from ray.cluster_utils import Cluster
-    except ImportError:
-        print("cluster_autoscale: error: needs Ray Serve: pip install 'ultracompress[cluster]'", file=sys.stderr)
+        Cluster, cores, logdir = setup("cluster_autoscale", pack)
+    except LookupError as exc:
+        print(f"cluster_autoscale: error: {exc}", file=sys.stderr)
         return 2
-    cores = os.cpu_count() or 1
-    logdir = Path(os.environ.get("TMPDIR", "/tmp")) / f"cluster_autoscale_{os.getpid()}"
-    logdir.mkdir(parents=True, exist_ok=True)
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": cores, "node_ip_address": "127.0.0.1",

@@ -114,6 +114,21 @@ def start(name: str, cmd: list[str], url: str, logdir: Path, replicas: int | Non
     return proc
 
 
+def setup(name: str, pack: Path):
+    """(Ray's Cluster test utility, this machine's cores, a log folder) for a bench on a local Ray cluster;
+    LookupError, with the reason, where the pack or Ray Serve is missing."""
+    if not (pack / "manifest.json").is_file():
+        raise LookupError(f"{pack}: not a uc pack")
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # Ray on 127.0.0.1 only (tests/test_cluster.py)
+    try:
+        from ray.cluster_utils import Cluster
+    except ImportError:
+        raise LookupError("needs Ray Serve: pip install 'ultracompress[cluster]'") from None
+    logdir = Path(os.environ.get("TMPDIR", "/tmp")) / f"{name}_{os.getpid()}"
+    logdir.mkdir(parents=True, exist_ok=True)
+    return Cluster, os.cpu_count() or 1, logdir
+
+
 def measure(servers: dict[str, str], args, model: str, rows: list[dict]) -> None:
     """Every level on every server, interleaved (A B, then B A on the next repeat): this VM's speed and the
     other jobs on it drift, and interleaving spreads the drift over the servers compared."""
@@ -143,18 +158,11 @@ def main() -> int:
     args = p.parse_args()
     args.levels = [int(x) for x in args.levels.split(",")]
     pack = Path(args.pack)
-    if not (pack / "manifest.json").is_file():
-        print(f"cluster_load: error: {pack}: not a uc pack", file=sys.stderr)
-        return 2
-    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # Ray on 127.0.0.1 only (tests/test_cluster.py)
     try:
-        from ray.cluster_utils import Cluster
-    except ImportError:
-        print("cluster_load: error: needs Ray Serve: pip install 'ultracompress[cluster]'", file=sys.stderr)
+        Cluster, cores, logdir = setup("cluster_load", pack)
+    except LookupError as exc:
+        print(f"cluster_load: error: {exc}", file=sys.stderr)
         return 2
-    cores = os.cpu_count() or 1
-    logdir = Path(os.environ.get("TMPDIR", "/tmp")) / f"cluster_load_{os.getpid()}"
-    logdir.mkdir(parents=True, exist_ok=True)
     model = "bench"
     common = ["--dtype", args.dtype, "--served-model-name", model, "--max-num-seqs", "32", "--max-queue", "256"]
     rows: list[dict] = []
