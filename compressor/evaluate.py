@@ -21,6 +21,7 @@ from transformers import AutoTokenizer
 from ucformat import PackReader, conformance
 from ucformat.assets import load_tokenizer
 from ucformat.skeleton import Skeleton
+from ucformat.student import is_student
 
 from . import layerwise
 from .checkpoint import SourceCheckpoint, layer_state_dict, nonlayer_state_dict
@@ -209,7 +210,10 @@ def evaluate(pack: str | Path, text: str, base: str | Path | None = None, cfg: E
     sk = Skeleton(pack, dtype=torch.float32, device=cfg.device)
     base_stats = None
     if base is not None:
-        base_stats = token_stats(sk, CheckpointSource(SourceCheckpoint(base)), windows, cfg.batch, "eval base", progress,
-                                 keep=True)
+        # a distilled student is another architecture than its teacher: the base runs in a skeleton of its own
+        base_sk = Skeleton(base, dtype=torch.float32, device=cfg.device) if is_student(sk.config) else sk
+        base_stats = token_stats(base_sk, CheckpointSource(SourceCheckpoint(base)), windows, cfg.batch, "eval base",
+                                 progress, keep=True)
+        del base_sk
     pack_stats = token_stats(sk, PackSource(reader), windows, cfg.batch, "eval pack", progress, reference=base_stats)
     return compare(pack_stats, base_stats, cfg.ctx, len(windows), time.perf_counter() - t0)

@@ -91,9 +91,14 @@ def cmd_info(a) -> int:
     print(f"{s['path']}: {s['format']} v{s['version']}  model_type={s['model_type']}  layers={s['num_layers']}")
     what = f"target_bpw {q['target_bpw']:g}" if q.get("target_bpw") else f"bits {q.get('bits')}"
     rotated = f"rotation h{q['rotation']}  " if q.get("rotation") else ""
-    print(f"  codec {q.get('codec')}  {what}  block {q.get('block_size')}  scales {q.get('scale_bits', 16)}-bit  {rotated}"
-          f"bpw_allin {s['bpw_allin']:.3f} over {s['quantized_params']:,} quantized params "
-          f"({s['raw_params']:,} kept in source dtype)")
+    if s["bpw_allin"] is None:  # nothing quantized: a distilled student (SPEC.md section 8), or raw weights only
+        st = q.get("student") or {}
+        kind = f"student {st.get('kind')} width {st.get('width')} applications {st.get('applications')}  " if st else ""
+        print(f"  {kind}no quantized tensors; {s['raw_params']:,} params kept raw")
+    else:
+        print(f"  codec {q.get('codec')}  {what}  block {q.get('block_size')}  scales {q.get('scale_bits', 16)}-bit  "
+              f"{rotated}bpw_allin {s['bpw_allin']:.3f} over {s['quantized_params']:,} quantized params "
+              f"({s['raw_params']:,} kept in source dtype)")
     print(f"  pack {_size(s['pack_bytes'])} in {s['files']} files; source {_size(s['source_bytes'])}; "
           f"ratio {s['ratio']:.2f}x")
     for r in s["allocation"]:
@@ -331,7 +336,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 # Commands owned by other packages (runtime, server, clients) register themselves here, so each package
 # keeps its CLI next to its code: a module with `register(subparsers)` and optionally `ERRORS`.
-PLUGINS = ("ucformat.commands", "server.commands", "clients.commands")
+PLUGINS = ("compressor.commands", "ucformat.commands", "server.commands", "clients.commands")
 
 
 def _plugins():
