@@ -111,6 +111,7 @@ def compute(teacher_dir: str | Path, ids: torch.Tensor, out: Path, spec: TargetS
     sk.load(nonlayer_state_dict(teacher))
     stream = embed_stream(sk, ids, spec.chunk, ActivationStore(budget, "h-in"))
     kept: dict[int, ActivationStore] = {}
+    idx_store, logp_store = ActivationStore(budget, "topk-idx"), ActivationStore(budget, "topk-logp")
     bar = tqdm(range(teacher.num_layers), desc="teacher targets", unit="layer", disable=not progress)
     for i in bar:
         sk.load(layer_state_dict(teacher, i))
@@ -121,20 +122,25 @@ def compute(teacher_dir: str | Path, ids: torch.Tensor, out: Path, spec: TargetS
         if i + 1 in spec.depths:
             store = kept[i + 1] = ActivationStore(budget, f"keep-{i + 1}")
             for h, b in stream.chunks():
-                store.append(_normed(sk, h, b).half())
+                normed = _normed(sk, h, b)
+                store.append(normed.half())
+                if i + 1 == teacher.num_layers:  # the teacher's distribution, from the float32 head input
+                    top_idx, top_logp = _topk(sk, normed.float(), spec.topk)
+                    idx_store.append(top_idx)
+                    logp_store.append(top_logp)
     teacher.release()
     files = []
     for c, (_, b) in enumerate(stream.chunks()):
         tensors = {"ids": b.input_ids.contiguous()}
         tensors.update({f"hidden.{d}": kept[d][c].cpu().contiguous() for d in spec.depths})
-        idx, logp = _topk(sk, kept[spec.depths[-1]][c].float(), spec.topk)
-        tensors.update(topk_idx=idx, topk_logp=logp)
+        tensors.update(topk_idx=idx_store[c].contiguous(), topk_logp=logp_store[c].contiguous())
         name = f"chunk-{c:05d}.safetensors"
         tmp = out / f".{name}.tmp"
         save_file(tensors, str(tmp))
         tmp.replace(out / name)
         files.append(name)
-    stream.store.clear()
+    for store in (stream.store, idx_store, logp_store, *kept.values()):
+        store.clear()
     budget.cleanup()
     record = {**settings, "files": files, "seconds": time.perf_counter() - t0,
               "spilled_bytes": budget.spilled_bytes, "peak_in_memory_bytes": budget.peak}
