@@ -187,6 +187,25 @@ def test_student_pack_loads_generates_and_evaluates(frr_pack, tiny_teacher):
     r = evaluate(dst, WIKITEXT.read_text(encoding="utf-8"), base=tiny_teacher,
                  cfg=EvalConfig(ctx=64, max_windows=2, articles="17-62"), progress=False)
     assert r.ppl_ratio is not None and 0 <= r.top1_agreement <= 1 and r.kl > 0
+    assert r.top1_agreement_last is not None and r.top10_overlap_last is not None
+    b = r.bytes
+    stats = ucformat.PackReader(dst).manifest.stats
+    assert (b["pack_body"], b["pack_whole"]) == (stats["body_bytes"], stats["whole_bytes"])
+    assert (b["base_body"], b["base_whole"]) == (stats["teacher_body_bytes"], stats["teacher_whole_bytes"])
+
+
+def test_eval_last_position_metrics_read_each_windows_last_prediction():
+    from compressor.evaluate import TokenStats, compare
+
+    base = torch.arange(6 * 10).reshape(6, 10)  # 2 windows x 3 predictions
+    pack = base.clone()
+    pack[2] = base[2].flip(0)  # window 0's last prediction: same ten tokens, another order
+    pack[4, 0] = -1  # window 1's middle prediction: top-1 differs, 9 of 10 shared
+    last = torch.tensor([False, False, True, False, False, True])
+    nll = torch.ones(6, dtype=torch.float64)
+    r = compare(TokenStats(nll, pack, last=last), TokenStats(nll, base, last=last), ctx=4, windows=2, seconds=0)
+    assert r.top1_agreement == pytest.approx(4 / 6) and r.top10_overlap == pytest.approx((5 + 0.9) / 6)
+    assert r.top1_agreement_last == 0.5 and r.top10_overlap_last == 1.0
 
 
 def test_a_student_pack_must_list_the_student_feature(frr_pack, tmp_path):
@@ -200,6 +219,24 @@ def test_a_student_pack_must_list_the_student_feature(frr_pack, tmp_path):
     (copy / "manifest.json").write_text(json.dumps(man))
     with pytest.raises(ManifestError, match="student"):
         PackReader(copy)
+
+
+def test_a_frr_config_whose_loop_does_not_match_its_layers_is_refused(frr_pack, tmp_path):
+    import hashlib
+
+    from ucformat import PackReader, conformance
+    from ucformat.errors import ConfigError
+
+    copy = Path(shutil.copytree(frr_pack[0], tmp_path / "p"))
+    cfg = json.loads((copy / "config.json").read_text())
+    cfg["scales"] = 3  # 3 x 2 applications, 4 layers
+    data = json.dumps(cfg).encode()
+    (copy / "config.json").write_bytes(data)
+    man = json.loads((copy / "manifest.json").read_text())
+    man["files"]["config.json"] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    (copy / "manifest.json").write_text(json.dumps(man))
+    with pytest.raises(ConfigError, match="scales \\* iters"):
+        conformance.require(PackReader(copy))
 
 
 def test_dense_baseline_distills(tiny_teacher, tmp_path):

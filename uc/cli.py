@@ -175,8 +175,12 @@ def cmd_eval(a) -> int:
     print(f"{a.pack}: {r.windows} windows x {r.ctx} tokens ({r.tokens} predictions) in {r.seconds:.1f}s")
     if r.ppl_base is not None:
         print(f"  ppl base {r.ppl_base:.3f}  pack {r.ppl:.3f}  ratio {r.ppl_ratio:.4f}")
-        print(f"  top-1 agreement {r.top1_agreement:.2%}  top-10 overlap {r.top10_overlap:.2%}")
+        print(f"  top-1 agreement {r.top1_agreement:.2%}  top-10 overlap {r.top10_overlap:.2%}  (last position of each "
+              f"window: {r.top1_agreement_last:.2%}, {r.top10_overlap_last:.2%})")
         print(f"  KL(base || pack) mean {r.kl:.5f}  p99 {r.kl_p99:.4f} nats per token")
+        b = r.bytes
+        print(f"  all-in bytes: body {_size(b['pack_body'])} (base {_size(b['base_body'])}, {b['body_ratio']:.2f}x)  "
+              f"whole {_size(b['pack_whole'])} (base {_size(b['base_whole'])}, {b['whole_ratio']:.2f}x)")
     else:
         print(f"  ppl {r.ppl:.3f}")
     return 0
