@@ -22,12 +22,13 @@ def cmd_distill(a) -> int:
     from .distiller import DistillConfig, distill
 
     cfg = DistillConfig(student=a.student, width=a.width, scales=a.scales, iters=a.iters, layers=a.layers, ffn=a.ffn,
+                        head_rank=a.head_rank,
                         calib=a.calib, articles=a.calib_articles, seq_len=a.seq_len, samples=a.calib_samples,
                         steps=a.steps, batch=a.batch, lr=a.lr, warmup=a.warmup, seed=a.seed, topk=a.topk,
                         hidden_weight=a.hidden_weight, align_points=a.align_points,
                         tune_teacher_parts=a.tune_teacher_parts, save_every=a.save_every, spill_mb=a.spill_mb,
                         device=a.device)
-    r = distill(a.src, a.dst, cfg, resume=a.resume, progress=not a.quiet)
+    r = distill(a.src, a.dst, cfg, resume=a.resume, progress=not a.quiet, targets_dir=a.targets)
     if a.json:
         print(json.dumps({"path": str(r.path), "steps_done": r.steps_done, "steps_resumed": r.steps_resumed,
                           "seconds": r.seconds, "train_seconds": r.train_seconds, "target_seconds": r.target_seconds,
@@ -65,6 +66,8 @@ def register(sub) -> None:
     g.add_argument("--iters", type=int, default=D.iters, help="frr: iterations per scale I (default %(default)s)")
     g.add_argument("--layers", type=int, default=D.layers, help="dense: layers (default %(default)s)")
     g.add_argument("--ffn", type=int, default=D.ffn, help="MLP width; 0 = 8*width/3 rounded up to 64 (default)")
+    g.add_argument("--head-rank", type=int, default=D.head_rank, help="factor the output head at this rank by "
+                   "activation-aware SVD and fine-tune it with the body; 0 = the teacher's head, frozen (default)")
     g = s.add_argument_group("training")
     g.add_argument("--calib", metavar="FILE", help="training text (UTF-8); required")
     g.add_argument("--calib-articles", help="keep only these WikiText articles of FILE, e.g. 1-16")
@@ -88,6 +91,8 @@ def register(sub) -> None:
                    "(default %(default)s)")
     g.add_argument("--spill-mb", type=int, default=D.spill_mb, help="teacher activations kept in memory before "
                    "spilling to disk (default %(default)s)")
+    g.add_argument("--targets", metavar="DIR", help="keep the teacher targets in DIR and reuse them when they match "
+                   "(several students of one teacher; default: inside DST, removed when done)")
     s.add_argument("--device", default=D.device, help="cpu or cuda (default %(default)s)")
     s.add_argument("--resume", action="store_true", help="continue an interrupted run (same settings)")
     s.add_argument("--json", action="store_true", help="print the result as one JSON object")

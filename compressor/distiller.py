@@ -50,6 +50,7 @@ class DistillConfig:
     iters: int = 4  # frr: I (S * I applications of the shared block)
     layers: int = 2  # dense: L
     ffn: int = 0  # MLP width; 0 = 8H/3 rounded up to a multiple of 64
+    head_rank: int = 0  # > 0: the output head factored at this rank by ASVD (lowrank_head.py) and fine-tuned
     calib: str | None = None  # calibration text (UTF-8)
     articles: str | None = None  # WikiText articles to keep, e.g. 1-16
     seq_len: int = 256  # tokens per training sequence
@@ -77,8 +78,8 @@ class DistillConfig:
                         ("--topk", self.topk), ("--save-every", self.save_every)):
             if v < 1:
                 raise ValueError(f"{flag} {v}: must be at least 1")
-        if self.lr <= 0 or self.hidden_weight < 0 or self.samples < 0 or self.align_points < 0:
-            raise ValueError("--lr must be > 0; --hidden-weight, --calib-samples and --align-points >= 0")
+        if self.lr <= 0 or self.hidden_weight < 0 or self.samples < 0 or self.align_points < 0 or self.head_rank < 0:
+            raise ValueError("--lr must be > 0; --hidden-weight, --calib-samples, --align-points and --head-rank >= 0")
         if not self.calib:
             raise ValueError("uc distill needs --calib FILE (training text)")
 
@@ -127,7 +128,8 @@ def student_config(teacher: SourceCheckpoint, cfg: DistillConfig) -> StudentConf
         vocab_size=t["vocab_size"], hidden_size=h, intermediate_size=ffn, num_hidden_layers=cfg.applications,
         num_attention_heads=h // HEAD_DIM, num_key_value_heads=h // HEAD_DIM, head_dim=HEAD_DIM,
         max_position_embeddings=t.get("max_position_embeddings", 2048), rms_norm_eps=t.get("rms_norm_eps", 1e-6),
-        tie_word_embeddings=bool(t.get("tie_word_embeddings", False)), teacher_hidden_size=t["hidden_size"],
+        tie_word_embeddings=bool(t.get("tie_word_embeddings", False)) and not cfg.head_rank,
+        teacher_hidden_size=t["hidden_size"], head_rank=cfg.head_rank,
         student_kind=cfg.student, scales=cfg.scales if cfg.student == "frr" else 1,
         iters=cfg.iters if cfg.student == "frr" else 1, dtype=str(teacher.dtype()).removeprefix("torch."),
         architectures=["StudentForCausalLM"], **extra)
@@ -137,8 +139,9 @@ def build_student(teacher: SourceCheckpoint, cfg: DistillConfig) -> StudentForCa
     """A freshly initialised student (seeded) holding the teacher's embeddings, final norm and head, float32."""
     torch.manual_seed(cfg.seed)
     model = StudentForCausalLM(student_config(teacher, cfg)).float()
-    names = teacher.config.get("tie_word_embeddings") and ["model.embed_tokens.weight"] or \
-        ["model.embed_tokens.weight", "lm_head.weight"]
+    names = ["model.embed_tokens.weight"]
+    if not cfg.head_rank and not teacher.config.get("tie_word_embeddings"):
+        names.append("lm_head.weight")
     with torch.no_grad():
         for name in names:
             model.get_parameter(name).copy_(teacher.get(name).float())
@@ -222,7 +225,9 @@ def step_loss(model: StudentForCausalLM, batch: dict[str, torch.Tensor], pairs: 
 
 
 def distill(src: str | Path, dst: str | Path, cfg: DistillConfig, resume: bool = False,
-            progress: bool = True) -> DistillResult:
+            progress: bool = True, targets_dir: str | Path | None = None) -> DistillResult:
+    """targets_dir: where the teacher targets live (default DST/.uc-work/targets, removed at the end); targets
+    there made with the same teacher, sequences and settings are reused (several students, one teacher pass)."""
     cfg.check()
     t0 = time.perf_counter()
     src, dst = Path(src), Path(dst)
@@ -234,9 +239,20 @@ def distill(src: str | Path, dst: str | Path, cfg: DistillConfig, resume: bool =
     pairs = align_pairs(cfg, teacher.num_layers)
     spec = TargetSpec(topk=cfg.topk, depths=align_depths(teacher.num_layers, cfg.points()), chunk=8)
     t1 = time.perf_counter()
-    targets = compute(src, ids, work / "targets", spec, cfg.spill_mb, cfg.device, progress)
+    targets = compute(src, ids, Path(targets_dir) if targets_dir else work / "targets", spec, cfg.spill_mb,
+                      cfg.device, progress)
     target_seconds = time.perf_counter() - t1
+    if cfg.head_rank:
+        from .lowrank_head import asvd_factors, channel_scales
+
+        name = "lm_head.weight" if "lm_head.weight" in teacher.weight_map else "model.embed_tokens.weight"
+        u, v = asvd_factors(teacher.get(name), channel_scales(targets), cfg.head_rank)
+        with torch.no_grad():
+            model.lm_head.u.copy_(u)
+            model.lm_head.v.copy_(v)
     device = torch.device(cfg.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda was asked but CUDA is not available")
     model.to(device)
     params = trainable(model, cfg)
     opt = torch.optim.AdamW(list(params.values()), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=0.0, foreach=False)

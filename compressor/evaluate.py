@@ -237,7 +237,7 @@ def evaluate(pack: str | Path, text: str, base: str | Path | None = None, cfg: E
 
 
 # token embeddings and output heads: what "body" leaves out (Llama, Qwen, Gemma, ... checkpoint names)
-VOCAB_RE = re.compile(r"(^|\.)embed_tokens\.weight$|^lm_head\.weight$")
+VOCAB_RE = re.compile(r"(^|\.)embed_tokens\.weight$|^lm_head\.(weight|u|v)$")
 
 
 def allin_bytes(reader: PackReader, base: SourceCheckpoint | None) -> dict:

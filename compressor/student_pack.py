@@ -19,7 +19,7 @@ from ucformat.writer import PackWriter
 from .checkpoint import SourceCheckpoint
 
 LAYER_PREFIX = "model.layers."
-VOCAB_TENSORS = ("model.embed_tokens.weight", "lm_head.weight")  # not part of a body
+VOCAB_TENSORS = ("model.embed_tokens.weight", "lm_head.weight", "lm_head.u", "lm_head.v")  # not part of a body
 _LAYER = re.compile(re.escape(LAYER_PREFIX) + r"(\d+)\.")
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -70,7 +70,7 @@ def write_student(writer: PackWriter, model, teacher: SourceCheckpoint, src: Pat
              "teacher_body_bytes": t_body, "teacher_whole_bytes": t_whole, "body_ratio": t_body / body,
              "whole_ratio": t_whole / whole, **extra}
     student = {"kind": cfg.student_kind, "width": cfg.hidden_size, "applications": cfg.num_hidden_layers,
-               "scales": cfg.scales, "iters": cfg.iters}
+               "scales": cfg.scales, "iters": cfg.iters, "head_rank": cfg.head_rank}
     writer.finish(model_type=cfg.model_type, num_layers=cfg.num_hidden_layers, layer_prefix=LAYER_PREFIX,
                   quant={"codec": "none", "bits": None, "block_size": None, "student": student},
                   source={"path": str(src.resolve()), "bytes": teacher.total_bytes(),

@@ -250,6 +250,39 @@ def test_dense_baseline_distills(tiny_teacher, tmp_path):
     assert r.loss_last < r.loss_first
 
 
+def test_asvd_head_is_exact_at_full_rank_and_weights_the_error_by_input_energy():
+    from compressor.lowrank_head import asvd_factors
+
+    torch.manual_seed(0)
+    w = torch.randn(50, 12)
+    scales = torch.ones(12)
+    scales[:3] = 30.0  # three loud input channels
+    u, v = asvd_factors(w, scales, 12)
+    assert torch.allclose(u @ v, w, atol=1e-4)
+    x = torch.randn(1000, 12) * scales
+    err = lambda a: ((a - w) @ x.T).square().mean().item()  # noqa: E731  output error on inputs of that energy
+    u, v = asvd_factors(w, scales, 4)
+    plain_u, plain_v = asvd_factors(w, torch.ones(12), 4)
+    assert err(u @ v) < 0.5 * err(plain_u @ plain_v)
+
+
+def test_low_rank_head_on_a_frr_body(tiny_teacher, tmp_path):
+    import ucformat
+    from compressor.distiller import distill
+    from ucformat import PackReader
+    from ucformat.inspect import verify
+
+    r = distill(tiny_teacher, tmp_path / "lr", small(steps=4, head_rank=8), progress=False)
+    reader = PackReader(tmp_path / "lr")
+    shapes = {n: e.shape for n, e in reader.manifest.tensors.items()}
+    assert shapes["lm_head.u"] == (49152, 8) and shapes["lm_head.v"] == (8, 64) and "lm_head.weight" not in shapes
+    assert [str(e) for _, e in verify(reader, deep=True) if e is not None] == []
+    assert r.trainable_params == 8 * (49152 + 64) + sum(
+        e.stored_bytes // 2 for n, e in reader.manifest.tensors.items()
+        if n not in ("model.embed_tokens.weight", "lm_head.u", "lm_head.v", "lm_head.norm.weight"))
+    assert ucformat.load(tmp_path / "lr")(torch.tensor([[1, 2, 3]])).logits.shape == (1, 3, 49152)
+
+
 # -- resume after kill -9 -------------------------------------------------------------------------------
 def _uc(*args):
     # one thread: a tiny model gains nothing from more, and a CPU shared with other jobs makes spinning threads

@@ -10,6 +10,7 @@ A student reads the teacher's vocabulary at the teacher's width Ht and computes 
                       h <- h + gamma_k * (B(h) - h) + beta_k
           `dense` N distinct Llama decoder layers (the baseline): h <- B_k(h)
     logits = lm_head.weight @ lm_head.norm(lm_head.proj(model.norm(h)))  [.., H] -> [.., Ht] -> [.., V]
+             (with head_rank R: lm_head.u @ (lm_head.v @ ...), u [V, R], v [R, Ht])
 
 `embed_tokens.weight`, `lm_head.norm.weight` and `lm_head.weight` are the teacher's embeddings, final norm
 and head (tied to the embeddings where the teacher ties them). Application k attends with its own KV-cache
@@ -42,6 +43,7 @@ class StudentConfig(LlamaConfig):
     teacher_hidden_size: int = 576
     scales: int = 1
     iters: int = 1
+    head_rank: int = 0  # > 0: the head is lm_head.u @ lm_head.v of this rank (untied from the embeddings)
 
     def validate_architecture(self):
         super().validate_architecture()
@@ -50,6 +52,8 @@ class StudentConfig(LlamaConfig):
         if self.student_kind == "frr" and self.scales * self.iters != self.num_hidden_layers:
             raise ValueError(f"a frr student has scales * iters = {self.scales * self.iters} applications, "
                              f"num_hidden_layers says {self.num_hidden_layers}")
+        if self.head_rank < 0 or (self.head_rank and self.tie_word_embeddings):
+            raise ValueError(f"head_rank {self.head_rank}: >= 0, and a low-rank head is not tied to the embeddings")
 
 
 class ProjectedEmbedding(nn.Module):
@@ -65,20 +69,27 @@ class ProjectedEmbedding(nn.Module):
 
 
 class ProjectedHead(nn.Module):
-    """Back to the teacher's width, the teacher's final norm, the teacher's head [V, Ht]."""
+    """Back to the teacher's width, the teacher's final norm, the teacher's head [V, Ht] or, with a rank R, its
+    factors u [V, R] and v [R, Ht] (initialised by activation-aware SVD: compressor/lowrank_head.py)."""
 
-    def __init__(self, vocab: int, teacher_hidden: int, hidden: int, eps: float) -> None:
+    def __init__(self, vocab: int, teacher_hidden: int, hidden: int, eps: float, rank: int = 0) -> None:
         super().__init__()
         self.proj = nn.Linear(hidden, teacher_hidden, bias=False)
         self.norm = LlamaRMSNorm(teacher_hidden, eps=eps)
-        self.weight = nn.Parameter(torch.empty(vocab, teacher_hidden))
+        if rank:
+            self.u = nn.Parameter(torch.empty(vocab, rank))
+            self.v = nn.Parameter(torch.empty(rank, teacher_hidden))
+        else:
+            self.weight = nn.Parameter(torch.empty(vocab, teacher_hidden))
+        self.rank = rank
 
     def teacher_space(self, h: torch.Tensor) -> torch.Tensor:
         """[.., H] -> the head's input [.., Ht] (what the teacher's head reads after its final norm)."""
         return self.norm(self.proj(h))
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
-        return F.linear(self.teacher_space(h), self.weight)
+        x = self.teacher_space(h)
+        return F.linear(F.linear(x, self.v), self.u) if self.rank else F.linear(x, self.weight)
 
 
 class Application(nn.Module):
@@ -110,8 +121,11 @@ class StudentPreTrainedModel(LlamaPreTrainedModel):
         if isinstance(module, Application):
             init.ones_(module.gamma)
             init.zeros_(module.beta)
-        elif isinstance(module, (ProjectedEmbedding, ProjectedHead)):
+        elif isinstance(module, ProjectedEmbedding) or (isinstance(module, ProjectedHead) and not module.rank):
             init.normal_(module.weight, mean=0.0, std=std)
+        elif isinstance(module, ProjectedHead):
+            init.normal_(module.u, mean=0.0, std=std)
+            init.normal_(module.v, mean=0.0, std=std)
 
 
 class StudentModel(StudentPreTrainedModel, LlamaModel):
@@ -142,7 +156,7 @@ class StudentForCausalLM(StudentPreTrainedModel, LlamaForCausalLM):
         self.model = StudentModel(config)
         self.vocab_size = config.vocab_size
         self.lm_head = ProjectedHead(config.vocab_size, config.teacher_hidden_size, config.hidden_size,
-                                     config.rms_norm_eps)
+                                     config.rms_norm_eps, config.head_rank)
         self.post_init()
 
 
