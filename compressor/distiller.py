@@ -256,6 +256,7 @@ def distill(src: str | Path, dst: str | Path, cfg: DistillConfig, resume: bool =
     model.to(device)
     params = trainable(model, cfg)
     opt = torch.optim.AdamW(list(params.values()), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=0.0, foreach=False)
+    work.mkdir(parents=True, exist_ok=True)
     state_path = work / STATE_NAME
     start = 0
     if resume and state_path.is_file():

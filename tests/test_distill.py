@@ -243,7 +243,9 @@ def test_dense_baseline_distills(tiny_teacher, tmp_path):
     from compressor.distiller import distill
     from ucformat import PackReader
 
-    r = distill(tiny_teacher, tmp_path / "dense", small(student="dense", layers=2, steps=4), progress=False)
+    r = distill(tiny_teacher, tmp_path / "dense", small(student="dense", layers=2, steps=4), progress=False,
+                targets_dir=tmp_path / "shared-targets")
+    assert (tmp_path / "shared-targets" / "targets.json").is_file()  # kept for the next student of this teacher
     reader = PackReader(tmp_path / "dense")
     assert reader.manifest.num_layers == 2
     assert any(n.endswith("self_attn.q_proj.weight") for n in reader.tensor_names("layers/layer-00001.safetensors"))
