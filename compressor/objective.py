@@ -3,7 +3,8 @@
 For position t the teacher kept its k most likely next tokens K_t with their log-probabilities l_j under its
 whole vocabulary (targets.py); its remaining mass is P_t = 1 - sum_j exp(l_j). The student's log-probabilities
 over the whole vocabulary, gathered at K_t, are s_j, its remaining mass Q_t = 1 - sum_j exp(s_j). The KL term
-is the KL divergence between the two distributions coarsened to k + 1 outcomes (the k tokens and "any other"):
+is the KL divergence between the two distributions coarsened to k + 1 outcomes (the k tokens and "any other";
+Q_t is computed in log space as the student's mass on the tokens outside K_t):
 
     KL_t = sum_j exp(l_j) (l_j - s_j) + P_t (log P_t - log Q_t)          (nats; 0 log 0 = 0)
 
@@ -21,19 +22,25 @@ from __future__ import annotations
 
 import torch
 
-TAIL_FLOOR = 1e-12  # the smallest remaining mass the log of the tail may see (keeps its gradient finite)
+LOG_FLOOR = -1e4  # log of a remaining mass that is numerically zero (keeps 0 * log 0 terms finite)
+TAIL_EPS = 1e-6  # a teacher tail below this is float32 rounding of 1 - sum of k probabilities: taken as empty
 
 
 def topk_kl(student_logits: torch.Tensor, topk_idx: torch.Tensor, topk_logp: torch.Tensor) -> torch.Tensor:
-    """Mean coarsened KL over positions. student_logits [.., V]; topk_idx [.., k] (int); topk_logp [.., k]."""
-    logp = torch.log_softmax(student_logits.float(), dim=-1)
-    s = logp.gather(-1, topk_idx.long())  # [.., k]
-    p = topk_logp.float().exp()
-    head = (p * (topk_logp.float() - s)).sum(-1)
-    p_tail = (1 - p.sum(-1)).clamp_min(0)
-    q_tail = (1 - s.exp().sum(-1)).clamp_min(TAIL_FLOOR)
-    tail = torch.where(p_tail > 0, p_tail * (p_tail.clamp_min(TAIL_FLOOR).log() - q_tail.log()),
-                       torch.zeros_like(p_tail))
+    """Mean coarsened KL over positions. student_logits [.., V]; topk_idx [.., k] (int); topk_logp [.., k].
+    The student's remaining mass is taken in log space over the tokens outside K_t (not as 1 - sum, which
+    rounds to 0 and loses its gradient when the student puts nearly everything on K_t)."""
+    z = student_logits.float()
+    idx = topk_idx.long()
+    log_z = torch.logsumexp(z, dim=-1)  # [..]
+    s = z.gather(-1, idx) - log_z.unsqueeze(-1)  # [.., k]
+    log_q_tail = (torch.logsumexp(z.scatter(-1, idx, float("-inf")), dim=-1) - log_z).clamp_min(LOG_FLOOR)
+    lt = topk_logp.float()
+    p = lt.exp()
+    head = (p * (lt - s)).sum(-1)
+    p_tail = 1 - p.sum(-1)
+    p_tail = torch.where(p_tail > TAIL_EPS, p_tail, torch.zeros_like(p_tail))
+    tail = p_tail * (p_tail.clamp_min(1e-30).log().clamp_min(LOG_FLOOR) - log_q_tail)
     return (head + tail).mean()
 
 

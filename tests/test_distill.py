@@ -73,6 +73,13 @@ def test_topk_kl_is_the_full_kl_when_k_is_the_vocabulary_and_a_lower_bound_below
     low = topk_kl(s, i, v)
     assert 0 < low < full
     assert topk_kl(t, i, v).abs() < 1e-5  # the teacher itself: no loss
+    # a student that puts (numerically) all its mass on the teacher's top-k still feels the tail term
+    peaked = torch.full((1, 1, 40), -200.0)
+    peaked[0, 0, i[0, 0]] = 0.0
+    peaked.requires_grad_(True)
+    loss = topk_kl(peaked, i[:1, :1], v[:1, :1])
+    loss.backward()
+    assert torch.isfinite(loss) and loss > 1 and peaked.grad.abs().sum() > 0
 
 
 # -- the student architecture ---------------------------------------------------------------------------
