@@ -215,6 +215,31 @@ def test_eval_last_position_metrics_read_each_windows_last_prediction():
     assert r.top1_agreement_last == 0.5 and r.top10_overlap_last == 1.0
 
 
+def test_uc_pack_quantizes_a_student_pack(frr_pack, tmp_path):
+    """The mechanisms compose: a student pack is a source for `uc pack`, which quantizes its shared block."""
+    import ucformat
+    from compressor.config import PackConfig
+    from compressor.pack import pack
+    from ucformat import PackReader
+    from ucformat.inspect import verify
+
+    src, _ = frr_pack
+    r = pack(src, tmp_path / "q4", PackConfig(bits=4), progress=False)
+    reader = PackReader(tmp_path / "q4")
+    m = reader.manifest
+    assert "student" in m.requires and m.model_type == "uc_student"
+    kinds = {n: e.kind for n, e in m.tensors.items()}
+    assert kinds["model.shared.mlp.down_proj.weight"] == "quantized" and kinds["model.layers.0.gamma"] == "raw"
+    assert kinds["model.embed_tokens.weight"] == "raw"
+    assert [str(e) for _, e in verify(reader, deep=True) if e is not None] == []
+    assert r.stats["pack_bytes"] < sum(f.bytes for f in PackReader(src).manifest.files.values())
+    ids = torch.tensor([[1, 520, 3000, 17, 99]])
+    with torch.no_grad():
+        raw = ucformat.load(src)(ids).logits
+        q = ucformat.load(tmp_path / "q4")(ids).logits
+    assert (q.argmax(-1) == raw.argmax(-1)).float().mean() >= 0.6 and torch.isfinite(q).all()
+
+
 def test_a_student_pack_must_list_the_student_feature(frr_pack, tmp_path):
     from ucformat import PackReader
     from ucformat.errors import ManifestError
