@@ -61,6 +61,8 @@ class SourceCheckpoint:
         self.num_layers = n
 
     def _weight_map(self) -> dict[str, str]:
+        if (self.path / "manifest.json").is_file():
+            return self._pack_weight_map()
         index = self.path / "model.safetensors.index.json"
         if index.is_file():
             wm = json.loads(index.read_text())["weight_map"]
@@ -79,6 +81,22 @@ class SourceCheckpoint:
                 for k in h.keys():
                     wm[k] = f.name
         return wm
+
+    def _pack_weight_map(self) -> dict[str, str]:
+        """A finished uc pack whose tensors are all raw (a distilled student, SPEC.md section 8) is a checkpoint
+        too: its manifest says which file holds each tensor, so `uc pack` can quantize it."""
+        from ucformat import PackReader
+        from ucformat.errors import PackError
+
+        try:
+            reader = PackReader(self.path, check_hashes=False)
+        except PackError as exc:
+            raise CheckpointError(f"{self.path}: a pack that cannot be read ({exc})") from None
+        quantized = [n for n, e in reader.manifest.tensors.items() if e.kind != "raw"]
+        if quantized:
+            raise CheckpointError(f"{self.path}: a pack with quantized tensors ({quantized[0]}, ...) is not a source; "
+                                  "pack the checkpoint it was made from")
+        return {n: e.file for n, e in reader.manifest.tensors.items()}
 
     def _open(self, file: str):
         try:

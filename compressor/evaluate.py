@@ -21,6 +21,7 @@ from transformers import AutoTokenizer
 from ucformat import PackReader, conformance
 from ucformat.assets import load_tokenizer
 from ucformat.skeleton import Skeleton
+from ucformat.student import is_student
 
 from . import layerwise
 from .checkpoint import SourceCheckpoint, layer_state_dict, nonlayer_state_dict
@@ -50,6 +51,12 @@ class EvalResult:
     seconds: float
     kl: float | None = None  # mean KL(base || pack) of the next-token distributions, nats per prediction
     kl_p99: float | None = None  # its 99th percentile over the predictions
+    # the same agreements over the last prediction of each window only (what a served completion's next token is)
+    top1_agreement_last: float | None = None
+    top10_overlap_last: float | None = None
+    # all-in stored bytes (every part of every tensor), of the body (all but the token embeddings and the output
+    # head) and of the whole model, for the pack and its base (the base in its source dtype)
+    bytes: dict | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -126,6 +133,7 @@ class TokenStats:
     normed: torch.Tensor | None = None
     head: tuple[torch.Tensor, torch.Tensor | None] | None = None  # weight, bias (copies: the skeleton is reused)
     kl: torch.Tensor | None = None  # float64 [P]: KL(reference || this model), with a reference
+    last: torch.Tensor | None = None  # bool [P]: the prediction is its window's last
 
     @property
     def ppl(self) -> float:
@@ -149,13 +157,17 @@ def token_stats(sk: Skeleton, src: WeightSource, windows: torch.Tensor, batch: i
         sk.load(src.layer(i))
         hidden = [layerwise.layer(sk, i, h, b) for h, b in zip(hidden, batches)]
         sk.unload_layer(i)
-    nll, top10, kept, kl = [], [], [], []
+    nll, top10, kept, kl, last = [], [], [], [], []
     done = 0  # predictions so far: where this chunk's rows of reference.normed start
     for h, b in zip(hidden, batches):
         normed = layerwise.final_hidden(sk, h, b)[:, :-1]  # predictions for positions 1..T-1
         targets = b.input_ids[:, 1:].to(normed.device)
-        for part, tgt in zip(normed.split(LOGIT_CHUNK, dim=1), targets.split(LOGIT_CHUNK, dim=1)):
+        at_end = torch.zeros(targets.shape, dtype=torch.bool)
+        at_end[:, -1] = True
+        for part, tgt, end in zip(normed.split(LOGIT_CHUNK, dim=1), targets.split(LOGIT_CHUNK, dim=1),
+                                  at_end.split(LOGIT_CHUNK, dim=1)):
             logp = torch.log_softmax(layerwise.logits(sk, part), dim=-1)
+            last.append(end.flatten())
             nll.append(-logp.gather(-1, tgt.unsqueeze(-1)).squeeze(-1).flatten().double().cpu())
             top10.append(logp.topk(10, dim=-1).indices.reshape(-1, 10).cpu())
             rows = part.reshape(-1, part.shape[-1])
@@ -170,7 +182,7 @@ def token_stats(sk: Skeleton, src: WeightSource, windows: torch.Tensor, batch: i
             done += len(rows)
     return TokenStats(torch.cat(nll), torch.cat(top10), normed=torch.cat(kept) if keep else None,
                       head=_head_copy(sk) if keep else None,
-                      kl=torch.cat(kl) if reference is not None else None)
+                      kl=torch.cat(kl) if reference is not None else None, last=torch.cat(last))
 
 
 def _head_copy(sk: Skeleton) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -184,9 +196,13 @@ def compare(pack: TokenStats, base: TokenStats | None, ctx: int, windows: int, s
     if base is not None:
         r.ppl_base = base.ppl
         r.ppl_ratio = pack.ppl / base.ppl
-        r.top1_agreement = (pack.top10[:, 0] == base.top10[:, 0]).double().mean().item()
+        top1 = (pack.top10[:, 0] == base.top10[:, 0]).double()
         same = (pack.top10.unsqueeze(-1) == base.top10.unsqueeze(-2)).any(-1)
-        r.top10_overlap = (same.double().sum(-1) / 10).mean().item()
+        overlap = same.double().sum(-1) / 10
+        r.top1_agreement, r.top10_overlap = top1.mean().item(), overlap.mean().item()
+        if pack.last is not None:
+            r.top1_agreement_last = top1[pack.last].mean().item()
+            r.top10_overlap_last = overlap[pack.last].mean().item()
     if pack.kl is not None:
         r.kl, r.kl_p99 = pack.kl.mean().item(), pack.kl.quantile(0.99).item()
     return r
@@ -209,7 +225,33 @@ def evaluate(pack: str | Path, text: str, base: str | Path | None = None, cfg: E
     sk = Skeleton(pack, dtype=torch.float32, device=cfg.device)
     base_stats = None
     if base is not None:
-        base_stats = token_stats(sk, CheckpointSource(SourceCheckpoint(base)), windows, cfg.batch, "eval base", progress,
-                                 keep=True)
+        # a distilled student is another architecture than its teacher: the base runs in a skeleton of its own
+        base_sk = Skeleton(base, dtype=torch.float32, device=cfg.device) if is_student(sk.config) else sk
+        base_stats = token_stats(base_sk, CheckpointSource(SourceCheckpoint(base)), windows, cfg.batch, "eval base",
+                                 progress, keep=True)
+        del base_sk
     pack_stats = token_stats(sk, PackSource(reader), windows, cfg.batch, "eval pack", progress, reference=base_stats)
-    return compare(pack_stats, base_stats, cfg.ctx, len(windows), time.perf_counter() - t0)
+    r = compare(pack_stats, base_stats, cfg.ctx, len(windows), time.perf_counter() - t0)
+    r.bytes = allin_bytes(reader, SourceCheckpoint(base) if base is not None else None)
+    return r
+
+
+# token embeddings and output heads: what "body" leaves out (Llama, Qwen, Gemma, ... checkpoint names)
+VOCAB_RE = re.compile(r"(^|\.)embed_tokens\.weight$|^lm_head\.(weight|u|v)$")
+
+
+def allin_bytes(reader: PackReader, base: SourceCheckpoint | None) -> dict:
+    """{pack,base}_{body,whole} stored bytes and the ratios base / pack (SPEC.md: `stored_bytes` is all-in)."""
+    sizes = {n: e.stored_bytes for n, e in reader.manifest.tensors.items()}
+    out = {"pack_body": sum(b for n, b in sizes.items() if not VOCAB_RE.search(n)), "pack_whole": sum(sizes.values())}
+    if base is not None:
+        width = {"F32": 4, "F16": 2, "BF16": 2, "U8": 1, "I8": 1, "I32": 4, "I64": 8}
+        bsizes = {}
+        for n in base.weight_map:
+            shape, dtype = base.shape_dtype(n)
+            bsizes[n] = math.prod(shape) * width.get(dtype, 4)
+        out["base_body"] = sum(b for n, b in bsizes.items() if not VOCAB_RE.search(n))
+        out["base_whole"] = sum(bsizes.values())
+        out["body_ratio"] = out["base_body"] / max(out["pack_body"], 1)
+        out["whole_ratio"] = out["base_whole"] / max(out["pack_whole"], 1)
+    return out

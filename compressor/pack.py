@@ -15,11 +15,11 @@ import torch
 from tqdm.auto import tqdm
 
 import ucformat
-from ucformat.manifest import NONLAYER_FILE, TensorEntry, layer_file
+from ucformat.manifest import NONLAYER_FILE, STUDENT_MODEL_TYPE, TensorEntry, layer_file
 from ucformat.writer import PackWriter
 
 from . import codecs
-from .checkpoint import SourceCheckpoint
+from .checkpoint import CheckpointError, SourceCheckpoint
 from .config import PackConfig
 
 log = logging.getLogger(__name__)
@@ -27,6 +27,8 @@ log = logging.getLogger(__name__)
 # MoE routers stay in the source dtype (as in llama.cpp): tiny, and they choose which experts run.
 ROUTER_RE = re.compile(r"\.(gate|router)(\.weight)?$|\.router\.")
 EMBEDDING_RE = re.compile(r"(embed_tokens|lm_head|wte|embed_out)\.weight$")
+# a distilled student's shared block lives outside the decoder layers (SPEC.md section 8): its linears are quantized
+SHARED_BLOCK_RE = re.compile(r"^model\.shared\..*_proj\.weight$")
 
 
 @dataclass
@@ -54,6 +56,10 @@ def pack(src: str | Path, dst: str | Path, cfg: PackConfig = PackConfig(), resum
     t0 = time.perf_counter()
     src, dst = Path(src), Path(dst)
     ckpt = SourceCheckpoint(src)
+    student = ckpt.config.get("model_type") == STUDENT_MODEL_TYPE
+    if student and cfg.calibrated:
+        raise CheckpointError(f"{src}: calibrated packing of a distilled student is not supported yet; pack it "
+                              "without --calib and --target-bpw")
     device = torch.device(cfg.device)
     if device.type == "cuda":
         if not torch.cuda.is_available():
@@ -87,7 +93,8 @@ def pack(src: str | Path, dst: str | Path, cfg: PackConfig = PackConfig(), resum
     quantize_fn = is_quantized_layer_tensor
     baseline_rss = _peak_rss()  # interpreter, torch and transformers; everything above it is the job's
     if not writer.has(NONLAYER_FILE):
-        embeddings = lambda n, s, d: cfg.quantize_embeddings and len(s) == 2 and bool(EMBEDDING_RE.search(n))  # noqa: E731
+        embeddings = lambda n, s, d: len(s) == 2 and bool(  # noqa: E731
+            (cfg.quantize_embeddings and EMBEDDING_RE.search(n)) or (student and SHARED_BLOCK_RE.search(n)))
         write(NONLAYER_FILE, {n: (plain(n) if embeddings(n, *ckpt.shape_dtype(n)) else ckpt.get(n)) for n in ckpt.nonlayer})
     resumed = sum(writer.has(layer_file(i)) for i in range(ckpt.num_layers))
     calibrated = None
@@ -128,7 +135,7 @@ def pack(src: str | Path, dst: str | Path, cfg: PackConfig = PackConfig(), resum
         model_type=str(ckpt.config.get("model_type", "")), num_layers=ckpt.num_layers,
         layer_prefix=ckpt.layer_prefix, quant=quant,
         source={"path": str(src.resolve()), "bytes": ckpt.total_bytes(), "dtype": str(ckpt.dtype()).removeprefix("torch.")},
-        stats=stats, created_by=f"ultracompress {ucformat.__version__}",
+        stats=stats, created_by=f"ultracompress {ucformat.__version__}", requires=("student",) if student else (),
     )
     report = None
     if calibrated is not None:

@@ -91,9 +91,14 @@ def cmd_info(a) -> int:
     print(f"{s['path']}: {s['format']} v{s['version']}  model_type={s['model_type']}  layers={s['num_layers']}")
     what = f"target_bpw {q['target_bpw']:g}" if q.get("target_bpw") else f"bits {q.get('bits')}"
     rotated = f"rotation h{q['rotation']}  " if q.get("rotation") else ""
-    print(f"  codec {q.get('codec')}  {what}  block {q.get('block_size')}  scales {q.get('scale_bits', 16)}-bit  {rotated}"
-          f"bpw_allin {s['bpw_allin']:.3f} over {s['quantized_params']:,} quantized params "
-          f"({s['raw_params']:,} kept in source dtype)")
+    if s["bpw_allin"] is None:  # nothing quantized: a distilled student (SPEC.md section 8), or raw weights only
+        st = q.get("student") or {}
+        kind = f"student {st.get('kind')} width {st.get('width')} applications {st.get('applications')}  " if st else ""
+        print(f"  {kind}no quantized tensors; {s['raw_params']:,} params kept raw")
+    else:
+        print(f"  codec {q.get('codec')}  {what}  block {q.get('block_size')}  scales {q.get('scale_bits', 16)}-bit  "
+              f"{rotated}bpw_allin {s['bpw_allin']:.3f} over {s['quantized_params']:,} quantized params "
+              f"({s['raw_params']:,} kept in source dtype)")
     print(f"  pack {_size(s['pack_bytes'])} in {s['files']} files; source {_size(s['source_bytes'])}; "
           f"ratio {s['ratio']:.2f}x")
     for r in s["allocation"]:
@@ -170,8 +175,12 @@ def cmd_eval(a) -> int:
     print(f"{a.pack}: {r.windows} windows x {r.ctx} tokens ({r.tokens} predictions) in {r.seconds:.1f}s")
     if r.ppl_base is not None:
         print(f"  ppl base {r.ppl_base:.3f}  pack {r.ppl:.3f}  ratio {r.ppl_ratio:.4f}")
-        print(f"  top-1 agreement {r.top1_agreement:.2%}  top-10 overlap {r.top10_overlap:.2%}")
+        print(f"  top-1 agreement {r.top1_agreement:.2%}  top-10 overlap {r.top10_overlap:.2%}  (last position of each "
+              f"window: {r.top1_agreement_last:.2%}, {r.top10_overlap_last:.2%})")
         print(f"  KL(base || pack) mean {r.kl:.5f}  p99 {r.kl_p99:.4f} nats per token")
+        b = r.bytes
+        print(f"  all-in bytes: body {_size(b['pack_body'])} (base {_size(b['base_body'])}, {b['body_ratio']:.2f}x)  "
+              f"whole {_size(b['pack_whole'])} (base {_size(b['base_whole'])}, {b['whole_ratio']:.2f}x)")
     else:
         print(f"  ppl {r.ppl:.3f}")
     return 0
@@ -331,7 +340,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 # Commands owned by other packages (runtime, server, clients) register themselves here, so each package
 # keeps its CLI next to its code: a module with `register(subparsers)` and optionally `ERRORS`.
-PLUGINS = ("ucformat.commands", "server.commands", "clients.commands")
+PLUGINS = ("compressor.commands", "ucformat.commands", "server.commands", "clients.commands")
 
 
 def _plugins():

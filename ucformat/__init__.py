@@ -1,6 +1,6 @@
 """uc pack v0.3: the artifact format (SPEC.md), its writer, its verifying lazy reader."""
 
-from . import qtensor
+from . import qtensor, student  # student: registers model_type uc_student with transformers
 from .errors import PackError
 from .manifest import VERSION, Manifest
 from .reader import PackReader, open_pack

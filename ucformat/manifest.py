@@ -19,7 +19,8 @@ MAJOR = VERSION.split(".")[0]
 MANIFEST_NAME = "manifest.json"
 PROGRESS_NAME = ".uc-progress.json"
 NONLAYER_FILE = "nonlayer.safetensors"
-KNOWN_FEATURES = frozenset({"lowrank", "lowrank-int8", "overlay", "scales-u8", "rotation"})
+KNOWN_FEATURES = frozenset({"lowrank", "lowrank-int8", "overlay", "scales-u8", "rotation", "student"})
+STUDENT_MODEL_TYPE = "uc_student"  # a student pack (SPEC.md section 8) MUST list feature `student`
 DTYPES = ("float32", "float16", "bfloat16")  # source dtypes a tensor entry may name
 
 
@@ -158,8 +159,11 @@ class Manifest:
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise ManifestError(path, f"missing or malformed field ({exc!r})") from None
         missing = set().union(*(t.features() for t in tensors.values())) - set(m.requires)
+        if m.model_type == STUDENT_MODEL_TYPE:
+            missing.add("student")
+            missing -= set(m.requires)
         if missing:
-            raise ManifestError(path, f"tensors use features {sorted(missing)} that 'requires' does not list")
+            raise ManifestError(path, f"the pack uses features {sorted(missing)} that 'requires' does not list")
         layers = {layer_file(i) for i in range(m.num_layers)} if 0 <= m.num_layers <= len(files) else None
         if layers is None or set(files) & layers != layers or any(f.startswith("layers/") and f not in layers for f in files):
             raise ManifestError(path, f"'files' must hold {layer_file(0)} .. layer-NNNNN for exactly the "
