@@ -52,7 +52,6 @@ GIB = 1 << 30
 JOBS = [("gsq", "4", ["--bits", "4"]), ("gsq", "5", ["--bits", "5"]),
         ("ours", "4", ["--target-bpw", "4", *CALIB]), ("ours", "5", ["--target-bpw", "5", *CALIB]),
         ("hqq", "4", None), ("hqq", "5", None), ("gguf", "Q4_0", None), ("gguf", "Q5_0", None)]
-DTYPE_BYTES = {"BF16": 2, "F16": 2, "F32": 4}
 PROMPT = "def fibonacci(n):"
 
 
@@ -64,11 +63,7 @@ def memory_bound(src: Path) -> dict:
     ckpt = SourceCheckpoint(src)
 
     def nbytes(names: list[str]) -> int:
-        total = 0
-        for n in names:
-            shape, dtype = ckpt.shape_dtype(n)
-            total += int(torch.Size(shape).numel()) * DTYPE_BYTES[dtype]
-        return total
+        return sum(ckpt.tensor_bytes(n) for n in names)
 
     layer = max(nbytes(ckpt.layers[i]) for i in range(ckpt.num_layers))
     nonlayer = nbytes(ckpt.nonlayer)

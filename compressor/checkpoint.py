@@ -7,6 +7,7 @@ compressor holds about one decoder layer in memory whatever the model size.
 from __future__ import annotations
 
 import json
+import math
 import re
 from pathlib import Path
 
@@ -14,6 +15,8 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 # A decoder layer is whatever lives under "<prefix>layers.<N>." (model.layers.3., model.language_model.layers.3., ...).
+# bytes per element of the safetensors dtypes a checkpoint may hold
+SAFETENSORS_ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
 LAYER_RE = re.compile(r"^(?P<prefix>(?:[\w.]*\.)?layers\.)(?P<index>\d+)\.")
 
 # Files copied verbatim from the checkpoint into the pack when present.
@@ -123,6 +126,11 @@ class SourceCheckpoint:
             sl = self._handle(self.weight_map[name]).get_slice(name)
             self._meta[name] = (tuple(sl.get_shape()), sl.get_dtype())
         return self._meta[name]
+
+    def tensor_bytes(self, name: str) -> int:
+        """The stored bytes of one tensor (its shape and safetensors dtype, read from the header)."""
+        shape, dtype = self.shape_dtype(name)
+        return math.prod(shape) * SAFETENSORS_ITEMSIZE[dtype]
 
     def total_bytes(self) -> int:
         return sum((self.path / f).stat().st_size for f in set(self.weight_map.values()))

@@ -6,7 +6,6 @@ token embeddings and the output head) and of the whole model, next to the teache
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 
@@ -30,14 +29,7 @@ def body_and_whole(sizes: dict[str, int]) -> tuple[int, int]:
 
 
 def teacher_sizes(teacher: SourceCheckpoint) -> dict[str, int]:
-    out = {}
-    for name in teacher.weight_map:
-        shape, dtype = teacher.shape_dtype(name)
-        n = 1
-        for s in shape:
-            n *= s
-        out[name] = n * {"F32": 4, "BF16": 2, "F16": 2}.get(dtype, 4)
-    return out
+    return {name: teacher.tensor_bytes(name) for name in teacher.weight_map}
 
 
 def write_student(writer: PackWriter, model, teacher: SourceCheckpoint, src: Path, extra: dict) -> dict:
