@@ -23,6 +23,7 @@ Writes bench/results/qkernels.json and the "qkernels" section of docs/BENCHMARKS
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import statistics
@@ -49,7 +50,7 @@ from ucformat.reader import PackReader  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results" / "qkernels.json"
 BIG = {"7B-class 4096x4096": (4096, 4096), "7B-class 14336x4096 (up)": (14336, 4096)}
-CROSS_ROWS = (1, 2, 4, 8, 16, 32, 48, 64, 128)
+CROSS_ROWS = (1, 2, 4, 8, 16, 32, 48, 64, 128, 192, 256, 384, 512)
 
 
 def timed(fn, min_s: float = 0.2) -> float:
@@ -74,19 +75,25 @@ def bandwidth() -> dict:
 
 def gemv_row(label: str, q: qtensor.QuantizedTensor, dtype: torch.dtype, rows: int, bw: float,
              w32: torch.Tensor | None = None) -> list:
-    """One weight at `rows` activation rows: the kernel with integer and with float activations, the dense
-    float32 / bfloat16 matmul (of w32 when given: a float head, against its 8-bit copy q) and rebuild."""
+    """One weight at `rows` activation rows: the kernel with integer activations (with the il8 copy where it
+    applies, the default, and row-major as with UC_CPU_IL8=0) and with float ones, the dense float32 /
+    bfloat16 matmul (of w32 when given: a float head, against its 8-bit copy q) and rebuild."""
     n, k = q.shape
     w32 = qtensor.dequantize(q) if w32 is None else w32.float()
     w16 = w32.bfloat16()
     x = torch.randn(rows, k).to(dtype)
     t_q = timed(lambda: cpu_qgemv.linear(x, q, act="int16"))
+    row_major = dataclasses.replace(q)  # the same parts without the il8 copy
+    cpu_qgemv.per_pass(row_major)
+    t_rm = timed(lambda: cpu_qgemv.linear(x, row_major, act="int16"))
     t_qf = timed(lambda: cpu_qgemv.linear(x, q, act="float"))
     t_f32 = timed(lambda: F.linear(x.float(), w32))
     t_bf16 = timed(lambda: F.linear(x.bfloat16(), w16))
     t_rebuild = timed(lambda: F.linear(x, qtensor.dequantize(q, dtype)))
     packed = q.codes.numel() + q.scales.numel() * 2 + q.grid.numel() * 4
-    return [label, f"{n}x{k}", q.bits, rows, f"{t_q * 1e3:.3f}", f"{t_qf * 1e3:.3f}", f"{t_f32 * 1e3:.3f}",
+    il8 = cpu_qgemv._il8(q)[0].numel() > 0
+    return [label, f"{n}x{k}", q.bits, rows, f"{t_q * 1e3:.3f}", f"{t_rm * 1e3:.3f}" if il8 else "(same)",
+            f"{t_qf * 1e3:.3f}", f"{t_f32 * 1e3:.3f}",
             f"{t_bf16 * 1e3:.3f}", f"{t_rebuild * 1e3:.3f}", f"{t_qf / t_q:.2f}x", f"{t_f32 / t_q:.2f}x",
             f"{packed / t_q / 1e9:.2f}", f"{packed / (bw * 1e9) / t_q:.0%}"]
 
@@ -104,7 +111,7 @@ def head_rows(pack: Path, model: str, dtype: torch.dtype, bw: float) -> list:
 
 
 def crossover(q: qtensor.QuantizedTensor, dtype: torch.dtype) -> int | None:
-    """Fewest rows at which reconstruct + GEMM is faster than the kernel (None: never, up to 128)."""
+    """Fewest rows at which reconstruct + GEMM is faster than the kernel (None: never, up to CROSS_ROWS[-1])."""
     for m in CROSS_ROWS:
         x = torch.randn(m, q.shape[1]).to(dtype)
         kern = timed(lambda: cpu_qgemv.linear(x, q, None, float_out=False))
@@ -273,17 +280,20 @@ def report(res: dict) -> str:
         f"bandwidth measured in the same run: {bw['copy_gb_s']:.1f} GB/s copying (read + write), "
         f"{bw['read_gb_s']:.1f} GB/s reading (sum of 256 MiB).", "",
         "GEMV: median ms of one call of the native kernel from the codes, with integer activations (`int16`, "
-        "the default: 15-bit activations per block, 12-bit grid) and with float ones (`float`, UC_CPU_ACT=float); "
+        "the default: 15-bit activations per block, 12-bit grid; b <= 5 and the 8-bit heads read the il8 copy of "
+        "their codes, 8 weight rows side by side; `int16 row-major` is the same arithmetic on the pack's own "
+        "layout, as with UC_CPU_IL8=0) and with float ones (`float`, UC_CPU_ACT=float); "
         "`rebuild` reconstructs the weight then multiplies (the path for long prompts); the output heads are the "
         "pack's float weight (dense columns) against its 8-bit copy (qhead.py); packed GB/s = (codes + scales + "
         "grid bytes) / time of `int16`; % of read bw = the time to read those bytes at the measured rate / that "
         "time.", "",
-        table(["weight", "shape", "bits", "rows", "int16 ms", "float ms", "dense fp32 ms", "dense bf16 ms",
+        table(["weight", "shape", "bits", "rows", "int16 ms", "int16 row-major ms", "float ms", "dense fp32 ms",
+               "dense bf16 ms",
                "rebuild ms", "int16 vs float", "int16 vs fp32", "packed GB/s", "% of read bw"], res["gemv"]), "",
         "Crossover: fewest activation rows at which reconstruct + GEMM beats the kernel on the model's largest "
         f"matrix (kernel used up to qmatmul.CPU_MAX_ROWS = {qmatmul.CPU_MAX_ROWS} rows):", "",
         table(["model", "shape", "bits", "rebuild faster from rows"],
-              [[*c[:3], c[3] or "> 128"] for c in res["crossover"]]), "",
+              [[*c[:3], c[3] or f"> {CROSS_ROWS[-1]}"] for c in res["crossover"]]), "",
         "Decode: tokens/s of the engine's decode step (batch x steps / time), 64 cached tokens per row; "
         f"median of {res['rounds']} rounds in which the variants take turns. `packed` and `stream 25%` run "
         "the defaults (integer activations, the head from its 8-bit copy); `packed, float` runs "

@@ -113,9 +113,84 @@ static void axpy(float p, const float* x, float* y, int64_t n) {
   for (int64_t j = 0; j < n; ++j) y[j] += p * x[j];
 }
 
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+// The same attention for head sizes that are a multiple of 8, with AVX2: one task per (row, kv head), so
+// each key and value row is read once for the query heads that share it; scores four columns at a time
+// (their four sums reduced together by horizontal adds) and the weighted sum of values in registers (head
+// sizes up to 64; larger ones in 64-column passes). Scores, softmax and sums in float32, as above; the sums
+// run in another order (tests/test_decoder.py bounds the difference to SDPA).
+__attribute__((target("avx2,fma"))) static inline __m128 hsum4(__m256 a, __m256 b, __m256 c, __m256 d) {
+  const __m256 t = _mm256_hadd_ps(_mm256_hadd_ps(a, b), _mm256_hadd_ps(c, d));
+  return _mm_add_ps(_mm256_castps256_ps128(t), _mm256_extractf128_ps(t, 1));  // [sum a, sum b, sum c, sum d]
+}
+
+__attribute__((target("avx2,fma"))) static void attend_group_avx2(const float* q, const float* kb, const float* vb,
+                                                                 float* o, int64_t group, int64_t lo, int64_t len,
+                                                                 int64_t d, float scale, std::vector<float>& s) {
+  const int64_t n = len + 1 - lo;
+  s.resize(group * n);
+  for (int64_t j = 0; j < group; ++j) {
+    const float* qj = q + j * d;
+    float* sj = s.data() + j * n;
+    int64_t c = 0;
+    for (; c + 4 <= n; c += 4) {
+      const float* k0 = kb + (lo + c) * d;
+      __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+      for (int64_t i = 0; i < d; i += 8) {
+        const __m256 x = _mm256_loadu_ps(qj + i);
+        a0 = _mm256_fmadd_ps(x, _mm256_loadu_ps(k0 + i), a0);
+        a1 = _mm256_fmadd_ps(x, _mm256_loadu_ps(k0 + d + i), a1);
+        a2 = _mm256_fmadd_ps(x, _mm256_loadu_ps(k0 + 2 * d + i), a2);
+        a3 = _mm256_fmadd_ps(x, _mm256_loadu_ps(k0 + 3 * d + i), a3);
+      }
+      _mm_storeu_ps(sj + c, _mm_mul_ps(hsum4(a0, a1, a2, a3), _mm_set1_ps(scale)));
+    }
+    for (; c < n; ++c) {
+      const float* kr = kb + (lo + c) * d;
+      __m256 a0 = _mm256_setzero_ps();
+      for (int64_t i = 0; i < d; i += 8) a0 = _mm256_fmadd_ps(_mm256_loadu_ps(qj + i), _mm256_loadu_ps(kr + i), a0);
+      sj[c] = _mm_cvtss_f32(hsum4(a0, a0, a0, a0)) * scale;
+    }
+    float mx = -INFINITY;
+    for (int64_t t = 0; t < n; ++t) mx = std::max(mx, sj[t]);
+    float sum = 0.f;
+    for (int64_t t = 0; t < n; ++t) { sj[t] = std::exp(sj[t] - mx); sum += sj[t]; }
+    const __m256 inv = _mm256_set1_ps(1.0f / sum);
+    for (int64_t i0 = 0; i0 < d; i0 += 64) {  // the weighted values, 64 columns of the head at a time
+      const int64_t w = std::min<int64_t>(64, d - i0) / 8;
+      __m256 acc[8];
+      for (int64_t i = 0; i < w; ++i) acc[i] = _mm256_setzero_ps();
+      for (int64_t t = 0; t < n; ++t) {
+        const __m256 p = _mm256_set1_ps(sj[t]);
+        const float* vr = vb + (lo + t) * d + i0;
+        for (int64_t i = 0; i < w; ++i) acc[i] = _mm256_fmadd_ps(p, _mm256_loadu_ps(vr + 8 * i), acc[i]);
+      }
+      for (int64_t i = 0; i < w; ++i) _mm256_storeu_ps(o + j * d + i0 + 8 * i, _mm256_mul_ps(acc[i], inv));
+    }
+  }
+}
+#endif
+
 static void attend_rows(const float* q, const float* kc, const float* vc, const int64_t* lens, float* o, int64_t R,
                         int64_t heads, int64_t kvh, int64_t cap, int64_t d, int64_t window, float scale) {
   const int64_t group = heads / kvh;
+#if defined(__x86_64__) && defined(__GNUC__)
+  static const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  if (avx2 && d % 8 == 0) {
+    at::parallel_for(0, R * kvh, 1, [&](int64_t b, int64_t e) {
+      std::vector<float> s;
+      for (int64_t t = b; t < e; ++t) {
+        const int64_t r = t / kvh, g = t % kvh, len = lens[r];
+        const int64_t lo = window > 0 ? std::max<int64_t>(0, len - window + 1) : 0;
+        const int64_t h0 = (r * heads + g * group) * d;  // the group's query heads are consecutive
+        attend_group_avx2(q + h0, kc + ((r * kvh + g) * cap) * d, vc + ((r * kvh + g) * cap) * d, o + h0, group, lo,
+                          len, d, scale, s);
+      }
+    });
+    return;
+  }
+#endif
   at::parallel_for(0, R * heads, 1, [&](int64_t b, int64_t e) {
     std::vector<float> qf(d), acc(d), s;
     for (int64_t t = b; t < e; ++t) {

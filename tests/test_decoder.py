@@ -151,21 +151,23 @@ def test_native_body_is_the_python_step_bit_for_bit(arch, act, tmp_path, monkeyp
     assert half.decoder.native.body is None
 
 
+@pytest.mark.parametrize("d", [32, 64, 256, 36])
 @pytest.mark.parametrize("window", [None, 16])
-def test_decode_attention_op_matches_sdpa(window):
+def test_decode_attention_op_matches_sdpa(window, d):
     """cpu_ops.attend (the lean step's cache write + attention on the CPU) against the index copy and SDPA
-    it replaces: rows at different lengths, grouped kv heads, a sliding window; the cache written alike."""
+    it replaces: rows at different lengths, grouped kv heads, a sliding window; the cache written alike.
+    Head sizes: multiples of 8 take the AVX2 loop (256: values summed in 64-column passes), 36 the plain one."""
     import torch.nn.functional as F
 
     from server import cpu_ops
     from server.kv_cache import decode_mask
 
     g = torch.Generator().manual_seed(0)
-    rows, heads, kv_heads, d, cap = 3, 6, 2, 32, 256
+    rows, heads, kv_heads, cap = 3, 6, 2, 256
     keys, values = (torch.randn(4, kv_heads, cap, d, generator=g) for _ in range(2))
     q = torch.randn(rows, 1, heads, d, generator=g)
     k, v = (torch.randn(rows, 1, kv_heads, d, generator=g) for _ in range(2))
-    lens = torch.tensor([0, 40, 200])
+    lens = torch.tensor([0, 41, 200])  # 1, 42 and 201 columns: whole fours of columns and a tail
     got_k, got_v = keys.clone(), values.clone()
     o = cpu_ops.attend(q, k, v, got_k, got_v, lens, window, 0.2)
     if o is None:

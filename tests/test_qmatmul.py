@@ -85,10 +85,13 @@ def integer_reference(x: torch.Tensor, q: qtensor.QuantizedTensor) -> torch.Tens
 INT_SHAPES = SHAPES + [(37, 224, 64, 0), (20, 256, 256, 0), (12, 1024, 512, 0)]
 
 
+@pytest.mark.parametrize("il8", [True, False])
 @pytest.mark.parametrize("bits", bitpack.WIDTHS)
-def test_integer_path_matches_its_reference(bits):
+def test_integer_path_matches_its_reference(bits, il8, monkeypatch):
     """int16 activations: equal to a torch model of the same rounding (up to a rounding of x that float
-    order can flip), and within 1e-3 of max |y| of the exact float sums (measured: about 3e-4)."""
+    order can flip), and within 1e-3 of max |y| of the exact float sums (measured: about 3e-4); with the
+    il8 copy of the codes (b <= 4, the default) and without it (UC_CPU_IL8=0, the row-major kernel)."""
+    monkeypatch.setattr(cpu_qgemv, "IL8", il8)
     g = torch.Generator().manual_seed(10 + bits)
     for n, k, block, rotation in INT_SHAPES:
         q = weight(n, k, bits, block, rotation)
@@ -129,6 +132,51 @@ def qhead_copy(n: int, k: int) -> qtensor.QuantizedTensor:
     from ucformat import qhead
 
     return qhead.int8_copy(torch.randn(n, k, generator=torch.Generator().manual_seed(6)))
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 5, 8])
+def test_il8_layout_equals_the_row_major_kernel(bits, monkeypatch):
+    """The il8 copy (8 weight rows in the lanes, cpu_qgemv.cpp il_pack) is used wherever it applies and gives
+    the row-major integer kernel's numbers up to the order of the float sums over blocks: row counts that
+    are not a multiple of 8 (the last group padded), columns after the last whole block (the scalar tail),
+    rotation, tiles of 4, 2 and 1 activation rows, b = 5 (the fifth bits beside the nibbles), b = 8 over
+    the integer grid (the output head's copy)."""
+    shapes = [(37, 224, 64, 0), (9, 200, 64, 0), (48, 256, 64, 64), (8, 96, 32, 0), (20, 256, 256, 0)]
+    g = torch.Generator().manual_seed(20 + bits)
+    for n, k, block, rotation in shapes:
+        q = qhead_copy(n, k) if bits == 8 else weight(n, k, bits, block, rotation)
+        monkeypatch.setattr(cpu_qgemv, "IL8", True)
+        ilc, ils = cpu_qgemv._il8(q)
+        assert ilc.numel() == (n + 7) // 8 * (k // q.block_size * q.block_size) * {8: 8, 5: 5}.get(bits, 4)
+        assert tuple(ils.shape) == ((n + 7) // 8, q.scales.shape[1], 8)
+        row_major = dataclasses.replace(q)  # no il8 copy on it: the row-major kernel
+        for m in ROWS:
+            x = torch.randn(m, k, generator=g)
+            monkeypatch.setattr(cpu_qgemv, "IL8", True)
+            y = cpu_qgemv.linear(x, q, act="int16")
+            monkeypatch.setattr(cpu_qgemv, "IL8", False)
+            y0 = cpu_qgemv.linear(x, row_major, act="int16")
+            close(y, y0.double(), 1e-6)
+            assert torch.equal(cpu_qgemv.bound(q)(x), y)  # bound or not, the same copy and kernel
+
+
+def test_il8_is_not_made_where_it_does_not_apply(monkeypatch):
+    """No copy (and no extra memory) for 6-bit codes, 8-bit codes over another grid, blocks the
+    integer path does not take, float activations, UC_CPU_IL8=0, or a streamed layer's parts."""
+    cases = [weight(16, 256, 6, 64, 0), weight(16, 256, 8, 64, 0), weight(16, 256, 4, 16, 0),
+             weight(16, 1024, 4, 512, 0)]
+    for q in cases:
+        assert cpu_qgemv._il8(q)[0].numel() == 0
+    q = weight(16, 256, 4, 64, 0)
+    assert cpu_qgemv._il8(q, "float")[0].numel() == 0
+    monkeypatch.setattr(cpu_qgemv, "IL8", False)
+    assert cpu_qgemv._il8(q)[0].numel() == 0
+    monkeypatch.setattr(cpu_qgemv, "IL8", True)
+    assert cpu_qgemv._il8(q)[0].numel() > 0
+    assert cpu_qgemv._il8(q)[0] is cpu_qgemv._il8(q)[0]  # made once per weight
+    streamed = weight(16, 256, 4, 64, 0)
+    cpu_qgemv.per_pass(streamed)  # a streamed layer's parts (ucformat/streaming.py): bound for one pass
+    assert cpu_qgemv._il8(streamed)[0].numel() == 0
 
 
 def test_integer_path_keeps_outliers():

@@ -8,7 +8,10 @@
 // the reference reconstruction; only the order of the sums differs from reconstruct-then-matmul. Integer
 // (the default, AVX2, b = 2 .. 6): the grid rounded to 12 bits and each block of activations to 15 bits,
 // products summed exactly in int32 (k256::i16_rows): 2-3x faster at one activation row on Zen 3, within
-// about 3e-4 of the float sums (docs/SERVER.md states the tolerance).
+// about 3e-4 of the float sums (docs/SERVER.md states the tolerance). For b <= 5 and the 8-bit head copy,
+// weights bound once (cpu_qgemv.py `_bind`, and `linear` after its first call on a weight) carry a second
+// copy of their codes with 8 weight rows side by side (`il_pack`, k256::il_rows): the same integer sums,
+// about 1.4-1.7x faster at 4-16 activation rows, and long prompts up to qmatmul.CPU_MAX_ROWS rows.
 //
 // Work split: rows of W over torch's intra-op threads; each thread walks its rows once per tile of up
 // to 16 activation rows. Within a row, columns go in chunks of 32 (AVX-512) or 16 (AVX2) codes. Every
@@ -57,6 +60,8 @@ struct Args {
   const float* xs;         // [M, nb] integer path: each block's activation scale (its max |x| / 16383)
   const float* bias;       // [N] or null
   float* y;                // [M, N]
+  const uint8_t* ilc;      // il8 layout (il_pack): [ceil(N/8), whole blocks x block / 8 units, 32] or null
+  const uint16_t* ils;     // [ceil(N/8), nb, 8] the scales of 8 rows side by side (float16 bits)
   int64_t M, N, K, nbytes, nb, block, ldxa, nchunks, start1;
   int bits, p0, p1;
 };
@@ -80,6 +85,17 @@ inline uint32_t code_at(const uint8_t* row, int64_t j, int p0, int p1, int64_t s
   uint32_t c = (row[(j * p0) >> 3] >> ((j * p0) & 7)) & ((1u << p0) - 1u);
   if (p1) c |= ((row[start1 + ((j * p1) >> 3)] >> ((j * p1) & 7)) & ((1u << p1) - 1u)) << p0;
   return c;
+}
+
+// The il8 layout (k256::il_tile, il_pack): per group of 8 weight rows, units of 8 columns, 32 bytes each.
+// Byte p of a unit holds the code of (row R(p), column C(p)) in its low nibble and of (R(p), C(p) + 4) in
+// its high nibble, with q = p % 8, R(p) = 4 (p / 16) + q / 2 and C(p) = 2 ((p / 8) % 2) + q % 2: after a
+// vpshufb of the nibbles and the byte unpacks, vector 0 holds columns 0, 1 of the 8 rows (32-bit lane i =
+// row i), vector 1 columns 2, 3; the high nibbles columns 4 .. 7.
+inline void il_pos(int p, int& row, int& col) {
+  const int q = p & 7;
+  row = 4 * (p >> 4) + q / 2;
+  col = 2 * ((p >> 3) & 1) + (q & 1);
 }
 
 // Columns [j0, K) of rows [r0, r1), every activation row; adds to y unless `store`.
@@ -650,6 +666,150 @@ void i16_rows(const Args& a, int64_t r0, int64_t r1) {
   }
 }
 
+// ---- AVX2, integer activations, b <= 5: eight weight rows in the lanes (the `il8` layout) ---------------
+// The row-major paths above sum each weight row's block in the 8 lanes of a vector: per block and activation
+// row they pay an int->float conversion, a broadcast scale and an FMA, and a horizontal sum per output.
+// Here a copy of the codes (il_pack, made once when the weights are bound) holds 8 rows side by side: lane
+// i of every vector is weight row 8g + i, so one vpmaddwd multiplies 8 rows by the same 2 activation
+// columns (broadcast), a block's sums finish in one vector for 8 rows (the scales of 8 rows are one
+// float16 load), and the 8 outputs are stored without a horizontal sum. About 1.7x the row-major integer
+// path's multiply rate at 4-16 activation rows on Zen 3 (bench/qkernels.py), and the integer sums are
+// the same; only the float sums over blocks run in another order.
+inline __m256i bcast_pair(const int16_t* x) {  // activation columns x[0], x[1] in every 32-bit lane
+  int32_t v;
+  std::memcpy(&v, x, 4);
+  return _mm256_set1_epi32(v);
+}
+
+// Group g (rows 8g .. 8g + 7, `valid` of them real) against activation rows m0 .. m0 + MT - 1.
+// b = 5: the low 4 bits as above, then per unit 8 bytes of fifth bits: a 32-bit word for the low nibbles'
+// codes (bit p: the code at byte p) and one for the high nibbles'; il_bit5 turns a word into 32 byte masks
+// that pick between the two tables of 16 levels.
+inline __m256i il_bit5(const uint8_t* p) {
+  uint32_t w;
+  std::memcpy(&w, p, 4);
+  const __m256i sel = _mm256_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1,
+                                       2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3);
+  const __m256i bit = _mm256_setr_epi8(1, 2, 4, 8, 16, 32, 64, -128, 1, 2, 4, 8, 16, 32, 64, -128,
+                                       1, 2, 4, 8, 16, 32, 64, -128, 1, 2, 4, 8, 16, 32, 64, -128);
+  const __m256i b = _mm256_and_si256(_mm256_shuffle_epi8(_mm256_set1_epi32(static_cast<int>(w)), sel), bit);
+  return _mm256_cmpeq_epi8(b, bit);
+}
+
+template <int BITS>  // 4 (codes of 2 .. 4 bits) or 5
+__attribute__((always_inline)) inline void il_look(const I16Tables& it, const __m256i idx, const uint8_t* hb,
+                                                   __m256i& w0, __m256i& w1) {
+  __m256i l = _mm256_shuffle_epi8(it.lo[0], idx), h = _mm256_shuffle_epi8(it.hi[0], idx);
+  if constexpr (BITS == 5) {
+    const __m256i m = il_bit5(hb);
+    l = _mm256_blendv_epi8(l, _mm256_shuffle_epi8(it.lo[1], idx), m);
+    h = _mm256_blendv_epi8(h, _mm256_shuffle_epi8(it.hi[1], idx), m);
+  }
+  w0 = _mm256_unpacklo_epi8(l, h);
+  w1 = _mm256_unpackhi_epi8(l, h);
+}
+
+template <int BITS, int MT>
+__attribute__((always_inline)) inline void il_tile(const I16Tables& it, float gs, const Args& a, int64_t g,
+                                                   int64_t m0, int64_t valid) {
+  const int64_t upb = a.block / 8, nblk = a.nchunks * 32 / a.block, ldx = a.ldxa, nb = a.nb;
+  const uint8_t* gc = a.ilc + g * nblk * upb * (BITS == 5 ? 40 : 32);
+  const uint8_t* gh = gc + nblk * upb * 32;  // b = 5: the fifth bits, after the group's nibbles
+  const uint16_t* gsc = a.ils + g * nb * 8;
+  const __m256i nib = _mm256_set1_epi8(0x0F);
+  alignas(32) float tot[MT][8];
+  for (int m = 0; m < MT; ++m) _mm256_store_ps(tot[m], _mm256_setzero_ps());
+  for (int64_t k = 0; k < nblk; ++k) {
+    __m256i isum[MT];
+    for (int m = 0; m < MT; ++m) isum[m] = _mm256_setzero_si256();
+    for (int64_t u = k * upb; u < (k + 1) * upb; ++u) {
+      _mm_prefetch(reinterpret_cast<const char*>(gc + u * 32 + 2048), _MM_HINT_T0);  // the group's next units
+      if constexpr (BITS == 5) _mm_prefetch(reinterpret_cast<const char*>(gh + u * 8 + 512), _MM_HINT_T0);
+      const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(gc + u * 32));
+      __m256i w0, w1, w2, w3;
+      il_look<BITS>(it, _mm256_and_si256(v, nib), gh + u * 8, w0, w1);
+      il_look<BITS>(it, _mm256_and_si256(_mm256_srli_epi16(v, 4), nib), gh + u * 8 + 4, w2, w3);
+      for (int m = 0; m < MT; ++m) {
+        const int16_t* x = a.xq + (m0 + m) * ldx + u * 8;
+        const __m256i s01 = _mm256_add_epi32(_mm256_madd_epi16(w0, bcast_pair(x)), _mm256_madd_epi16(w1, bcast_pair(x + 2)));
+        const __m256i s23 = _mm256_add_epi32(_mm256_madd_epi16(w2, bcast_pair(x + 4)), _mm256_madd_epi16(w3, bcast_pair(x + 6)));
+        isum[m] = _mm256_add_epi32(isum[m], _mm256_add_epi32(s01, s23));
+      }
+    }
+    const __m256 sv = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(gsc + k * 8)));
+    for (int m = 0; m < MT; ++m) {
+      const __m256 t = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum[m]), _mm256_mul_ps(sv, _mm256_set1_ps(a.xs[(m0 + m) * nb + k])),
+                                       _mm256_load_ps(tot[m]));
+      _mm256_store_ps(tot[m], t);
+    }
+  }
+  for (int m = 0; m < MT; ++m)
+    for (int64_t i = 0; i < valid; ++i) a.y[(m0 + m) * a.N + 8 * g + i] = tot[m][i] * gs;
+}
+
+// b = 8 over the integer grid (qhead.py's copies): units of 8 rows x 4 columns, one byte a code; bytes
+// 0 .. 15 hold columns 0, 1 of rows 0 .. 7 (byte 2i + j: row i, column j), bytes 16 .. 31 columns 2, 3;
+// widened to int16 and offset by 128, they are the same two vectors as above.
+template <int MT>
+__attribute__((always_inline)) inline void il_tile8(const Args& a, int64_t g, int64_t m0, int64_t valid) {
+  const int64_t upb = a.block / 4, nblk = a.nchunks * 32 / a.block, ldx = a.ldxa, nb = a.nb;
+  const uint8_t* gc = a.ilc + g * nblk * upb * 32;
+  const uint16_t* gsc = a.ils + g * nb * 8;
+  const __m256i off = _mm256_set1_epi16(128);
+  alignas(32) float tot[MT][8];
+  for (int m = 0; m < MT; ++m) _mm256_store_ps(tot[m], _mm256_setzero_ps());
+  for (int64_t k = 0; k < nblk; ++k) {
+    __m256i isum[MT];
+    for (int m = 0; m < MT; ++m) isum[m] = _mm256_setzero_si256();
+    for (int64_t u = k * upb; u < (k + 1) * upb; ++u) {
+      _mm_prefetch(reinterpret_cast<const char*>(gc + u * 32 + 2048), _MM_HINT_T0);
+      const __m128i* p = reinterpret_cast<const __m128i*>(gc + u * 32);
+      const __m256i w0 = _mm256_sub_epi16(_mm256_cvtepu8_epi16(_mm_loadu_si128(p)), off);
+      const __m256i w1 = _mm256_sub_epi16(_mm256_cvtepu8_epi16(_mm_loadu_si128(p + 1)), off);
+      for (int m = 0; m < MT; ++m) {
+        const int16_t* x = a.xq + (m0 + m) * ldx + u * 4;
+        isum[m] = _mm256_add_epi32(isum[m], _mm256_add_epi32(_mm256_madd_epi16(w0, bcast_pair(x)),
+                                                             _mm256_madd_epi16(w1, bcast_pair(x + 2))));
+      }
+    }
+    const __m256 sv = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(gsc + k * 8)));
+    for (int m = 0; m < MT; ++m) {
+      const __m256 t = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum[m]), _mm256_mul_ps(sv, _mm256_set1_ps(a.xs[(m0 + m) * nb + k])),
+                                       _mm256_load_ps(tot[m]));
+      _mm256_store_ps(tot[m], t);
+    }
+  }
+  for (int m = 0; m < MT; ++m)
+    for (int64_t i = 0; i < valid; ++i) a.y[(m0 + m) * a.N + 8 * g + i] = tot[m][i];
+}
+
+// Rows [r0, r1) (r0 a multiple of 8; r1 one too, or N) in the il8 layout, every activation row.
+void il_rows(const Args& a, int64_t r0, int64_t r1) {
+  I16Tables it;
+  const float gs = a.bits == 8 ? 1.f : i16_tables(a.grid, a.bits, it);  // b <= 4: one set (levels past 2^b zero), b = 5 two
+  for (int64_t g = r0 / 8; 8 * g < r1; ++g) {
+    const int64_t valid = std::min<int64_t>(8, r1 - 8 * g);
+    for (int64_t m = 0; m < a.M;) {
+      const int64_t left = a.M - m;
+      const int mt = left >= 4 ? 4 : left >= 2 ? 2 : 1;
+      if (a.bits == 8) {
+        if (mt == 4) il_tile8<4>(a, g, m, valid);
+        else if (mt == 2) il_tile8<2>(a, g, m, valid);
+        else il_tile8<1>(a, g, m, valid);
+      } else if (a.bits == 5) {
+        if (mt == 4) il_tile<5, 4>(it, gs, a, g, m, valid);
+        else if (mt == 2) il_tile<5, 2>(it, gs, a, g, m, valid);
+        else il_tile<5, 1>(it, gs, a, g, m, valid);
+      } else {
+        if (mt == 4) il_tile<4, 4>(it, gs, a, g, m, valid);
+        else if (mt == 2) il_tile<4, 2>(it, gs, a, g, m, valid);
+        else il_tile<4, 1>(it, gs, a, g, m, valid);
+      }
+      m += mt;
+    }
+  }
+}
+
 #define UC_DRIVER
 #include __FILE__
 #undef UC_DRIVER
@@ -741,9 +901,13 @@ struct Call {
   int64_t rotation = 0;
   const void* signs = nullptr;
   bool natural = false;
+  bool il = false;  // the il8 kernel (k256::il_rows) on the bound copy of the codes
   std::vector<float> xf_buf, xa_buf, y_buf, xs_buf;
   std::vector<int16_t> xq_buf;
 };
+
+// Weight rows per unit of work: 8 in the il8 layout (a group of rows is one kernel call), else 1.
+inline int64_t row_unit(const Call& c) { return c.il ? 8 : 1; }
 
 void finish(Call& c, const torch::Tensor& bias, bool float_out, at::ScalarType xt);
 
@@ -766,7 +930,7 @@ inline int16_t round16(float x) {
 void prepare(Call& c, const torch::Tensor& xc, const torch::Tensor& codes, const torch::Tensor& scales,
              const torch::Tensor& grid, int64_t bits, int64_t block, const torch::Tensor& signs, int64_t rotation,
              const torch::Tensor& bias, int64_t isa, bool float_out, bool act_int, const Call* same = nullptr,
-             size_t nsame = 0) {
+             size_t nsame = 0, const torch::Tensor* ilc = nullptr, const torch::Tensor* ils = nullptr) {
   TORCH_CHECK(codes.dim() == 2 && scales.dim() == 2, "codes and scales must be 2-D");
   TORCH_CHECK(codes.scalar_type() == torch::kUInt8 && scales.scalar_type() == torch::kHalf &&
               grid.scalar_type() == torch::kFloat, "codes uint8, scales float16, grid float32");
@@ -813,7 +977,17 @@ void prepare(Call& c, const torch::Tensor& xc, const torch::Tensor& codes, const
   c.cw = cw;
   c.rotation = rotation;
   c.signs = rotation > 0 ? signs.data_ptr() : nullptr;
-  c.natural = bits == 8;  // the integer path lays b = 8 out in natural order
+  // the il8 copy where one was bound (b <= 5 or the 8-bit head, the integer path), checked against this weight's shape
+  c.il = ints && (bits <= 5 || bits == 8) && ilc != nullptr && ilc->numel() > 0;
+  if (c.il) {
+    const int64_t groups = (a.N + 7) / 8, nblk = a.nchunks * 32 / block;
+    TORCH_CHECK(ilc->scalar_type() == torch::kUInt8 && ilc->is_contiguous() && ilc->numel() == groups * nblk * block * (bits == 8 ? 8 : bits == 5 ? 5 : 4) &&
+                ils->scalar_type() == torch::kHalf && ils->is_contiguous() && ils->numel() == groups * a.nb * 8,
+                "the il8 copy does not fit a [", a.N, ", ", a.K, "] weight in blocks of ", block);
+    a.ilc = ilc->data_ptr<uint8_t>();
+    a.ils = reinterpret_cast<const uint16_t*>(ils->data_ptr<at::Half>());
+  }
+  c.natural = bits == 8 || c.il;  // the integer path lays b = 8 and il8 out in natural order
   for (size_t j = 0; j < nsame; ++j) {
     const Call& o = same[j];
     if (o.use == use && o.ints == ints && o.bytes == bytes && o.cw == cw && o.a.block == block &&
@@ -851,7 +1025,7 @@ void prepare(Call& c, const torch::Tensor& xc, const torch::Tensor& codes, const
         for (int64_t i = 0; i < block; ++i) mx = std::max(mx, std::fabs(s[i]));
         const float inv = mx > 0.f ? 16383.f / mx : 0.f;
         int16_t* o = c.xq_buf.data() + m * a.ldxa + k * block;
-        if (bits == 8)  // natural order
+        if (c.natural)
           for (int64_t i = 0; i < block; ++i) o[i] = round16(s[i] * inv);
         else  // i16_order: per 16, the even columns then the odd ones
           for (int64_t i = 0; i < block; i += 16)
@@ -912,7 +1086,8 @@ void finish(Call& c, const torch::Tensor& bias, bool float_out, at::ScalarType x
 void run_rows(const Call& c, int64_t r0, int64_t r1) {
   const Args& a = c.a;
 #if UC_X86
-  if (c.ints) by_bits<Run256I>(a.bits, a, r0, r1);
+  if (c.il) k256::il_rows(a, r0, r1);
+  else if (c.ints) by_bits<Run256I>(a.bits, a, r0, r1);
   else if (c.use == AVX512) by_bits<Run512>(a.bits, a, r0, r1);
   else if (c.use == AVX2 && c.bytes) by_bits<Run256B>(a.bits, a, r0, r1);
   else if (c.use == AVX2) by_bits<Run256>(a.bits, a, r0, r1);
@@ -932,18 +1107,79 @@ void run_rows(const Call& c, int64_t r0, int64_t r1) {
 // about 32k weight-rows of work per task, at least 4 rows
 inline int64_t grain_of(const Args& a) { return std::max<int64_t>(4, 32768 / std::max<int64_t>(1, a.K * a.M)); }
 
-// x [..., K] (leading dimensions kept) -> [..., N]; the parts as `prepare` takes them.
+// The il8 copy of a weight's codes and scales (the layout above k256::il_tile), for b <= 5 and b = 8 over
+// the integer grid, blocks of 32 .. 256 columns (the integer path's): (codes [ceil(N/8), whole blocks'
+// columns x 4 (b <= 4), x 5 (b = 5), x 8 (b = 8)] uint8, scales [ceil(N/8), nb, 8] float16). Rows past N are zero codes with zero scales; columns past the last whole
+// block stay in `codes` (the scalar tail reads them there). Made once per weight (cpu_qgemv.py `_bind`).
+std::vector<torch::Tensor> il_pack(torch::Tensor codes, torch::Tensor scales, int64_t bits, int64_t K, int64_t block) {
+  TORCH_CHECK(codes.dim() == 2 && scales.dim() == 2 && codes.scalar_type() == torch::kUInt8 &&
+              scales.scalar_type() == torch::kHalf && codes.is_contiguous() && scales.is_contiguous(), "il_pack: parts");
+  TORCH_CHECK(((bits >= 2 && bits <= 5) || bits == 8) && block % 32 == 0 && block > 0 && K >= block,
+              "il_pack: b <= 5 or 8, blocks of 32k");
+  const int64_t N = codes.size(0), nbytes = codes.size(1), nb = scales.size(1);
+  TORCH_CHECK(nbytes == (K + 7) / 8 * bits && nb == (K + block - 1) / block && scales.size(0) == N, "il_pack: shapes");
+  int p0, p1;
+  planes(static_cast<int>(bits), p0, p1);
+  const int64_t start1 = (K + 7) / 8 * p0, groups = (N + 7) / 8, cols = bits == 8 ? 4 : 8;
+  const int64_t units = K / block * block / cols;
+  const int64_t ub = bits == 5 ? 40 : 32;  // bytes per unit: b = 5 adds 8 bytes of fifth bits after the nibbles
+  torch::Tensor ilc = torch::zeros({groups, units * ub}, torch::kUInt8);
+  torch::Tensor ils = torch::zeros({groups, nb, 8}, torch::kHalf);
+  const uint8_t* src = codes.data_ptr<uint8_t>();
+  const uint16_t* sc = reinterpret_cast<const uint16_t*>(scales.data_ptr<at::Half>());
+  uint8_t* dst = ilc.data_ptr<uint8_t>();
+  uint16_t* ds = reinterpret_cast<uint16_t*>(ils.data_ptr<at::Half>());
+  at::parallel_for(0, groups, 16, [&](int64_t g0, int64_t g1) {
+    for (int64_t g = g0; g < g1; ++g)
+      for (int p = 0; p < 32; ++p) {
+        int r, col;
+        if (bits == 8) {  // k256::il_tile8: byte 2i + j of each half: row i, column j (+ 2 in the upper half)
+          r = (p & 15) / 2, col = 2 * (p >> 4) + (p & 1);
+          if (8 * g + r >= N) continue;
+          const uint8_t* row = src + (8 * g + r) * nbytes;
+          for (int64_t u = 0; u < units; ++u) dst[(g * units + u) * 32 + p] = row[4 * u + col];
+          continue;
+        }
+        il_pos(p, r, col);
+        uint8_t* gd = dst + g * units * ub;
+        uint8_t* hd = gd + units * 32;  // b = 5: per unit, bit p of a word for the low nibbles, then the high
+        if (8 * g + r >= N) continue;
+        const uint8_t* row = src + (8 * g + r) * nbytes;
+        for (int64_t u = 0; u < units; ++u) {
+          const uint32_t lo = code_at(row, 8 * u + col, p0, p1, start1), hi = code_at(row, 8 * u + col + 4, p0, p1, start1);
+          gd[u * 32 + p] = static_cast<uint8_t>((lo & 15) | ((hi & 15) << 4));
+          if (bits == 5) {
+            hd[u * 8 + p / 8] |= static_cast<uint8_t>((lo >> 4) << (p % 8));
+            hd[u * 8 + 4 + p / 8] |= static_cast<uint8_t>((hi >> 4) << (p % 8));
+          }
+        }
+      }
+    for (int64_t g = g0; g < g1; ++g)
+      for (int64_t i = 0; i < 8 && 8 * g + i < N; ++i)
+        for (int64_t k = 0; k < nb; ++k) ds[(g * nb + k) * 8 + i] = sc[(8 * g + i) * nb + k];
+  });
+  return {ilc, ils};
+}
+
+// x [..., K] (leading dimensions kept) -> [..., N]; the parts as `prepare` takes them (ilc/ils: the il8
+// copy, or empty tensors).
 torch::Tensor qgemv(torch::Tensor x, torch::Tensor codes, torch::Tensor scales, torch::Tensor grid, int64_t bits,
                     int64_t block, torch::Tensor signs, int64_t rotation, torch::Tensor bias, int64_t isa,
-                    bool float_out, bool act_int) {
+                    bool float_out, bool act_int, const torch::Tensor& ilc = torch::Tensor(),
+                    const torch::Tensor& ils = torch::Tensor()) {
   TORCH_CHECK(x.dim() >= 1, "x must have a last dimension");
   std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());  // [..., K] -> [..., N]
   out_shape.back() = codes.size(0);
   const torch::Tensor xc = x.reshape({-1, x.size(-1)}).contiguous();
   static thread_local Call mine;  // the calling thread's buffers, kept between calls
   Call& c = mine;  // (the workers must see this thread's, not their own thread_local)
-  prepare(c, xc, codes, scales, grid, bits, block, signs, rotation, bias, isa, float_out, act_int);
-  at::parallel_for(0, c.a.N, grain_of(c.a), [&](int64_t r0, int64_t r1) { run_rows(c, r0, r1); });
+  const bool il = ilc.defined() && ilc.numel() > 0;
+  prepare(c, xc, codes, scales, grid, bits, block, signs, rotation, bias, isa, float_out, act_int, nullptr, 0,
+          il ? &ilc : nullptr, il ? &ils : nullptr);
+  const int64_t unit = row_unit(c);
+  at::parallel_for(0, (c.a.N + unit - 1) / unit, std::max<int64_t>(1, grain_of(c.a) / unit), [&](int64_t b, int64_t e) {
+    run_rows(c, b * unit, std::min(e * unit, c.a.N));
+  });
   torch::Tensor y = c.y.view(out_shape);
   c.y = torch::Tensor();
   return y;
@@ -955,6 +1191,7 @@ torch::Tensor qgemv(torch::Tensor x, torch::Tensor codes, torch::Tensor scales, 
 struct Bound {
   std::vector<torch::Tensor> codes, scales, grids, signs, biases;
   std::vector<int64_t> bits, blocks, rotations;
+  std::vector<torch::Tensor> ilc, ils;  // the il8 copies (il_pack), or empty tensors
 };
 
 // Several weights that read the same input (q/k/v, gate/up) in one call and one parallel region: the rows
@@ -966,18 +1203,20 @@ std::vector<torch::Tensor> qgemv_group(torch::Tensor x, const Bound& w, int64_t 
   static thread_local std::vector<Call> mine;
   if (mine.size() < n) mine.resize(n);
   std::vector<Call>& calls = mine;  // (the workers must see this thread's, not their own thread_local)
-  std::vector<int64_t> first(n + 1, 0);  // weight i owns rows [first[i], first[i + 1]) of the range
+  std::vector<int64_t> first(n + 1, 0);  // weight i owns units [first[i], first[i + 1]) of the range
   int64_t grain = INT64_MAX;
   for (size_t i = 0; i < n; ++i) {
+    const bool il = w.ilc[i].numel() > 0;
     prepare(calls[i], xc, w.codes[i], w.scales[i], w.grids[i], w.bits[i], w.blocks[i], w.signs[i], w.rotations[i],
-            w.biases[i], isa, false, act_int, calls.data(), i);
-    first[i + 1] = first[i] + calls[i].a.N;
-    grain = std::min(grain, grain_of(calls[i].a));
+            w.biases[i], isa, false, act_int, calls.data(), i, il ? &w.ilc[i] : nullptr, il ? &w.ils[i] : nullptr);
+    const int64_t unit = row_unit(calls[i]);
+    first[i + 1] = first[i] + (calls[i].a.N + unit - 1) / unit;
+    grain = std::min(grain, std::max<int64_t>(1, grain_of(calls[i].a) / unit));
   }
   at::parallel_for(0, first[n], grain, [&](int64_t b, int64_t e) {
     for (size_t i = 0; i < n; ++i) {
-      const int64_t r0 = std::max(b, first[i]), r1 = std::min(e, first[i + 1]);
-      if (r0 < r1) run_rows(calls[i], r0 - first[i], r1 - first[i]);
+      const int64_t u0 = std::max(b, first[i]), u1 = std::min(e, first[i + 1]), unit = row_unit(calls[i]);
+      if (u0 < u1) run_rows(calls[i], (u0 - first[i]) * unit, std::min((u1 - first[i]) * unit, calls[i].a.N));
     }
   });
   std::vector<torch::Tensor> out;
@@ -1002,21 +1241,29 @@ std::vector<torch::Tensor> group_at(const torch::Tensor& x, const void* w, int64
 // The products run without the GIL: a server's event loop thread goes on streaming while the engine's
 // thread is in here.
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("qgemv", &qgemv, py::call_guard<py::gil_scoped_release>());
+  m.def("qgemv",
+        [](torch::Tensor x, torch::Tensor codes, torch::Tensor scales, torch::Tensor grid, int64_t bits, int64_t block,
+           torch::Tensor signs, int64_t rotation, torch::Tensor bias, int64_t isa, bool float_out, bool act_int,
+           torch::Tensor ilc, torch::Tensor ils) {
+          return qgemv(x, codes, scales, grid, bits, block, signs, rotation, bias, isa, float_out, act_int, ilc, ils);
+        },
+        py::call_guard<py::gil_scoped_release>());
+  m.def("il_pack", &il_pack, py::call_guard<py::gil_scoped_release>());
   py::class_<Bound>(m, "Bound")
       .def(py::init([](std::vector<torch::Tensor> codes, std::vector<torch::Tensor> scales,
                        std::vector<torch::Tensor> grids, std::vector<torch::Tensor> signs,
                        std::vector<torch::Tensor> biases, std::vector<int64_t> bits, std::vector<int64_t> blocks,
-                       std::vector<int64_t> rotations) {
+                       std::vector<int64_t> rotations, std::vector<torch::Tensor> ilc, std::vector<torch::Tensor> ils) {
         const size_t n = codes.size();
         TORCH_CHECK(n > 0 && scales.size() == n && grids.size() == n && signs.size() == n && biases.size() == n &&
-                    bits.size() == n && blocks.size() == n && rotations.size() == n, "Bound: one entry per weight");
-        return Bound{codes, scales, grids, signs, biases, bits, blocks, rotations};
+                    bits.size() == n && blocks.size() == n && rotations.size() == n && ilc.size() == n &&
+                    ils.size() == n, "Bound: one entry per weight");
+        return Bound{codes, scales, grids, signs, biases, bits, blocks, rotations, ilc, ils};
       }))
       .def("one",
            [](const Bound& w, torch::Tensor x, int64_t isa, bool act_int) {
              return qgemv(x, w.codes[0], w.scales[0], w.grids[0], w.bits[0], w.blocks[0], w.signs[0],
-                          w.rotations[0], w.biases[0], isa, false, act_int);
+                          w.rotations[0], w.biases[0], isa, false, act_int, w.ilc[0], w.ils[0]);
            },
            py::call_guard<py::gil_scoped_release>())
       .def("group", [](const Bound& w, torch::Tensor x, int64_t isa, bool act_int) { return qgemv_group(x, w, isa, act_int); },

@@ -30,6 +30,7 @@ NAME = "uc_cpu_qgemv_v1"  # the build is also keyed by the source's hash
 ISAS = {"scalar": 0, "avx2": 1, "avx512": 2}
 _SOURCE = (Path(__file__).with_suffix(".cpp")).read_text()
 _EMPTY = torch.empty(0)
+_INT_GRID = torch.arange(256, dtype=torch.float32) - 128  # b = 8 over the integer grid (qhead.py)
 
 
 def _module():
@@ -74,6 +75,8 @@ def _act() -> str:
 
 
 ACT = _act()
+# UC_CPU_IL8=0 keeps bound weights on the row-major integer kernel (comparisons, and RSS without the copy)
+IL8 = os.environ.get("UC_CPU_IL8", "1").strip() != "0"
 
 
 def supports(q: QuantizedTensor) -> bool:
@@ -111,11 +114,37 @@ def handle(qs: list[QuantizedTensor], biases: list[torch.Tensor | None]):
     return b, _module().group_entry()
 
 
+def _il8(q: QuantizedTensor, act: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """q's codes and scales in the il8 layout (cpu_qgemv.cpp `il_pack`: 8 weight rows side by side, what the
+    integer kernel reads fastest), made once per q and kept on it; empty tensors where that kernel does not
+    take q (b = 6, or 8 over another grid; float activations; no AVX2; blocks it does not take) or
+    UC_CPU_IL8=0. A second copy of the
+    codes: RSS grows by the codes' size (the reconstruct path of long prompts reads the first)."""
+    have = getattr(q, "_il8", None)
+    if have is not None:
+        return have
+    cols = q.shape[1]
+    width = 2 <= q.bits <= 5 or (q.bits == 8 and torch.equal(q.grid.reshape(-1), _INT_GRID))
+    use = (IL8 and width and (act or ACT) == "int16" and q.block_size % 32 == 0 and q.block_size <= 256
+           and cols >= q.block_size and min(_module().isa(), _CAP) >= ISAS["avx2"])
+    if not use:
+        return _EMPTY, _EMPTY
+    q._il8 = tuple(_module().il_pack(q.codes, q.scales, q.bits, cols, q.block_size))
+    return q._il8
+
+
+def per_pass(q: QuantizedTensor) -> None:
+    """q is bound for one pass only (a streamed layer's parts, read again for the next pass): it keeps the
+    row-major kernel, as a copy made for one pass would cost more than it saves."""
+    q._il8 = (_EMPTY, _EMPTY)
+
+
 def _bind(qs: list[QuantizedTensor], biases: list[torch.Tensor | None]):
     """The weights' parts held by the extension (its Bound): a call then converts only x."""
     parts = [_parts(q, b) for q, b in zip(qs, biases)]
     codes, scales, grids, bits, blocks, signs, rots, bs = (list(t) for t in zip(*parts))
-    return _module().Bound(codes, scales, grids, signs, bs, bits, blocks, rots)
+    ilc, ils = (list(t) for t in zip(*map(_il8, qs)))
+    return _module().Bound(codes, scales, grids, signs, bs, bits, blocks, rots, ilc, ils)
 
 
 def linear(x: torch.Tensor, q: QuantizedTensor, bias: torch.Tensor | None = None, isa: str | None = None,
@@ -126,4 +155,4 @@ def linear(x: torch.Tensor, q: QuantizedTensor, bias: torch.Tensor | None = None
     codes over the integer grid, blocks of 32 .. 256 columns; other weights take the float path); "float"
     sums float32 products, the reference's numbers to float rounding."""
     cap = _CAP if isa is None else ISAS[isa]
-    return _module().qgemv(x, *_parts(q, bias), cap, float_out, (act or ACT) == "int16")
+    return _module().qgemv(x, *_parts(q, bias), cap, float_out, (act or ACT) == "int16", *_il8(q, act))

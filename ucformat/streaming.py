@@ -397,6 +397,9 @@ class Runtime:
                 self._misses += not ahead
         with self._lock:
             self._stall += time.perf_counter() - t0
+        for t in sd.values():  # bound for this pass only: no il8 copy (its making costs more than one pass saves)
+            if isinstance(t, qtensor.QuantizedTensor):
+                cpu_qgemv.per_pass(t)
         self._attach(index, sd)
         self._schedule(index)
 
