@@ -26,7 +26,8 @@ from .qtensor import QuantizedTensor
 
 # Most activation rows the kernels take before reconstruct + GEMM is faster (bench/qkernels.py measures
 # the crossover). UC_KERNEL_MAX_ROWS, read once at import, overrides both (0: never the kernels).
-CPU_MAX_ROWS = 256  # with the il8 copies (cpu_qgemv.py); the row-major kernel alone lost from about 128
+CPU_MAX_ROWS = 128  # with the il8 copies (cpu_qgemv.py): rebuild + GEMM won from 128-192 rows on the bundled
+# models' largest matrices (from 128 with the row-major kernel alone, which this limit was 32 for)
 GPU_MAX_ROWS = 16
 _ENV_ROWS = int(os.environ["UC_KERNEL_MAX_ROWS"]) if os.environ.get("UC_KERNEL_MAX_ROWS") else None
 
