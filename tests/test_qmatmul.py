@@ -139,9 +139,10 @@ def test_il8_layout_equals_the_row_major_kernel(bits, monkeypatch):
     """The il8 copy (8 weight rows in the lanes, cpu_qgemv.cpp il_pack) is used wherever it applies and gives
     the row-major integer kernel's numbers up to the order of the float sums over blocks: row counts that
     are not a multiple of 8 (the last group padded), columns after the last whole block (the scalar tail),
-    rotation, tiles of 4, 2 and 1 activation rows, b = 5 (the fifth bits beside the nibbles), b = 8 over
-    the integer grid (the output head's copy)."""
-    shapes = [(37, 224, 64, 0), (9, 200, 64, 0), (48, 256, 64, 64), (8, 96, 32, 0), (20, 256, 256, 0)]
+    rotation, tiles of 4, 2 and 1 activation rows, long rows (columns in passes), b = 5 (the fifth bits
+    beside the nibbles), b = 8 over the integer grid (the output head's copy)."""
+    # ... and columns in passes of 2048 (il_rows): 65 blocks of 64 are three passes, the last one block
+    shapes = [(37, 224, 64, 0), (9, 200, 64, 0), (48, 256, 64, 64), (8, 96, 32, 0), (20, 256, 256, 0), (11, 4160, 64, 0)]
     g = torch.Generator().manual_seed(20 + bits)
     for n, k, block, rotation in shapes:
         q = qhead_copy(n, k) if bits == 8 else weight(n, k, bits, block, rotation)

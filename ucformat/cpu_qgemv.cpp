@@ -682,6 +682,23 @@ inline __m256i bcast_pair(const int16_t* x) {  // activation columns x[0], x[1] 
 }
 
 // Group g (rows 8g .. 8g + 7, `valid` of them real) against activation rows m0 .. m0 + MT - 1.
+template <int MT>  // a tile's float sums: zero before its first block, else the earlier pass's (raw, in y)
+__attribute__((always_inline)) inline void il_start(const Args& a, float (&tot)[MT][8], int64_t g, int64_t m0,
+                                                    int64_t valid, int64_t k0) {
+  for (int m = 0; m < MT; ++m) {
+    _mm256_store_ps(tot[m], _mm256_setzero_ps());
+    if (k0 > 0)
+      for (int64_t i = 0; i < valid; ++i) tot[m][i] = a.y[(m0 + m) * a.N + 8 * g + i];
+  }
+}
+
+template <int MT>
+__attribute__((always_inline)) inline void il_end(const Args& a, const float (&tot)[MT][8], int64_t g, int64_t m0,
+                                                  int64_t valid, float gs) {
+  for (int m = 0; m < MT; ++m)
+    for (int64_t i = 0; i < valid; ++i) a.y[(m0 + m) * a.N + 8 * g + i] = tot[m][i] * gs;
+}
+
 // b = 5: the low 4 bits as above, then per unit 8 bytes of fifth bits: a 32-bit word for the low nibbles'
 // codes (bit p: the code at byte p) and one for the high nibbles'; il_bit5 turns a word into 32 byte masks
 // that pick between the two tables of 16 levels.
@@ -709,17 +726,20 @@ __attribute__((always_inline)) inline void il_look(const I16Tables& it, const __
   w1 = _mm256_unpackhi_epi8(l, h);
 }
 
+// Blocks [k0, k1) of group g against activation rows m0 .. m0 + MT - 1. The float sums start from 0 (k0 = 0)
+// or from what the pass before left in y, and are scaled by gs into y after the last block (k1 = all): the
+// same float operations in the same order however the columns are split into passes (il_rows).
 template <int BITS, int MT>
 __attribute__((always_inline)) inline void il_tile(const I16Tables& it, float gs, const Args& a, int64_t g,
-                                                   int64_t m0, int64_t valid) {
+                                                   int64_t m0, int64_t valid, int64_t k0, int64_t k1) {
   const int64_t upb = a.block / 8, nblk = a.nchunks * 32 / a.block, ldx = a.ldxa, nb = a.nb;
   const uint8_t* gc = a.ilc + g * nblk * upb * (BITS == 5 ? 40 : 32);
   const uint8_t* gh = gc + nblk * upb * 32;  // b = 5: the fifth bits, after the group's nibbles
   const uint16_t* gsc = a.ils + g * nb * 8;
   const __m256i nib = _mm256_set1_epi8(0x0F);
   alignas(32) float tot[MT][8];
-  for (int m = 0; m < MT; ++m) _mm256_store_ps(tot[m], _mm256_setzero_ps());
-  for (int64_t k = 0; k < nblk; ++k) {
+  il_start<MT>(a, tot, g, m0, valid, k0);
+  for (int64_t k = k0; k < k1; ++k) {
     __m256i isum[MT];
     for (int m = 0; m < MT; ++m) isum[m] = _mm256_setzero_si256();
     for (int64_t u = k * upb; u < (k + 1) * upb; ++u) {
@@ -743,22 +763,22 @@ __attribute__((always_inline)) inline void il_tile(const I16Tables& it, float gs
       _mm256_store_ps(tot[m], t);
     }
   }
-  for (int m = 0; m < MT; ++m)
-    for (int64_t i = 0; i < valid; ++i) a.y[(m0 + m) * a.N + 8 * g + i] = tot[m][i] * gs;
+  il_end<MT>(a, tot, g, m0, valid, k1 == nblk ? gs : 1.f);
 }
 
 // b = 8 over the integer grid (qhead.py's copies): units of 8 rows x 4 columns, one byte a code; bytes
 // 0 .. 15 hold columns 0, 1 of rows 0 .. 7 (byte 2i + j: row i, column j), bytes 16 .. 31 columns 2, 3;
 // widened to int16 and offset by 128, they are the same two vectors as above.
 template <int MT>
-__attribute__((always_inline)) inline void il_tile8(const Args& a, int64_t g, int64_t m0, int64_t valid) {
+__attribute__((always_inline)) inline void il_tile8(const Args& a, int64_t g, int64_t m0, int64_t valid, int64_t k0,
+                                                    int64_t k1) {
   const int64_t upb = a.block / 4, nblk = a.nchunks * 32 / a.block, ldx = a.ldxa, nb = a.nb;
   const uint8_t* gc = a.ilc + g * nblk * upb * 32;
   const uint16_t* gsc = a.ils + g * nb * 8;
   const __m256i off = _mm256_set1_epi16(128);
   alignas(32) float tot[MT][8];
-  for (int m = 0; m < MT; ++m) _mm256_store_ps(tot[m], _mm256_setzero_ps());
-  for (int64_t k = 0; k < nblk; ++k) {
+  il_start<MT>(a, tot, g, m0, valid, k0);
+  for (int64_t k = k0; k < k1; ++k) {
     __m256i isum[MT];
     for (int m = 0; m < MT; ++m) isum[m] = _mm256_setzero_si256();
     for (int64_t u = k * upb; u < (k + 1) * upb; ++u) {
@@ -779,33 +799,39 @@ __attribute__((always_inline)) inline void il_tile8(const Args& a, int64_t g, in
       _mm256_store_ps(tot[m], t);
     }
   }
-  for (int m = 0; m < MT; ++m)
-    for (int64_t i = 0; i < valid; ++i) a.y[(m0 + m) * a.N + 8 * g + i] = tot[m][i];
+  il_end<MT>(a, tot, g, m0, valid, 1.f);
 }
 
-// Rows [r0, r1) (r0 a multiple of 8; r1 one too, or N) in the il8 layout, every activation row.
+// Rows [r0, r1) (r0 a multiple of 8; r1 one too, or N) in the il8 layout, every activation row. Columns go in
+// passes of whole blocks short enough that a tile's activations (up to 4 rows of int16) stay in L1 across the
+// groups (16 KiB: 2048 columns at 4 rows, 8192 at one), as rows_blocks does for the float path.
 void il_rows(const Args& a, int64_t r0, int64_t r1) {
   I16Tables it;
   const float gs = a.bits == 8 ? 1.f : i16_tables(a.grid, a.bits, it);  // b <= 4: one set (levels past 2^b zero), b = 5 two
-  for (int64_t g = r0 / 8; 8 * g < r1; ++g) {
-    const int64_t valid = std::min<int64_t>(8, r1 - 8 * g);
-    for (int64_t m = 0; m < a.M;) {
-      const int64_t left = a.M - m;
-      const int mt = left >= 4 ? 4 : left >= 2 ? 2 : 1;
-      if (a.bits == 8) {
-        if (mt == 4) il_tile8<4>(a, g, m, valid);
-        else if (mt == 2) il_tile8<2>(a, g, m, valid);
-        else il_tile8<1>(a, g, m, valid);
-      } else if (a.bits == 5) {
-        if (mt == 4) il_tile<5, 4>(it, gs, a, g, m, valid);
-        else if (mt == 2) il_tile<5, 2>(it, gs, a, g, m, valid);
-        else il_tile<5, 1>(it, gs, a, g, m, valid);
-      } else {
-        if (mt == 4) il_tile<4, 4>(it, gs, a, g, m, valid);
-        else if (mt == 2) il_tile<4, 2>(it, gs, a, g, m, valid);
-        else il_tile<4, 1>(it, gs, a, g, m, valid);
+  const int64_t tile = std::min<int64_t>(a.M, 4);
+  const int64_t nblk = a.nchunks * 32 / a.block, pass = std::max<int64_t>(1, 8192 / tile / a.block);
+  for (int64_t k0 = 0; k0 < nblk; k0 += pass) {
+    const int64_t k1 = std::min(nblk, k0 + pass);
+    for (int64_t g = r0 / 8; 8 * g < r1; ++g) {
+      const int64_t valid = std::min<int64_t>(8, r1 - 8 * g);
+      for (int64_t m = 0; m < a.M;) {
+        const int64_t left = a.M - m;
+        const int mt = left >= 4 ? 4 : left >= 2 ? 2 : 1;
+        if (a.bits == 8) {
+          if (mt == 4) il_tile8<4>(a, g, m, valid, k0, k1);
+          else if (mt == 2) il_tile8<2>(a, g, m, valid, k0, k1);
+          else il_tile8<1>(a, g, m, valid, k0, k1);
+        } else if (a.bits == 5) {
+          if (mt == 4) il_tile<5, 4>(it, gs, a, g, m, valid, k0, k1);
+          else if (mt == 2) il_tile<5, 2>(it, gs, a, g, m, valid, k0, k1);
+          else il_tile<5, 1>(it, gs, a, g, m, valid, k0, k1);
+        } else {
+          if (mt == 4) il_tile<4, 4>(it, gs, a, g, m, valid, k0, k1);
+          else if (mt == 2) il_tile<4, 2>(it, gs, a, g, m, valid, k0, k1);
+          else il_tile<4, 1>(it, gs, a, g, m, valid, k0, k1);
+        }
+        m += mt;
       }
-      m += mt;
     }
   }
 }
