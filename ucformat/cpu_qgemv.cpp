@@ -11,7 +11,7 @@
 // about 3e-4 of the float sums (docs/SERVER.md states the tolerance). For b <= 5 and the 8-bit head copy,
 // weights bound once (cpu_qgemv.py `_bind`, and `linear` after its first call on a weight) carry a second
 // copy of their codes with 8 weight rows side by side (`il_pack`, k256::il_rows): the same integer sums,
-// about 1.4-1.7x faster at 4-16 activation rows, and long prompts up to qmatmul.CPU_MAX_ROWS rows.
+// 1.1-2x faster at 8 activation rows (bench/qkernels.py), and long prompts up to qmatmul.CPU_MAX_ROWS rows.
 //
 // Work split: rows of W over torch's intra-op threads; each thread walks its rows once per tile of up
 // to 16 activation rows. Within a row, columns go in chunks of 32 (AVX-512) or 16 (AVX2) codes. Every
@@ -672,9 +672,8 @@ void i16_rows(const Args& a, int64_t r0, int64_t r1) {
 // Here a copy of the codes (il_pack, made once when the weights are bound) holds 8 rows side by side: lane
 // i of every vector is weight row 8g + i, so one vpmaddwd multiplies 8 rows by the same 2 activation
 // columns (broadcast), a block's sums finish in one vector for 8 rows (the scales of 8 rows are one
-// float16 load), and the 8 outputs are stored without a horizontal sum. About 1.7x the row-major integer
-// path's multiply rate at 4-16 activation rows on Zen 3 (bench/qkernels.py), and the integer sums are
-// the same; only the float sums over blocks run in another order.
+// float16 load), and the 8 outputs are stored without a horizontal sum. The integer sums are the same as
+// the row-major path's; only the float sums over blocks run in another order.
 inline __m256i bcast_pair(const int16_t* x) {  // activation columns x[0], x[1] in every 32-bit lane
   int32_t v;
   std::memcpy(&v, x, 4);
