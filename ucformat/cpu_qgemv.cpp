@@ -725,34 +725,58 @@ __attribute__((always_inline)) inline void il_look(const I16Tables& it, const __
   w1 = _mm256_unpackhi_epi8(l, h);
 }
 
+// b = 8 over the integer grid (qhead.py's copies): units of 8 rows x 4 columns, one byte a code; bytes
+// 0 .. 15 hold columns 0, 1 of rows 0 .. 7 (byte 2i + j: row i, column j), bytes 16 .. 31 columns 2, 3;
+// widened to int16 and offset by 128, they are the first two vectors of a unit of the narrower codes.
+template <int BITS>  // 4 (codes of 2 .. 4 bits), 5 or 8
+constexpr int64_t il_unit_cols = BITS == 8 ? 4 : 8;
+
+// Unit u of a group's codes (gc; gh: b = 5's fifth bits) as int16 weights: w[j] holds columns 2j, 2j + 1 of
+// the 8 rows, j < il_unit_cols / 2.
+template <int BITS>
+__attribute__((always_inline)) inline void il_unit(const I16Tables& it, const uint8_t* gc, const uint8_t* gh, int64_t u,
+                                                   __m256i (&w)[4]) {
+  _mm_prefetch(reinterpret_cast<const char*>(gc + u * 32 + 2048), _MM_HINT_T0);  // the group's next units
+  if constexpr (BITS == 8) {
+    const __m256i off = _mm256_set1_epi16(128);
+    const __m128i* p = reinterpret_cast<const __m128i*>(gc + u * 32);
+    w[0] = _mm256_sub_epi16(_mm256_cvtepu8_epi16(_mm_loadu_si128(p)), off);
+    w[1] = _mm256_sub_epi16(_mm256_cvtepu8_epi16(_mm_loadu_si128(p + 1)), off);
+  } else {
+    if constexpr (BITS == 5) _mm_prefetch(reinterpret_cast<const char*>(gh + u * 8 + 512), _MM_HINT_T0);
+    const __m256i nib = _mm256_set1_epi8(0x0F);
+    const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(gc + u * 32));
+    il_look<BITS>(it, _mm256_and_si256(v, nib), gh + u * 8, w[0], w[1]);
+    il_look<BITS>(it, _mm256_and_si256(_mm256_srli_epi16(v, 4), nib), gh + u * 8 + 4, w[2], w[3]);
+  }
+}
+
 // Blocks [k0, k1) of group g against activation rows m0 .. m0 + MT - 1. The float sums start from 0 (k0 = 0)
 // or from what the pass before left in y, and are scaled by gs into y after the last block (k1 = all): the
 // same float operations in the same order however the columns are split into passes (il_rows).
 template <int BITS, int MT>
 __attribute__((always_inline)) inline void il_tile(const I16Tables& it, float gs, const Args& a, int64_t g,
                                                    int64_t m0, int64_t valid, int64_t k0, int64_t k1) {
-  const int64_t upb = a.block / 8, nblk = a.nchunks * 32 / a.block, ldx = a.ldxa, nb = a.nb;
+  constexpr int64_t uc = il_unit_cols<BITS>;
+  const int64_t upb = a.block / uc, nblk = a.nchunks * 32 / a.block, ldx = a.ldxa, nb = a.nb;
   const uint8_t* gc = a.ilc + g * nblk * upb * (BITS == 5 ? 40 : 32);
   const uint8_t* gh = gc + nblk * upb * 32;  // b = 5: the fifth bits, after the group's nibbles
   const uint16_t* gsc = a.ils + g * nb * 8;
-  const __m256i nib = _mm256_set1_epi8(0x0F);
   alignas(32) float tot[MT][8];
   il_start<MT>(a, tot, g, m0, valid, k0);
   for (int64_t k = k0; k < k1; ++k) {
     __m256i isum[MT];
     for (int m = 0; m < MT; ++m) isum[m] = _mm256_setzero_si256();
     for (int64_t u = k * upb; u < (k + 1) * upb; ++u) {
-      _mm_prefetch(reinterpret_cast<const char*>(gc + u * 32 + 2048), _MM_HINT_T0);  // the group's next units
-      if constexpr (BITS == 5) _mm_prefetch(reinterpret_cast<const char*>(gh + u * 8 + 512), _MM_HINT_T0);
-      const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(gc + u * 32));
-      __m256i w0, w1, w2, w3;
-      il_look<BITS>(it, _mm256_and_si256(v, nib), gh + u * 8, w0, w1);
-      il_look<BITS>(it, _mm256_and_si256(_mm256_srli_epi16(v, 4), nib), gh + u * 8 + 4, w2, w3);
+      __m256i w[4];
+      il_unit<BITS>(it, gc, gh, u, w);
       for (int m = 0; m < MT; ++m) {
-        const int16_t* x = a.xq + (m0 + m) * ldx + u * 8;
-        const __m256i s01 = _mm256_add_epi32(_mm256_madd_epi16(w0, bcast_pair(x)), _mm256_madd_epi16(w1, bcast_pair(x + 2)));
-        const __m256i s23 = _mm256_add_epi32(_mm256_madd_epi16(w2, bcast_pair(x + 4)), _mm256_madd_epi16(w3, bcast_pair(x + 6)));
-        isum[m] = _mm256_add_epi32(isum[m], _mm256_add_epi32(s01, s23));
+        const int16_t* x = a.xq + (m0 + m) * ldx + u * uc;
+        __m256i s = _mm256_add_epi32(_mm256_madd_epi16(w[0], bcast_pair(x)), _mm256_madd_epi16(w[1], bcast_pair(x + 2)));
+        if constexpr (uc == 8)
+          s = _mm256_add_epi32(s, _mm256_add_epi32(_mm256_madd_epi16(w[2], bcast_pair(x + 4)),
+                                                   _mm256_madd_epi16(w[3], bcast_pair(x + 6))));
+        isum[m] = _mm256_add_epi32(isum[m], s);
       }
     }
     const __m256 sv = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(gsc + k * 8)));
@@ -763,42 +787,6 @@ __attribute__((always_inline)) inline void il_tile(const I16Tables& it, float gs
     }
   }
   il_end<MT>(a, tot, g, m0, valid, k1 == nblk ? gs : 1.f);
-}
-
-// b = 8 over the integer grid (qhead.py's copies): units of 8 rows x 4 columns, one byte a code; bytes
-// 0 .. 15 hold columns 0, 1 of rows 0 .. 7 (byte 2i + j: row i, column j), bytes 16 .. 31 columns 2, 3;
-// widened to int16 and offset by 128, they are the same two vectors as above.
-template <int MT>
-__attribute__((always_inline)) inline void il_tile8(const Args& a, int64_t g, int64_t m0, int64_t valid, int64_t k0,
-                                                    int64_t k1) {
-  const int64_t upb = a.block / 4, nblk = a.nchunks * 32 / a.block, ldx = a.ldxa, nb = a.nb;
-  const uint8_t* gc = a.ilc + g * nblk * upb * 32;
-  const uint16_t* gsc = a.ils + g * nb * 8;
-  const __m256i off = _mm256_set1_epi16(128);
-  alignas(32) float tot[MT][8];
-  il_start<MT>(a, tot, g, m0, valid, k0);
-  for (int64_t k = k0; k < k1; ++k) {
-    __m256i isum[MT];
-    for (int m = 0; m < MT; ++m) isum[m] = _mm256_setzero_si256();
-    for (int64_t u = k * upb; u < (k + 1) * upb; ++u) {
-      _mm_prefetch(reinterpret_cast<const char*>(gc + u * 32 + 2048), _MM_HINT_T0);
-      const __m128i* p = reinterpret_cast<const __m128i*>(gc + u * 32);
-      const __m256i w0 = _mm256_sub_epi16(_mm256_cvtepu8_epi16(_mm_loadu_si128(p)), off);
-      const __m256i w1 = _mm256_sub_epi16(_mm256_cvtepu8_epi16(_mm_loadu_si128(p + 1)), off);
-      for (int m = 0; m < MT; ++m) {
-        const int16_t* x = a.xq + (m0 + m) * ldx + u * 4;
-        isum[m] = _mm256_add_epi32(isum[m], _mm256_add_epi32(_mm256_madd_epi16(w0, bcast_pair(x)),
-                                                             _mm256_madd_epi16(w1, bcast_pair(x + 2))));
-      }
-    }
-    const __m256 sv = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(gsc + k * 8)));
-    for (int m = 0; m < MT; ++m) {
-      const __m256 t = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum[m]), _mm256_mul_ps(sv, _mm256_set1_ps(a.xs[(m0 + m) * nb + k])),
-                                       _mm256_load_ps(tot[m]));
-      _mm256_store_ps(tot[m], t);
-    }
-  }
-  il_end<MT>(a, tot, g, m0, valid, 1.f);
 }
 
 // Rows [r0, r1) (r0 a multiple of 8; r1 one too, or N) in the il8 layout, every activation row. Columns go in
@@ -817,9 +805,9 @@ void il_rows(const Args& a, int64_t r0, int64_t r1) {
         const int64_t left = a.M - m;
         const int mt = left >= 4 ? 4 : left >= 2 ? 2 : 1;
         if (a.bits == 8) {
-          if (mt == 4) il_tile8<4>(a, g, m, valid, k0, k1);
-          else if (mt == 2) il_tile8<2>(a, g, m, valid, k0, k1);
-          else il_tile8<1>(a, g, m, valid, k0, k1);
+          if (mt == 4) il_tile<8, 4>(it, gs, a, g, m, valid, k0, k1);
+          else if (mt == 2) il_tile<8, 2>(it, gs, a, g, m, valid, k0, k1);
+          else il_tile<8, 1>(it, gs, a, g, m, valid, k0, k1);
         } else if (a.bits == 5) {
           if (mt == 4) il_tile<5, 4>(it, gs, a, g, m, valid, k0, k1);
           else if (mt == 2) il_tile<5, 2>(it, gs, a, g, m, valid, k0, k1);
@@ -1158,7 +1146,7 @@ std::vector<torch::Tensor> il_pack(torch::Tensor codes, torch::Tensor scales, in
     for (int64_t g = g0; g < g1; ++g)
       for (int p = 0; p < 32; ++p) {
         int r, col;
-        if (bits == 8) {  // k256::il_tile8: byte 2i + j of each half: row i, column j (+ 2 in the upper half)
+        if (bits == 8) {  // k256::il_unit<8>: byte 2i + j of each half: row i, column j (+ 2 in the upper half)
           r = (p & 15) / 2, col = 2 * (p >> 4) + (p & 1);
           if (8 * g + r >= N) continue;
           const uint8_t* row = src + (8 * g + r) * nbytes;
