@@ -14,6 +14,11 @@ UC_CPU_ACT picks the arithmetic: `int16` (the default; AVX2 CPUs, 2-6-bit codes,
 each block of activations to 15 bits and the grid to 12 bits and sums integer products, 2-3x faster at one
 activation row on the CPUs measured, within about 3e-4 of the float sums; `float` keeps float32
 activations and tables, the reconstruction's numbers to float rounding.
+
+With integer activations, weights of 2-5 bits and the 8-bit head copies are read from an `il8` copy of
+their codes (8 weight rows side by side), made the first time a weight is bound or multiplied and kept on
+its QuantizedTensor: faster at every row count measured, at the cost of the codes' size in memory
+(UC_CPU_IL8=0: the row-major kernel on the pack's own layout; streamed layers keep it too, `per_pass`).
 """
 
 from __future__ import annotations
@@ -117,9 +122,9 @@ def handle(qs: list[QuantizedTensor], biases: list[torch.Tensor | None]):
 def _il8(q: QuantizedTensor, act: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """q's codes and scales in the il8 layout (cpu_qgemv.cpp `il_pack`: 8 weight rows side by side, what the
     integer kernel reads fastest), made once per q and kept on it; empty tensors where that kernel does not
-    take q (b = 6, or 8 over another grid; float activations; no AVX2; blocks it does not take) or
-    UC_CPU_IL8=0. A second copy of the
-    codes: RSS grows by the codes' size (the reconstruct path of long prompts reads the first)."""
+    take q (b = 6, or 8 over another grid; float activations; no AVX2; blocks it does not take), where q is
+    bound for one pass (per_pass) or with UC_CPU_IL8=0. A second copy of the codes: RSS grows by their size
+    (the reconstruct path of long prompts still reads the first)."""
     have = getattr(q, "_il8", None)
     if have is not None:
         return have
