@@ -31,13 +31,9 @@ def smol_student(smollm2, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def server(smol_student, tmp_path_factory):
-    s = ServerProcess(smol_student, "--dtype", "float32", "--max-num-seqs", "4", "--served-model-name", "student",
-                      log=tmp_path_factory.mktemp("srv") / "server.log")
-    try:
-        s.wait_ready()
+    with ServerProcess(smol_student, "--dtype", "float32", "--max-num-seqs", "4", "--served-model-name", "student",
+                       log=tmp_path_factory.mktemp("srv") / "server.log") as s:
         yield s
-    finally:
-        s.stop()
 
 
 def test_uc_verify_deep_accepts_the_student(smol_student):

@@ -80,6 +80,18 @@ class ServerProcess:
             time.sleep(0.2)
         raise TimeoutError(self.log.read_text()[-3000:])
 
+    def __enter__(self) -> "ServerProcess":
+        """Ready (or stopped and raised); stopped on leaving."""
+        try:
+            self.wait_ready()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
     def metric(self, name: str, **labels) -> float:
         text = httpx.get(self.url + "/metrics", timeout=10).text
         total = None
@@ -104,14 +116,10 @@ class ServerProcess:
 
 @pytest.fixture(scope="module")
 def server(smol_pack, tmp_path_factory):
-    s = ServerProcess(smol_pack, "--api-key", KEY, "--dtype", "float32", "--max-num-seqs", "8",
-                      "--sse-keepalive", "0.3", "--served-model-name", "smol",
-                      log=tmp_path_factory.mktemp("srv") / "server.log")
-    try:
-        s.wait_ready()
+    with ServerProcess(smol_pack, "--api-key", KEY, "--dtype", "float32", "--max-num-seqs", "8",
+                       "--sse-keepalive", "0.3", "--served-model-name", "smol",
+                       log=tmp_path_factory.mktemp("srv") / "server.log") as s:
         yield s
-    finally:
-        s.stop()
 
 
 @pytest.fixture(scope="module")
@@ -557,10 +565,8 @@ def test_metrics_after_traffic(server):
 def test_stream_residency_matches_dense(smol_pack, ref, tmp_path):
     """--residency stream under a budget of 30% of the dense weights: dense's tokens, and /metrics shows
     that most layers stay off the device and are streamed in."""
-    s = ServerProcess(smol_pack, "--residency", "stream", "--vram-budget", "30%", "--dtype", "float32",
-                      "--kv-cache-memory", "64MiB", log=tmp_path / "server.log")
-    try:
-        s.wait_ready()
+    with ServerProcess(smol_pack, "--residency", "stream", "--vram-budget", "30%", "--dtype", "float32",
+                       "--kv-cache-memory", "64MiB", log=tmp_path / "server.log") as s:
         ids = ref.tokenizer(PROMPT).input_ids
         gen, finish = ref.generate(ids, 4)
         r = httpx.post(s.url + "/v1/completions", json={"prompt": PROMPT, "max_tokens": 4, "temperature": 0},
@@ -570,20 +576,14 @@ def test_stream_residency_matches_dense(smol_pack, ref, tmp_path):
         assert total == 30 and resident < total
         assert s.metric("uc:weight_bytes_transferred_total", mode="stream") > 0
         assert 'residency="stream"' in httpx.get(s.url + "/metrics").text
-    finally:
-        s.stop()
 
 
 # -- a small server: overload, cancellation, drain ----------------------------------------------------------------
 @pytest.fixture(scope="module")
 def small(smol_pack, tmp_path_factory):
-    s = ServerProcess(smol_pack, "--max-num-seqs", "2", "--max-queue", "2", "--dtype", "float32",
-                      "--drain-timeout", "60", log=tmp_path_factory.mktemp("small") / "server.log")
-    try:
-        s.wait_ready()
+    with ServerProcess(smol_pack, "--max-num-seqs", "2", "--max-queue", "2", "--dtype", "float32",
+                       "--drain-timeout", "60", log=tmp_path_factory.mktemp("small") / "server.log") as s:
         yield s
-    finally:
-        s.stop()
 
 
 def _wait_metric(server, name, want, timeout=20, **labels):

@@ -18,18 +18,14 @@ pytestmark = pytest.mark.slow
 
 
 def test_no_server_errors_from_generated_requests(smol_pack, tmp_path, record_property):  # noqa: F811
-    srv = ServerProcess(smol_pack, "--max-model-len", "48", "--max-num-seqs", "4", "--max-queue", "4",
-                        "--request-timeout", "15", "--log-level", "warning", log=tmp_path / "server.log")
     report = tmp_path / "schemathesis.json"
-    try:
-        srv.wait_ready()
+    with ServerProcess(smol_pack, "--max-model-len", "48", "--max-num-seqs", "4", "--max-queue", "4",
+                       "--request-timeout", "15", "--log-level", "warning", log=tmp_path / "server.log") as srv:
         st = Path(sys.executable).with_name("st")
         cmd = [str(st), "run", srv.url + "/openapi.json", "--checks", "not_a_server_error", "--max-examples", "15",
                "--phases", "coverage,fuzzing", "--seed", "20261128", "--generation-deterministic", "--workers", "2",
                "--request-timeout", "60", "--no-color", "--report", "json", "--report-json-path", str(report)]
         out = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
-    finally:
-        srv.stop()
     r = json.loads(report.read_text())
     cases = r["test_cases"]["generated"]
     record_property("schemathesis_cases", cases)

@@ -129,9 +129,9 @@ def _il8(q: QuantizedTensor, act: str | None = None) -> tuple[torch.Tensor, torc
     if have is not None:
         return have
     cols = q.shape[1]
-    width = 2 <= q.bits <= 5 or (q.bits == 8 and torch.equal(q.grid.reshape(-1), _INT_GRID))
-    use = (IL8 and width and (act or ACT) == "int16" and q.block_size % 32 == 0 and q.block_size <= 256
-           and cols >= q.block_size and min(_module().isa(), _CAP) >= ISAS["avx2"])
+    use = (IL8 and (act or ACT) == "int16" and (2 <= q.bits <= 5 or q.bits == 8) and q.block_size % 32 == 0
+           and q.block_size <= 256 and cols >= q.block_size and min(_module().isa(), _CAP) >= ISAS["avx2"]
+           and (q.bits != 8 or torch.equal(q.grid.reshape(-1), _INT_GRID)))  # cheap checks first: called per call
     if not use:
         return _EMPTY, _EMPTY
     q._il8 = tuple(_module().il_pack(q.codes, q.scales, q.bits, cols, q.block_size))
