@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import shutil
 import subprocess
@@ -46,15 +45,18 @@ RESULTS = ROOT / "bench" / "results" / "distill.json"
 SCALES, ITERS = 2, 4
 
 
-def rows(widths: list[int], ranks: list[int]) -> list[tuple[str, list[str]]]:
+def rows(widths: list[int], ranks: list[int], block_lr: float | None = None,
+         gamma_init: float | None = None) -> list[tuple[str, list[str]]]:
+    frr = ["--scales", str(SCALES), "--iters", str(ITERS)]
+    frr += ["--block-lr", str(block_lr)] if block_lr is not None else []
+    frr += ["--gamma-init", str(gamma_init)] if gamma_init is not None else []
     out = []
     for h in widths:
-        out.append((f"frr-{h}", ["--student", "frr", "--width", str(h), "--scales", str(SCALES), "--iters", str(ITERS)]))
+        out.append((f"frr-{h}", ["--student", "frr", "--width", str(h), *frr]))
         out.append((f"dense-{h}", ["--student", "dense", "--width", str(h), "--layers", "1"]))
     for r in ranks:
         h = max(widths)
-        out.append((f"frr-{h} + head-{r}", ["--student", "frr", "--width", str(h), "--scales", str(SCALES),
-                                              "--iters", str(ITERS), "--head-rank", str(r)]))
+        out.append((f"frr-{h} + head-{r}", ["--student", "frr", "--width", str(h), *frr, "--head-rank", str(r)]))
     return out
 
 
@@ -71,36 +73,61 @@ def distill_row(teacher: Path, dst: Path, flags: list[str], a, targets: Path) ->
     return json.loads(r.stdout)
 
 
-def evaluate_rows(teacher: Path, packs: dict[str, Path], a, targets: Path) -> dict[str, dict]:
-    from compressor.checkpoint import SourceCheckpoint
-    from compressor.evaluate import (CheckpointSource, EvalConfig, PackSource, TokenStats, allin_bytes, compare,
-                                     prepare_windows, token_stats)
-    from compressor.lowrank_head import asvd_factors, channel_scales
-    from compressor.targets import Targets
-    from ucformat import PackReader
-    from ucformat.skeleton import Skeleton
+class Evaluator:
+    """Every row on the same windows of articles 17-62 against one pass of the teacher (made when first needed and
+    kept: its head inputs serve the ASVD head rows)."""
 
-    cfg = EvalConfig(ctx=1024, articles="17-62", max_windows=a.windows or None)
-    windows = prepare_windows(teacher, TEXT.read_text(encoding="utf-8"), cfg)
-    t0 = time.perf_counter()
-    base = token_stats(Skeleton(teacher), CheckpointSource(SourceCheckpoint(teacher)), windows, desc="eval teacher",
-                       keep=True)
-    base_seconds = time.perf_counter() - t0
-    out = {}
-    for name, pack in packs.items():
+    def __init__(self, teacher: Path, windows: int) -> None:
+        from compressor.evaluate import EvalConfig, prepare_windows
+
+        self.teacher = teacher
+        self.cfg = EvalConfig(ctx=1024, articles="17-62", max_windows=windows or None)
+        self.windows = prepare_windows(teacher, TEXT.read_text(encoding="utf-8"), self.cfg)
+        self._base = None
+        self.base_seconds = 0.0
+
+    @property
+    def base(self):
+        from compressor.checkpoint import SourceCheckpoint
+        from compressor.evaluate import CheckpointSource, token_stats
+        from ucformat.skeleton import Skeleton
+
+        if self._base is None:
+            t0 = time.perf_counter()
+            self._base = token_stats(Skeleton(self.teacher), CheckpointSource(SourceCheckpoint(self.teacher)),
+                                     self.windows, desc="eval teacher", keep=True)
+            self.base_seconds = time.perf_counter() - t0
+        return self._base
+
+    def summary(self) -> dict:
+        return {"ppl": self.base.ppl, "seconds": self.base_seconds, "windows": len(self.windows)}
+
+    def student(self, name: str, pack: Path) -> dict:
+        from compressor.checkpoint import SourceCheckpoint
+        from compressor.evaluate import PackSource, allin_bytes, compare, token_stats
+        from ucformat import PackReader
+        from ucformat.skeleton import Skeleton
+
         reader = PackReader(pack)
-        stats = token_stats(Skeleton(pack), PackSource(reader), windows, desc=f"eval {name}", reference=base)
-        r = compare(stats, base, cfg.ctx, len(windows), 0.0)
-        r.bytes = allin_bytes(reader, SourceCheckpoint(teacher))
-        out[name] = r.to_dict()
-    # the ASVD head alone: the teacher's own head inputs (kept by the base pass) through u v
-    weight, _ = base.head
-    scales = channel_scales(Targets(targets))
-    ids = windows[:, 1:].reshape(-1)  # batch 1: predictions are window-major, as token_stats orders them
-    teacher_bytes = allin_bytes(PackReader(next(iter(packs.values()))), SourceCheckpoint(teacher))
-    for rank in a.ranks:
-        u, v = asvd_factors(weight.float(), scales, rank)
+        stats = token_stats(Skeleton(pack), PackSource(reader), self.windows, desc=f"eval {name}", reference=self.base)
+        r = compare(stats, self.base, self.cfg.ctx, len(self.windows), 0.0)
+        r.bytes = allin_bytes(reader, SourceCheckpoint(self.teacher))
+        return r.to_dict()
+
+    def asvd_head(self, rank: int, targets: Path, any_pack: Path) -> dict:
+        """The teacher's own head inputs (kept by the base pass) through an ASVD head of this rank, not fine-tuned:
+        the head alone."""
+        from compressor.checkpoint import SourceCheckpoint
+        from compressor.evaluate import TokenStats, allin_bytes, compare
+        from compressor.lowrank_head import asvd_factors, channel_scales
+        from compressor.targets import Targets
+        from ucformat import PackReader
+
+        base = self.base
+        weight, _ = base.head
+        u, v = asvd_factors(weight.float(), channel_scales(Targets(targets)), rank)
         u, v = u.bfloat16().float(), v.bfloat16().float()  # as stored
+        ids = self.windows[:, 1:].reshape(-1)  # batch 1: predictions are window-major, as token_stats orders them
         nll, top10, kl = [], [], []
         for rows_, tgt in zip(base.normed.split(1024), ids.split(1024)):
             logp = torch.log_softmax(rows_ @ v.T @ u.T, -1)
@@ -109,16 +136,16 @@ def evaluate_rows(teacher: Path, packs: dict[str, Path], a, targets: Path) -> di
             top10.append(logp.topk(10, -1).indices)
             kl.append(F.kl_div(logp, ref, reduction="none", log_target=True).sum(-1).double())
         st = TokenStats(torch.cat(nll), torch.cat(top10), kl=torch.cat(kl), last=base.last)
-        r = compare(st, base, cfg.ctx, len(windows), 0.0).to_dict()
+        r = compare(st, base, self.cfg.ctx, len(self.windows), 0.0).to_dict()
+        teacher = SourceCheckpoint(self.teacher)
+        teacher_bytes = allin_bytes(PackReader(any_pack), teacher)
         extra = rank * sum(weight.shape) * 2  # u and v in bf16; a tied teacher keeps its embeddings whole
-        tied = "lm_head.weight" not in SourceCheckpoint(teacher).weight_map
+        tied = "lm_head.weight" not in teacher.weight_map
         whole = teacher_bytes["base_whole"] + extra - (0 if tied else weight.numel() * 2)
         r["bytes"] = {"pack_body": teacher_bytes["base_body"], "pack_whole": whole,
                       "base_body": teacher_bytes["base_body"], "base_whole": teacher_bytes["base_whole"],
                       "body_ratio": 1.0, "whole_ratio": teacher_bytes["base_whole"] / whole}
-        out[f"teacher + ASVD head-{rank}"] = r
-    out["_base"] = {"ppl": base.ppl, "seconds": base_seconds, "windows": len(windows)}
-    return out
+        return r
 
 
 def render(res: dict) -> str:
@@ -137,11 +164,18 @@ def render(res: dict) -> str:
                       f"{d['train_seconds']:.0f}" if d else "-",
                       f"{d['peak_rss_bytes'] / 2**20:.0f}" if d else "-"])
     base = res["eval"]["_base"]
+    loop_flags = "".join(f" --{k.replace('_', '-')} {a[k]}" for k in ("block_lr", "gamma_init") if a.get(k) is not None)
+
+    def share(v):  # uc distill's default for the loop settings
+        return f"{v:g}" if v is not None else f"1/{SCALES * ITERS}"
+
     text = [f"Run `{res['run']}` on {res['machine']}, {res['date']}.",
             f"`python bench/distill.py --steps {a['steps']} --batch {a['batch']} --seq-len {a['seq_len']} --samples "
-            f"{a['samples']} --windows {a['windows']}`: every student {a['steps']} AdamW steps of {a['batch']} x "
-            f"{a['seq_len']} tokens (lr {a['lr']}) on WikiText-2 articles 1-16; evaluated on {base['windows']} windows "
-            f"of 1024 tokens of articles 17-62 (teacher PPL {base['ppl']:.2f}). frr: scales {SCALES} x iters {ITERS}.",
+            f"{a['samples']} --windows {a['windows']} --lr {a['lr']}{loop_flags}`: every student {a['steps']} AdamW "
+            f"steps of {a['batch']} x {a['seq_len']} tokens (peak lr {a['lr']}) on WikiText-2 articles 1-16; evaluated "
+            f"on {base['windows']} windows of 1024 tokens of articles 17-62 (teacher PPL {base['ppl']:.2f}). frr: "
+            f"scales {SCALES} x iters {ITERS}, the shared block's lr share {share(a.get('block_lr'))}, every "
+            f"application's initial gamma {share(a.get('gamma_init'))}.",
             "", table(head, lines)]
     return "\n".join(text)
 
@@ -158,7 +192,12 @@ def main() -> None:
     p.add_argument("--ranks", type=int, nargs="+", default=[64, 256])
     p.add_argument("--windows", type=int, default=0, help="evaluate the first N windows only; 0 = all")
     p.add_argument("--work", default=str(ROOT / "work" / "bench-distill"))
+    p.add_argument("--block-lr", type=float, default=None,
+                   help="frr rows: uc distill --block-lr (default: uc distill's, 1/(scales x iters))")
+    p.add_argument("--gamma-init", type=float, default=None,
+                   help="frr rows: uc distill --gamma-init (default: uc distill's, 1/(scales x iters))")
     p.add_argument("--run-name", default="full")
+    p.add_argument("--fresh", action="store_true", help="forget the finished rows of bench/results/distill.json")
     p.add_argument("--no-doc", action="store_true")
     a = p.parse_args()
     from compressor.fetch import fetch_model
@@ -168,23 +207,46 @@ def main() -> None:
                                                               cache_dir=cache)
     work = Path(a.work)
     targets = work / "targets"
-    res = {"run": a.run_name, "machine": machine(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-           "args": vars(a), "distill": {}, "eval": {}}
-    packs = {}
-    for name, flags in rows(a.widths, a.ranks):
-        dst = work / name.replace(" ", "").replace("+", "_")
+    protocol = {k: v for k, v in vars(a).items() if k not in ("fresh", "no_doc", "work", "teacher", "run_name")}
+    res = {"run": a.run_name, "args": protocol, "distill": {}, "eval": {}}
+    if RESULTS.is_file() and not a.fresh:
+        old = json.loads(RESULTS.read_text())
+        if old.get("args") == protocol:  # the same protocol: its finished rows stand
+            res["distill"], res["eval"] = old["distill"], {k: v for k, v in old["eval"].items() if k in old["distill"]}
+            res["eval"].pop("_base", None)
+            print(f"kept {len(res['distill'])} trained and {len(res['eval'])} evaluated rows of {RESULTS.name} "
+                  "(--fresh starts over)", flush=True)
+    res.update(machine=machine(), date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()))
+    table_rows = rows(a.widths, a.ranks, a.block_lr, a.gamma_init)
+    packs = {name: work / name.replace(" ", "").replace("+", "_") for name, _ in table_rows}
+    for name, flags in table_rows:  # training first, each row kept as it finishes: a long run spans sessions
+        if name in res["distill"] and (packs[name] / "manifest.json").is_file():
+            continue
         print(f"distill {name} ...", flush=True)
-        res["distill"][name] = distill_row(teacher, dst, flags, a, targets)
-        print(f"  {res['distill'][name]['train_seconds']:.0f}s  loss {res['distill'][name]['loss_first']:.3f} -> "
-              f"{res['distill'][name]['loss_last']:.3f}", flush=True)
-        packs[name] = dst
-    res["eval"] = evaluate_rows(teacher, packs, a, targets)
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(res, indent=1) + "\n")
+        d = res["distill"][name] = distill_row(teacher, packs[name], flags, a, targets)
+        print(f"  {d['train_seconds']:.0f}s  loss {d['loss_first']:.3f} -> {d['loss_last']:.3f}", flush=True)
+        save(res)
+    ev = Evaluator(teacher, a.windows)  # then every row against one pass of the teacher
+    for name, pack in packs.items():
+        if name not in res["eval"]:
+            res["eval"][name] = ev.student(name, pack)
+            res["eval"]["_base"] = ev.summary()
+            save(res)
+    for r in a.ranks:
+        res["eval"][f"teacher + ASVD head-{r}"] = ev.asvd_head(r, targets, next(iter(packs.values())))
+    res["eval"]["_base"] = ev.summary()
+    save(res)
     body = render(res)
     print(body)
     if not a.no_doc:
         write_section("distill", body)
+
+
+def save(res: dict) -> None:
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    tmp = RESULTS.with_suffix(".tmp")
+    tmp.write_text(json.dumps(res, indent=1) + "\n")
+    tmp.replace(RESULTS)
 
 
 if __name__ == "__main__":

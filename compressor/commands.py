@@ -24,7 +24,8 @@ def cmd_distill(a) -> int:
     cfg = DistillConfig(student=a.student, width=a.width, scales=a.scales, iters=a.iters, layers=a.layers, ffn=a.ffn,
                         head_rank=a.head_rank,
                         calib=a.calib, articles=a.calib_articles, seq_len=a.seq_len, samples=a.calib_samples,
-                        steps=a.steps, batch=a.batch, lr=a.lr, warmup=a.warmup, seed=a.seed, topk=a.topk,
+                        steps=a.steps, batch=a.batch, lr=a.lr, block_lr=a.block_lr, gamma_init=a.gamma_init,
+                        warmup=a.warmup, seed=a.seed, topk=a.topk,
                         hidden_weight=a.hidden_weight, align_points=a.align_points,
                         tune_teacher_parts=a.tune_teacher_parts, save_every=a.save_every, spill_mb=a.spill_mb,
                         device=a.device)
@@ -77,6 +78,10 @@ def register(sub) -> None:
     g.add_argument("--steps", type=int, default=D.steps, help="optimizer steps (default %(default)s)")
     g.add_argument("--batch", type=int, default=D.batch, help="sequences per step (default %(default)s)")
     g.add_argument("--lr", type=float, default=D.lr, help="peak AdamW learning rate (default %(default)s)")
+    g.add_argument("--block-lr", type=float, default=None, help="frr: the shared block's learning rate as a share of "
+                   "--lr (one step of the block moves all scales x iters applications); default 1/(scales x iters)")
+    g.add_argument("--gamma-init", type=float, default=None, help="frr: every application's initial gamma; default "
+                   "1/(scales x iters): the loop starts as one layer's worth of update")
     g.add_argument("--warmup", type=int, default=D.warmup, help="linear warmup steps before the cosine decay "
                    "(default %(default)s)")
     g.add_argument("--seed", type=int, default=D.seed, help="initialisation and batch order (default %(default)s)")

@@ -39,6 +39,7 @@ STATE_NAME = "train-state.safetensors"
 TEACHER_PARTS = ("model.embed_tokens.weight", "lm_head.weight", "lm_head.norm.weight")
 LLAMA_LIKE = ("llama", "mistral", "qwen2", "qwen3")  # teachers whose final norm is x * w / rms(x), as the student's
 HEAD_DIM = 64
+SHARED_PREFIX = "model.shared."  # a frr student's shared block (ucformat/student.py)
 FINAL_LR = 0.1  # cosine decay to this share of the peak learning rate
 
 
@@ -58,6 +59,11 @@ class DistillConfig:
     steps: int = 200
     batch: int = 4  # sequences per step
     lr: float = 3e-3
+    # frr, both None = 1 / (scales * iters) (bench/distill_lr.py): the shared block's learning rate as a share of lr
+    # (one step of the block moves every application), and every application's initial gamma (the loop starts as
+    # N steps of 1/N of the block's update, about one layer's worth, instead of N whole ones)
+    block_lr: float | None = None
+    gamma_init: float | None = None
     warmup: int = 10
     seed: int = 0
     topk: int = 64  # teacher tokens kept per position
@@ -78,6 +84,8 @@ class DistillConfig:
                         ("--topk", self.topk), ("--save-every", self.save_every)):
             if v < 1:
                 raise ValueError(f"{flag} {v}: must be at least 1")
+        if self.block_lr is not None and self.block_lr <= 0:
+            raise ValueError(f"--block-lr {self.block_lr}: must be > 0 (a share of --lr)")
         if self.lr <= 0 or self.hidden_weight < 0 or self.samples < 0 or self.align_points < 0 or self.head_rank < 0:
             raise ValueError("--lr must be > 0; --hidden-weight, --calib-samples, --align-points and --head-rank >= 0")
         if not self.calib:
@@ -86,6 +94,12 @@ class DistillConfig:
     @property
     def applications(self) -> int:
         return self.scales * self.iters if self.student == "frr" else self.layers
+
+    def loop_share(self, value: float | None) -> float:
+        """block_lr or gamma_init as used: the value given, else 1 / applications (frr) or 1 (dense)."""
+        if value is not None:
+            return value
+        return 1.0 / self.applications if self.student == "frr" else 1.0
 
     def points(self) -> int:
         if self.hidden_weight == 0:
@@ -139,6 +153,10 @@ def build_student(teacher: SourceCheckpoint, cfg: DistillConfig) -> StudentForCa
     """A freshly initialised student (seeded) holding the teacher's embeddings, final norm and head, float32."""
     torch.manual_seed(cfg.seed)
     model = StudentForCausalLM(student_config(teacher, cfg)).float()
+    if cfg.student == "frr":
+        with torch.no_grad():
+            for application in model.model.layers:
+                application.gamma.fill_(cfg.loop_share(cfg.gamma_init))
     names = ["model.embed_tokens.weight"]
     if not cfg.head_rank and not teacher.config.get("tie_word_embeddings"):
         names.append("lm_head.weight")
@@ -173,6 +191,15 @@ def training_ids(teacher_dir: Path, cfg: DistillConfig) -> torch.Tensor:
     if cfg.articles:
         text = wikitext_articles(text, cfg.articles)
     return make_windows(tok, text, cfg.seq_len, None)
+
+
+def param_groups(params: dict[str, torch.nn.Parameter], cfg: DistillConfig) -> list[dict]:
+    """AdamW groups, each with its share of the scheduled learning rate: the shared block of a frr student (every
+    application sees the same step) at its share (DistillConfig.block_lr), everything else at 1."""
+    block = [p for n, p in params.items() if n.startswith(SHARED_PREFIX)]
+    rest = [p for n, p in params.items() if not n.startswith(SHARED_PREFIX)]
+    shares = ((block, cfg.loop_share(cfg.block_lr)), (rest, 1.0))
+    return [{"params": ps, "share": share} for ps, share in shares if ps]
 
 
 def batch_indices(step: int, n: int, batch: int, seed: int) -> list[int]:
@@ -255,7 +282,7 @@ def distill(src: str | Path, dst: str | Path, cfg: DistillConfig, resume: bool =
         raise ValueError("--device cuda was asked but CUDA is not available")
     model.to(device)
     params = trainable(model, cfg)
-    opt = torch.optim.AdamW(list(params.values()), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=0.0, foreach=False)
+    opt = torch.optim.AdamW(param_groups(params, cfg), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=0.0, foreach=False)
     work.mkdir(parents=True, exist_ok=True)
     state_path = work / STATE_NAME
     start = 0
@@ -271,7 +298,7 @@ def distill(src: str | Path, dst: str | Path, cfg: DistillConfig, resume: bool =
         batch = targets.sequences(batch_indices(step, targets.num_sequences, cfg.batch, cfg.seed), depths)
         batch = {k: v.to(device) for k, v in batch.items()}
         for g in opt.param_groups:
-            g["lr"] = lr_at(step, cfg)
+            g["lr"] = lr_at(step, cfg) * g["share"]
         loss, kl = step_loss(model, batch, pairs, cfg.hidden_weight)
         opt.zero_grad(set_to_none=True)
         loss.backward()

@@ -284,6 +284,39 @@ def test_dense_baseline_distills(tiny_teacher, tmp_path):
     assert r.loss_last < r.loss_first
 
 
+def test_block_lr_is_the_shared_blocks_share_of_every_step(tiny_teacher, tmp_path):
+    """--block-lr scales the shared block's steps only: at a negligible share the block leaves training as it
+    was initialised (up to the pack's bfloat16) while its gammas, betas and projections moved. Both loop settings
+    default to 1 / applications (the gammas start there)."""
+    from compressor.checkpoint import SourceCheckpoint
+    from compressor.distiller import build_student, distill, param_groups, trainable
+    from ucformat import PackReader
+
+    cfg = small(block_lr=1e-12, steps=3)
+    init = build_student(SourceCheckpoint(tiny_teacher), cfg)
+    groups = param_groups(trainable(init, cfg), cfg)
+    assert [g["share"] for g in groups] == [1e-12, 1.0]
+    assert {id(p) for p in groups[0]["params"]} == {id(p) for p in init.model.shared.parameters()}
+    assert param_groups(trainable(init, small(student="dense")), small(student="dense"))[0]["share"] == 1.0
+    assert all(torch.equal(a.gamma, torch.full((64,), 0.25)) for a in init.model.layers)  # 2 x 2 applications
+    default = small()
+    assert [g["share"] for g in param_groups(trainable(build_student(SourceCheckpoint(tiny_teacher), default), default),
+                                             default)] == [0.25, 1.0]
+    gamma1 = build_student(SourceCheckpoint(tiny_teacher), small(gamma_init=1.0))
+    assert all(torch.equal(a.gamma, torch.ones(64)) for a in gamma1.model.layers)
+
+    distill(tiny_teacher, tmp_path / "s", cfg, progress=False, targets_dir=tmp_path / "t")
+    reader = PackReader(tmp_path / "s")
+    stored = {**reader.nonlayer_state_dict(torch.float32), **reader.layer_state_dict(0, torch.float32)}
+    shared = [n for n, _ in init.named_parameters() if n.startswith("model.shared.")]
+    assert shared and all(n in stored for n in shared)
+    for name, p in init.named_parameters():
+        if name in shared:
+            assert torch.equal(stored[name], p.detach().bfloat16().float()), name
+    assert not torch.equal(stored["model.layers.0.gamma"], torch.full((64,), 0.25))
+    assert not torch.equal(stored["model.embed_tokens.proj.weight"], init.model.embed_tokens.proj.weight.bfloat16().float())
+
+
 def test_asvd_head_is_exact_at_full_rank_and_weights_the_error_by_input_energy():
     from compressor.lowrank_head import asvd_factors
 
@@ -377,6 +410,8 @@ def test_cli_errors_are_one_line(tiny_teacher, tmp_path, capsys):
     args = cli_args(small(steps=2))
     err = run(str(tiny_teacher), str(tmp_path / "a"), *args, "--width", "100")
     assert len(err) == 1 and err[0].startswith("uc: error: --width 100")
+    err = run(str(tiny_teacher), str(tmp_path / "a"), *args, "--block-lr", "0")
+    assert len(err) == 1 and err[0].startswith("uc: error: --block-lr 0")
     err = run(str(tiny_teacher), str(tmp_path / "b"), "--steps", "2")
     assert len(err) == 1 and "--calib" in err[0]
     err = run(str(tmp_path / "nowhere"), str(tmp_path / "c"), *args)
