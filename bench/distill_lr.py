@@ -59,7 +59,7 @@ def render(res: dict) -> str:
     cmd = (f"python bench/distill_lr.py --width {a['width']} --steps {a['steps']} --batch {a['batch']} --seq-len "
            f"{a['seq_len']} --samples {a['samples']} --windows {a['windows']} --lrs {' '.join(map(str, a['lrs']))} "
            f"--gammas {' '.join(map(str, a['gammas']))} --block-lrs {' '.join(map(str, a['block_lrs']))}")
-    return "\n".join([f"Run on {res['machine']}, {res['date']}, one thread per process.",
+    return "\n".join([f"Last row run on {res['machine']}, {res['date']}, one thread per process.",
                       f"`{cmd}`: every row {a['steps']} AdamW steps of {a['batch']} x {a['seq_len']} tokens on WikiText-2 "
                       f"articles 1-16 ({a['samples']} windows), warmup 10 steps then cosine decay to 10% of the peak "
                       f"learning rate; evaluated on {a['windows']} windows of 1024 tokens of articles 17-62 (teacher "
@@ -96,8 +96,8 @@ def main() -> None:
         old = json.loads(RESULTS.read_text())
         if {k: old["args"].get(k) for k in ("width", "steps", "batch", "seq_len", "samples", "windows")} == \
                 {k: args[k] for k in ("width", "steps", "batch", "seq_len", "samples", "windows")}:
-            res["rows"], res["teacher_ppl"] = old["rows"], old.get("teacher_ppl")  # same protocol: rows stand
-    res.update(machine=machine(), date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()))
+            res["rows"] = old["rows"]  # the same protocol: its rows stand
+            res.update({k: old[k] for k in ("teacher_ppl", "machine", "date") if k in old})
     ev = Evaluator(teacher, a.windows)
     for name, lr, flags in grid(a):
         if name in res["rows"]:
@@ -111,7 +111,8 @@ def main() -> None:
 
         res["rows"][name] = {"lr": lr, "gamma": flag("--gamma-init"), "block_lr": flag("--block-lr"), "distill": d,
                              "eval": r}
-        res["teacher_ppl"] = ev.summary()["ppl"]
+        res.update(teacher_ppl=ev.summary()["ppl"], machine=machine(),
+                   date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()))  # of the last row run
         print(f"  loss {d['loss_first']:.3f} -> {d['loss_last']:.3f}  top-1 {r['top1_agreement']:.1%}  "
               f"PPL ratio {r['ppl_ratio']:.2f}", flush=True)
         RESULTS.parent.mkdir(parents=True, exist_ok=True)
