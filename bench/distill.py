@@ -60,6 +60,16 @@ def rows(widths: list[int], ranks: list[int], block_lr: float | None = None,
     return out
 
 
+def teacher_dir(given: str | None) -> Path:
+    """--teacher, or SmolLM2-135M-Instruct from `uc fetch-model` (in UC_CACHE)."""
+    from compressor.fetch import fetch_model
+
+    if given:
+        return Path(given)
+    cache = Path(os.environ.get("UC_CACHE", ROOT / ".uc-cache"))
+    return fetch_model("smollm2-135m", cache / "models" / "smollm2-135m", cache_dir=cache)
+
+
 def distill_row(teacher: Path, dst: Path, flags: list[str], a, targets: Path) -> dict:
     cmd = [sys.executable, "-m", "uc", "distill", str(teacher), str(dst), *flags, "--calib", str(TEXT),
            "--calib-articles", "1-16", "--calib-samples", str(a.samples), "--seq-len", str(a.seq_len),
@@ -200,11 +210,7 @@ def main() -> None:
     p.add_argument("--fresh", action="store_true", help="forget the finished rows of bench/results/distill.json")
     p.add_argument("--no-doc", action="store_true")
     a = p.parse_args()
-    from compressor.fetch import fetch_model
-
-    cache = Path(os.environ.get("UC_CACHE", ROOT / ".uc-cache"))
-    teacher = Path(a.teacher) if a.teacher else fetch_model("smollm2-135m", cache / "models" / "smollm2-135m",
-                                                              cache_dir=cache)
+    teacher = teacher_dir(a.teacher)
     work = Path(a.work)
     targets = work / "targets"
     protocol = {k: v for k, v in vars(a).items() if k not in ("fresh", "no_doc", "work", "teacher", "run_name")}

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -27,7 +26,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.distill import ITERS, SCALES, Evaluator, distill_row  # noqa: E402
+from bench.distill import ITERS, SCALES, Evaluator, distill_row, teacher_dir  # noqa: E402
 from bench.report import machine, table, write_section  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results" / "distill_lr.json"
@@ -83,11 +82,7 @@ def main() -> None:
     p.add_argument("--fresh", action="store_true", help="forget the finished rows")
     p.add_argument("--no-doc", action="store_true")
     a = p.parse_args()
-    from compressor.fetch import fetch_model
-
-    cache = Path(os.environ.get("UC_CACHE", ROOT / ".uc-cache"))
-    teacher = Path(a.teacher) if a.teacher else fetch_model("smollm2-135m", cache / "models" / "smollm2-135m",
-                                                              cache_dir=cache)
+    teacher = teacher_dir(a.teacher)
     work = Path(a.work)
     targets = work / "targets"
     args = {k: v for k, v in vars(a).items() if k not in ("fresh", "no_doc", "work", "teacher")}
