@@ -154,6 +154,7 @@ def main() -> int:
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--dtype", default="float32")
     p.add_argument("--repeat", type=int, default=2, help="measurements of each level per server pair, alternating")
+    p.add_argument("--replicas", type=int, nargs="+", default=[1, 2], help="Ray setups to measure (replica counts)")
     p.add_argument("--write", action="store_true", help="write bench/results/cluster_load.json")
     args = p.parse_args()
     args.levels = [int(x) for x in args.levels.split(",")]
@@ -175,7 +176,7 @@ def main() -> int:
     try:
         cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": cores, "node_ip_address": "127.0.0.1",
                                                                 "include_dashboard": False})
-        for replicas in (1, 2):  # plain uc serve stays up (idle while Ray is measured) and is measured again
+        for replicas in args.replicas:  # plain uc serve stays up (idle while Ray is measured) and is measured again
             port = free_port()
             url = f"http://127.0.0.1:{port}"
             name = f"ray serve x{replicas}"
