@@ -119,7 +119,8 @@ class Evaluator:
         from ucformat.skeleton import Skeleton
 
         reader = PackReader(pack)
-        stats = token_stats(Skeleton(pack), PackSource(reader), self.windows, desc=f"eval {name}", reference=self.base)
+        stats = token_stats(Skeleton(pack), PackSource(reader), self.windows, desc=f"eval {name}",
+                            reference=self.base)
         r = compare(stats, self.base, self.cfg.ctx, len(self.windows), 0.0)
         r.bytes = allin_bytes(reader, SourceCheckpoint(self.teacher))
         return r.to_dict()
@@ -174,7 +175,8 @@ def render(res: dict) -> str:
                       f"{d['train_seconds']:.0f}" if d else "-",
                       f"{d['peak_rss_bytes'] / 2**20:.0f}" if d else "-"])
     base = res["eval"]["_base"]
-    loop_flags = "".join(f" --{k.replace('_', '-')} {a[k]}" for k in ("block_lr", "gamma_init") if a.get(k) is not None)
+    loop_flags = "".join(f" --{k.replace('_', '-')} {a[k]}" for k in ("block_lr", "gamma_init")
+                         if a.get(k) is not None)
 
     def share(v):  # uc distill's default for the loop settings
         return f"{v:g}" if v is not None else f"1/{SCALES * ITERS}"
@@ -218,7 +220,8 @@ def main() -> None:
     if RESULTS.is_file() and not a.fresh:
         old = json.loads(RESULTS.read_text())
         if old.get("args") == protocol:  # the same protocol: its finished rows stand
-            res["distill"], res["eval"] = old["distill"], {k: v for k, v in old["eval"].items() if k in old["distill"]}
+            res["distill"] = old["distill"]
+            res["eval"] = {k: v for k, v in old["eval"].items() if k in old["distill"]}
             res["eval"].pop("_base", None)
             print(f"kept {len(res['distill'])} trained and {len(res['eval'])} evaluated rows of {RESULTS.name} "
                   "(--fresh starts over)", flush=True)
@@ -248,11 +251,12 @@ def main() -> None:
         write_section("distill", body)
 
 
-def save(res: dict) -> None:
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    tmp = RESULTS.with_suffix(".tmp")
+def save(res: dict, path: Path = RESULTS) -> None:
+    """Atomically: an interrupted run leaves the last finished row's file, never half of one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(res, indent=1) + "\n")
-    tmp.replace(RESULTS)
+    tmp.replace(path)
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.distill import ITERS, SCALES, Evaluator, distill_row, teacher_dir  # noqa: E402
+from bench.distill import ITERS, SCALES, Evaluator, distill_row, save, teacher_dir  # noqa: E402
 from bench.report import machine, table, write_section  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results" / "distill_lr.json"
@@ -40,7 +40,8 @@ def grid(a) -> list[tuple[str, float, list[str]]]:
                 out.append((f"frr-{a.width} lr {lr:g} gamma {gamma:g} block x{share:g}", lr,
                             ["--student", "frr", "--width", str(a.width), "--scales", str(SCALES), "--iters",
                              str(ITERS), "--gamma-init", str(gamma), "--block-lr", str(share)]))
-        out.append((f"dense-{a.width} lr {lr:g}", lr, ["--student", "dense", "--width", str(a.width), "--layers", "1"]))
+        out.append((f"dense-{a.width} lr {lr:g}", lr,
+                    ["--student", "dense", "--width", str(a.width), "--layers", "1"]))
     return out
 
 
@@ -51,8 +52,9 @@ def render(res: dict) -> str:
     lines = []
     for name, row in res["rows"].items():
         d, ev = row["distill"], row["eval"]
-        lines.append([name, f"{row['lr']:g}", f"{row['gamma']:g}" if row["block_lr"] else "-",
-                      f"{row['block_lr']:g}" if row["block_lr"] else "-",
+        frr = name.startswith("frr")
+        lines.append([name, f"{row['lr']:g}", f"{row['gamma']:g}" if frr else "-",
+                      f"{row['block_lr']:g}" if frr else "-",
                       f"{d['loss_first']:.3f} -> {d['loss_last']:.3f}", f"{ev['top1_agreement']:.1%}",
                       f"{ev['top10_overlap']:.1%}", f"{ev['ppl_ratio']:.2f}", f"{d['train_seconds']:.0f}"])
     cmd = (f"python bench/distill_lr.py --width {a['width']} --steps {a['steps']} --batch {a['batch']} --seq-len "
@@ -110,8 +112,7 @@ def main() -> None:
                    date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()))  # of the last row run
         print(f"  loss {d['loss_first']:.3f} -> {d['loss_last']:.3f}  top-1 {r['top1_agreement']:.1%}  "
               f"PPL ratio {r['ppl_ratio']:.2f}", flush=True)
-        RESULTS.parent.mkdir(parents=True, exist_ok=True)
-        RESULTS.write_text(json.dumps(res, indent=1) + "\n")
+        save(res, RESULTS)
     args_order = {name: i for i, (name, _, _) in enumerate(grid(a))}
     res["rows"] = dict(sorted(res["rows"].items(), key=lambda kv: args_order.get(kv[0], len(args_order))))
     body = render(res)

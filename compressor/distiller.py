@@ -282,7 +282,8 @@ def distill(src: str | Path, dst: str | Path, cfg: DistillConfig, resume: bool =
         raise ValueError("--device cuda was asked but CUDA is not available")
     model.to(device)
     params = trainable(model, cfg)
-    opt = torch.optim.AdamW(param_groups(params, cfg), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=0.0, foreach=False)
+    opt = torch.optim.AdamW(param_groups(params, cfg), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=0.0,
+                            foreach=False)
     work.mkdir(parents=True, exist_ok=True)
     state_path = work / STATE_NAME
     start = 0

@@ -300,8 +300,8 @@ def test_block_lr_is_the_shared_blocks_share_of_every_step(tiny_teacher, tmp_pat
     assert param_groups(trainable(init, small(student="dense")), small(student="dense"))[0]["share"] == 1.0
     assert all(torch.equal(a.gamma, torch.full((64,), 0.25)) for a in init.model.layers)  # 2 x 2 applications
     default = small()
-    assert [g["share"] for g in param_groups(trainable(build_student(SourceCheckpoint(tiny_teacher), default), default),
-                                             default)] == [0.25, 1.0]
+    student = build_student(SourceCheckpoint(tiny_teacher), default)
+    assert [g["share"] for g in param_groups(trainable(student, default), default)] == [0.25, 1.0]
     gamma1 = build_student(SourceCheckpoint(tiny_teacher), small(gamma_init=1.0))
     assert all(torch.equal(a.gamma, torch.ones(64)) for a in gamma1.model.layers)
 
@@ -314,7 +314,8 @@ def test_block_lr_is_the_shared_blocks_share_of_every_step(tiny_teacher, tmp_pat
         if name in shared:
             assert torch.equal(stored[name], p.detach().bfloat16().float()), name
     assert not torch.equal(stored["model.layers.0.gamma"], torch.full((64,), 0.25))
-    assert not torch.equal(stored["model.embed_tokens.proj.weight"], init.model.embed_tokens.proj.weight.bfloat16().float())
+    proj = init.model.embed_tokens.proj.weight.bfloat16().float()
+    assert not torch.equal(stored["model.embed_tokens.proj.weight"], proj)
 
 
 def test_asvd_head_is_exact_at_full_rank_and_weights_the_error_by_input_energy():
