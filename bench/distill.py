@@ -6,7 +6,8 @@ trainable parameter count, and low-rank (ASVD) output heads, all distilled from 
 
 Every student trains on WikiText-2 test articles 1-16 only (--samples windows of --seq-len tokens, every window
 when 0) with the same token budget and the same number of optimizer steps, from one shared pass of the teacher
-(`uc distill --targets`), each in its own process (its training time and peak RSS are its own). All rows are
+(`uc distill --targets`), each in its own process (its training time and peak RSS are its own; --jobs N trains N
+at a time, one thread each, and the table says so: their times then include the contention). All rows are
 evaluated in this process on the same windows of articles 17-62 (ctx 1024, Track A's windows; --windows N keeps
 the first N) against one pass of the teacher. Rows:
 
@@ -14,7 +15,9 @@ the first N) against one pass of the teacher. Rows:
 - dense-H: one plain layer at width H: the same body without the loop (its trainable parameters are the frr row's
   minus the 2 x H x 8 gammas and betas);
 - frr-H + head-R: the frr row with the output head factored at rank R by ASVD and fine-tuned;
-- teacher + ASVD head R: the teacher's own body with its head factored (no fine-tuning): the head alone.
+- teacher + ASVD head R: the teacher's own body with its head factored (no fine-tuning): the head alone;
+- teacher + ASVD head R, fine-tuned: the same head trained alone on the teacher targets' head inputs with the
+  students' steps, batches and schedule (compressor/lowrank_head.py finetune_head).
 
 Compression is all-in stored bytes (uc eval): the body (everything but the token embeddings and the head) and the
 whole model, the teacher's bf16 checkpoint over the student pack. Results go to bench/results/distill.json and
@@ -30,6 +33,7 @@ import shutil
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 
 import torch
@@ -39,6 +43,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.report import machine, table, write_section  # noqa: E402
+from compressor.distiller import DistillConfig  # noqa: E402
+from compressor.targets import META_NAME as TARGETS_META  # noqa: E402  (written once the targets are complete)
 
 TEXT = ROOT.parent / "shared" / "data" / "wikitext-2-raw-test.txt"
 RESULTS = ROOT / "bench" / "results" / "distill.json"
@@ -125,18 +131,24 @@ class Evaluator:
         r.bytes = allin_bytes(reader, SourceCheckpoint(self.teacher))
         return r.to_dict()
 
-    def asvd_head(self, rank: int, targets: Path, any_pack: Path) -> dict:
-        """The teacher's own head inputs (kept by the base pass) through an ASVD head of this rank, not fine-tuned:
-        the head alone."""
+    def asvd_head(self, rank: int, targets: Path, any_pack: Path, tune=None) -> dict:
+        """The teacher's own head inputs (kept by the base pass) through an ASVD head of this rank: the head alone,
+        as factored, or with `tune` (a DistillConfig) fine-tuned on the teacher targets by
+        compressor.lowrank_head.finetune_head with uc distill's steps, batches and schedule."""
         from compressor.checkpoint import SourceCheckpoint
         from compressor.evaluate import TokenStats, allin_bytes, compare
-        from compressor.lowrank_head import asvd_factors, channel_scales
+        from compressor.lowrank_head import asvd_factors, channel_scales, finetune_head
         from compressor.targets import Targets
         from ucformat import PackReader
 
         base = self.base
         weight, _ = base.head
         u, v = asvd_factors(weight.float(), channel_scales(Targets(targets)), rank)
+        train = None
+        if tune is not None:
+            u, v, stats = finetune_head(u, v, Targets(targets), tune)
+            train = {"trainable_params": u.numel() + v.numel(), "train_seconds": stats["seconds"],
+                     "loss_first": stats["loss_first"], "loss_last": stats["loss_last"]}
         u, v = u.bfloat16().float(), v.bfloat16().float()  # as stored
         ids = self.windows[:, 1:].reshape(-1)  # batch 1: predictions are window-major, as token_stats orders them
         nll, top10, kl = [], [], []
@@ -156,6 +168,8 @@ class Evaluator:
         r["bytes"] = {"pack_body": teacher_bytes["base_body"], "pack_whole": whole,
                       "base_body": teacher_bytes["base_body"], "base_whole": teacher_bytes["base_whole"],
                       "body_ratio": 1.0, "whole_ratio": teacher_bytes["base_whole"] / whole}
+        if train:
+            r["train"] = train
         return r
 
 
@@ -167,13 +181,13 @@ def render(res: dict) -> str:
     for name, ev in res["eval"].items():
         if name.startswith("_"):
             continue
-        d = res["distill"].get(name, {})
+        d = res["distill"].get(name) or ev.get("train", {})
         b = ev["bytes"]
         lines.append([name, f"{d['trainable_params']:,}" if d else "0 (no training)", f"{b['body_ratio']:.1f}",
                       f"{b['whole_ratio']:.2f}", f"{ev['top1_agreement']:.1%}", f"{ev['top10_overlap']:.1%}",
                       f"{ev['top10_overlap_last']:.1%}", f"{ev['top1_agreement_last']:.1%}", f"{ev['ppl_ratio']:.2f}",
                       f"{d['train_seconds']:.0f}" if d else "-",
-                      f"{d['peak_rss_bytes'] / 2**20:.0f}" if d else "-"])
+                      f"{d['peak_rss_bytes'] / 2**20:.0f}" if "peak_rss_bytes" in d else "-"])
     base = res["eval"]["_base"]
     loop_flags = "".join(f" --{k.replace('_', '-')} {a[k]}" for k in ("block_lr", "gamma_init")
                          if a.get(k) is not None)
@@ -187,7 +201,9 @@ def render(res: dict) -> str:
             f"steps of {a['batch']} x {a['seq_len']} tokens (peak lr {a['lr']}) on WikiText-2 articles 1-16; evaluated "
             f"on {base['windows']} windows of 1024 tokens of articles 17-62 (teacher PPL {base['ppl']:.2f}). frr: "
             f"scales {SCALES} x iters {ITERS}, the shared block's lr share {share(a.get('block_lr'))}, every "
-            f"application's initial gamma {share(a.get('gamma_init'))}.",
+            f"application's initial gamma {share(a.get('gamma_init'))}."
+            + (f" Trained {res['jobs']} rows at a time (`--jobs {res['jobs']}`, one thread each): train s includes the "
+               "contention for the machine's memory bandwidth." if res.get("jobs", 1) > 1 else ""),
             "", table(head, lines)]
     return "\n".join(text)
 
@@ -209,46 +225,74 @@ def main() -> None:
     p.add_argument("--gamma-init", type=float, default=None,
                    help="frr rows: uc distill --gamma-init (default: uc distill's, 1/(scales x iters))")
     p.add_argument("--run-name", default="full")
-    p.add_argument("--fresh", action="store_true", help="forget the finished rows of bench/results/distill.json")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="train this many rows at a time, each its own process (set OMP_NUM_THREADS=1); the first "
+                        "row trains alone while it computes the shared teacher targets")
+    p.add_argument("--results", default=str(RESULTS),
+                   help="the rows' JSON file, kept between runs (default: %(default)s)")
+    p.add_argument("--fresh", action="store_true", help="forget the finished rows of --results")
     p.add_argument("--no-doc", action="store_true")
     a = p.parse_args()
+    if a.jobs < 1:
+        p.error("--jobs must be at least 1")
     teacher = teacher_dir(a.teacher)
     work = Path(a.work)
     targets = work / "targets"
-    protocol = {k: v for k, v in vars(a).items() if k not in ("fresh", "no_doc", "work", "teacher", "run_name")}
-    res = {"run": a.run_name, "args": protocol, "distill": {}, "eval": {}}
-    if RESULTS.is_file() and not a.fresh:
-        old = json.loads(RESULTS.read_text())
-        if old.get("args") == protocol:  # the same protocol: its finished rows stand
+    protocol = {k: v for k, v in vars(a).items()
+                if k not in ("fresh", "no_doc", "work", "teacher", "run_name", "jobs", "results")}
+    res = {"run": a.run_name, "args": protocol, "jobs": a.jobs, "distill": {}, "eval": {}}
+    results = Path(a.results)
+    if results.is_file() and not a.fresh:
+        old = json.loads(results.read_text())
+        if same_training(old.get("args", {}), protocol):  # the same training protocol: its trained rows stand
             res["distill"] = old["distill"]
-            res["eval"] = {k: v for k, v in old["eval"].items() if k in old["distill"]}
-            res["eval"].pop("_base", None)
-            print(f"kept {len(res['distill'])} trained and {len(res['eval'])} evaluated rows of {RESULTS.name} "
+            res["jobs"] = max(a.jobs, old.get("jobs", 1))
+            if old["args"].get("windows") == a.windows:  # and the same windows: its evaluated rows too
+                res["eval"] = {k: v for k, v in old["eval"].items() if k in old["distill"]}
+            print(f"kept {len(res['distill'])} trained and {len(res['eval'])} evaluated rows of {results.name} "
                   "(--fresh starts over)", flush=True)
     res.update(machine=machine(), date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()))
     table_rows = rows(a.widths, a.ranks, a.block_lr, a.gamma_init)
     packs = {name: work / name.replace(" ", "").replace("+", "_") for name, _ in table_rows}
-    for name, flags in table_rows:  # training first, each row kept as it finishes: a long run spans sessions
-        if name in res["distill"] and (packs[name] / "manifest.json").is_file():
-            continue
+    todo = [(n, f) for n, f in table_rows if not (n in res["distill"] and (packs[n] / "manifest.json").is_file())]
+
+    def train(name: str, flags: list[str]) -> tuple[str, dict]:
         print(f"distill {name} ...", flush=True)
-        d = res["distill"][name] = distill_row(teacher, packs[name], flags, a, targets)
-        print(f"  {d['train_seconds']:.0f}s  loss {d['loss_first']:.3f} -> {d['loss_last']:.3f}", flush=True)
-        save(res)
+        return name, distill_row(teacher, packs[name], flags, a, targets)
+
+    def keep(name: str, d: dict) -> None:  # each row kept as it finishes: a long run spans sessions
+        res["distill"][name] = d
+        res["eval"].pop(name, None)
+        print(f"  {name}: {d['train_seconds']:.0f}s  loss {d['loss_first']:.3f} -> {d['loss_last']:.3f}", flush=True)
+        save(res, results)
+
+    if todo and a.jobs > 1 and not (targets / TARGETS_META).is_file():
+        keep(*train(*todo.pop(0)))  # alone: it writes the teacher targets the others read
+    with ThreadPoolExecutor(max_workers=a.jobs) as pool:
+        for fut in as_completed([pool.submit(train, n, f) for n, f in todo]):
+            keep(*fut.result())
     ev = Evaluator(teacher, a.windows)  # then every row against one pass of the teacher
     for name, pack in packs.items():
         if name not in res["eval"]:
             res["eval"][name] = ev.student(name, pack)
             res["eval"]["_base"] = ev.summary()
-            save(res)
+            save(res, results)
+    tune = DistillConfig(steps=a.steps, batch=a.batch, lr=a.lr, seed=0)  # uc distill's schedule for the rows above
     for r in a.ranks:
         res["eval"][f"teacher + ASVD head-{r}"] = ev.asvd_head(r, targets, next(iter(packs.values())))
+        res["eval"][f"teacher + ASVD head-{r}, fine-tuned"] = ev.asvd_head(r, targets, next(iter(packs.values())),
+                                                                            tune)
     res["eval"]["_base"] = ev.summary()
-    save(res)
+    save(res, results)
     body = render(res)
     print(body)
     if not a.no_doc:
         write_section("distill", body)
+
+
+def same_training(old: dict, new: dict) -> bool:
+    """Whether two runs' arguments train the same students (--windows changes only the evaluation)."""
+    return {k: v for k, v in old.items() if k != "windows"} == {k: v for k, v in new.items() if k != "windows"}
 
 
 def save(res: dict, path: Path = RESULTS) -> None:
