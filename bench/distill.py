@@ -15,6 +15,8 @@ the first N) against one pass of the teacher. Rows:
 - dense-H: one plain layer at width H: the same body without the loop (its trainable parameters are the frr row's
   minus the 2 x H x 8 gammas and betas);
 - frr-H + head-R: the frr row with the output head factored at rank R by ASVD and fine-tuned;
+- teacher, no body: the teacher's embeddings, final norm and head with no decoder layer between them (no
+  training): what every student keeps of the teacher, so the rows above show what their bodies add;
 - teacher + ASVD head R: the teacher's own body with its head factored (no fine-tuning): the head alone;
 - teacher + ASVD head R, fine-tuned: the same head trained alone on the teacher targets' head inputs with the
   students' steps, batches and schedule (compressor/lowrank_head.py finetune_head).
@@ -131,6 +133,24 @@ class Evaluator:
         r.bytes = allin_bytes(reader, SourceCheckpoint(self.teacher))
         return r.to_dict()
 
+    def no_body(self, any_pack: Path) -> dict:
+        """The teacher with no decoder layers: its embeddings, final norm and head alone (what every student keeps
+        from the teacher), so the rows above show what their body adds."""
+        from compressor.checkpoint import SourceCheckpoint
+        from compressor.evaluate import CheckpointSource, allin_bytes, compare, token_stats
+        from ucformat import PackReader
+        from ucformat.skeleton import Skeleton
+
+        source = CheckpointSource(SourceCheckpoint(self.teacher))
+        source.num_layers = 0
+        stats = token_stats(Skeleton(self.teacher), source, self.windows, progress=False, reference=self.base)
+        r = compare(stats, self.base, self.cfg.ctx, len(self.windows), 0.0).to_dict()
+        b = allin_bytes(PackReader(any_pack), SourceCheckpoint(self.teacher))
+        whole = b["base_whole"] - b["base_body"]
+        r["bytes"] = {"pack_body": 0, "pack_whole": whole, "base_body": b["base_body"], "base_whole": b["base_whole"],
+                      "body_ratio": None, "whole_ratio": b["base_whole"] / whole}
+        return r
+
     def asvd_head(self, rank: int, targets: Path, any_pack: Path, tune=None) -> dict:
         """The teacher's own head inputs (kept by the base pass) through an ASVD head of this rank: the head alone,
         as factored, or with `tune` (a DistillConfig) fine-tuned on the teacher targets by
@@ -173,6 +193,10 @@ class Evaluator:
         return r
 
 
+def ratio(x: float) -> str:
+    return f"{x:.2f}" if x < 1e5 else f"{x:.1e}"
+
+
 def render(res: dict) -> str:
     a = res["args"]
     head = ["row", "trainable params", "body x", "whole x", "top-1", "top-10 all", "top-10 last", "top-1 last",
@@ -183,9 +207,10 @@ def render(res: dict) -> str:
             continue
         d = res["distill"].get(name) or ev.get("train", {})
         b = ev["bytes"]
-        lines.append([name, f"{d['trainable_params']:,}" if d else "0 (no training)", f"{b['body_ratio']:.1f}",
+        body = f"{b['body_ratio']:.1f}" if b["body_ratio"] is not None else "no body"
+        lines.append([name, f"{d['trainable_params']:,}" if d else "0 (no training)", body,
                       f"{b['whole_ratio']:.2f}", f"{ev['top1_agreement']:.1%}", f"{ev['top10_overlap']:.1%}",
-                      f"{ev['top10_overlap_last']:.1%}", f"{ev['top1_agreement_last']:.1%}", f"{ev['ppl_ratio']:.2f}",
+                      f"{ev['top10_overlap_last']:.1%}", f"{ev['top1_agreement_last']:.1%}", ratio(ev["ppl_ratio"]),
                       f"{d['train_seconds']:.0f}" if d else "-",
                       f"{d['peak_rss_bytes'] / 2**20:.0f}" if "peak_rss_bytes" in d else "-"])
     base = res["eval"]["_base"]
@@ -277,6 +302,7 @@ def main() -> None:
             res["eval"][name] = ev.student(name, pack)
             res["eval"]["_base"] = ev.summary()
             save(res, results)
+    res["eval"]["teacher, no body (embeddings, norm, head)"] = ev.no_body(next(iter(packs.values())))
     tune = DistillConfig(steps=a.steps, batch=a.batch, lr=a.lr, seed=0)  # uc distill's schedule for the rows above
     for r in a.ranks:
         res["eval"][f"teacher + ASVD head-{r}"] = ev.asvd_head(r, targets, next(iter(packs.values())))

@@ -262,6 +262,8 @@ def main() -> None:
     ap.add_argument("--models", nargs="+", default=list(MODELS))
     ap.add_argument("--methods", nargs="+", default=["gsq", "hqq", "gguf"],
                     help="rows to compute: gsq hqq gguf ours (ours: calibrated --target-bpw, hours on 2 cores)")
+    ap.add_argument("--settings", nargs="+", help="only the rows of these settings (4 5 Q4_0 Q5_0), e.g. to run "
+                    "the rows of one method as parallel processes, one setting each")
     ap.add_argument("--windows", type=int, help="evaluation windows for every model (default: WINDOWS, per model)")
     ap.add_argument("--ctx", type=int, default=1024)
     ap.add_argument("--budget", default="40%", help="uc serve --vram-budget for the serving rows (below 100%%)")
@@ -300,7 +302,7 @@ def main() -> None:
     for model in a.models:
         src = fetch_model(model, cache / "models" / model, cache_dir=cache)
         bound = memory_bound(src)
-        due = [(m, st, ar) for m, st, ar in JOBS if m in a.methods
+        due = [(m, st, ar) for m, st, ar in JOBS if m in a.methods and (not a.settings or st in a.settings)
                and f"{model}|{m}|{st}|{windows_of(model, a)}|{a.ctx}" not in done]
         if not due:
             continue
