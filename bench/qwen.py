@@ -300,12 +300,12 @@ def main() -> None:
         save({"key": "deepseek-7b|probe", "model": "deepseek-r1-distill-qwen-7b", "method": "probe", **probe_7b(),
               "machine": machine()})
     for model in a.models:
-        src = fetch_model(model, cache / "models" / model, cache_dir=cache)
-        bound = memory_bound(src)
         due = [(m, st, ar) for m, st, ar in JOBS if m in a.methods and (not a.settings or st in a.settings)
                and f"{model}|{m}|{st}|{windows_of(model, a)}|{a.ctx}" not in done]
-        if not due:
+        if not due:  # nothing to measure: no download (`--methods none` only rewrites the docs)
             continue
+        src = fetch_model(model, cache / "models" / model, cache_dir=cache)
+        bound = memory_bound(src)
         cfg = EvalConfig(ctx=a.ctx, max_windows=windows_of(model, a), articles="17-62")
         windows = prepare_windows(src, TEXT.read_text(encoding="utf-8"), cfg)
         sk = Skeleton(src)
