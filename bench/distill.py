@@ -102,6 +102,7 @@ class Evaluator:
         self.cfg = EvalConfig(ctx=1024, articles="17-62", max_windows=windows or None)
         self.windows = prepare_windows(teacher, TEXT.read_text(encoding="utf-8"), self.cfg)
         self._base = None
+        self._teacher_bytes = None
         self.base_seconds = 0.0
 
     @property
@@ -133,63 +134,73 @@ class Evaluator:
         r.bytes = allin_bytes(reader, SourceCheckpoint(self.teacher))
         return r.to_dict()
 
+    def teacher_bytes(self, any_pack: Path) -> dict:
+        """The teacher's all-in body and whole-model bytes (uc eval's allin_bytes; any student pack will do)."""
+        from compressor.checkpoint import SourceCheckpoint
+        from compressor.evaluate import allin_bytes
+        from ucformat import PackReader
+
+        if self._teacher_bytes is None:
+            self._teacher_bytes = allin_bytes(PackReader(any_pack), SourceCheckpoint(self.teacher))
+        return self._teacher_bytes
+
     def no_body(self, any_pack: Path) -> dict:
         """The teacher with no decoder layers: its embeddings, final norm and head alone (what every student keeps
         from the teacher), so the rows above show what their body adds."""
         from compressor.checkpoint import SourceCheckpoint
-        from compressor.evaluate import CheckpointSource, allin_bytes, compare, token_stats
-        from ucformat import PackReader
+        from compressor.evaluate import CheckpointSource, compare, token_stats
         from ucformat.skeleton import Skeleton
 
         source = CheckpointSource(SourceCheckpoint(self.teacher))
         source.num_layers = 0
         stats = token_stats(Skeleton(self.teacher), source, self.windows, progress=False, reference=self.base)
         r = compare(stats, self.base, self.cfg.ctx, len(self.windows), 0.0).to_dict()
-        b = allin_bytes(PackReader(any_pack), SourceCheckpoint(self.teacher))
+        b = self.teacher_bytes(any_pack)
         whole = b["base_whole"] - b["base_body"]
         r["bytes"] = {"pack_body": 0, "pack_whole": whole, "base_body": b["base_body"], "base_whole": b["base_whole"],
                       "body_ratio": None, "whole_ratio": b["base_whole"] / whole}
         return r
 
-    def asvd_head(self, rank: int, targets: Path, any_pack: Path, tune=None) -> dict:
-        """The teacher's own head inputs (kept by the base pass) through an ASVD head of this rank: the head alone,
-        as factored, or with `tune` (a DistillConfig) fine-tuned on the teacher targets by
-        compressor.lowrank_head.finetune_head with uc distill's steps, batches and schedule."""
-        from compressor.checkpoint import SourceCheckpoint
-        from compressor.evaluate import TokenStats, allin_bytes, compare
+    def asvd_heads(self, rank: int, targets: Path, any_pack: Path, tune) -> tuple[dict, dict]:
+        """The teacher's own head inputs (kept by the base pass) through an ASVD head of this rank: the head alone as
+        factored, and fine-tuned on the teacher targets by compressor.lowrank_head.finetune_head with `tune` (a
+        DistillConfig: uc distill's steps, batches and schedule)."""
         from compressor.lowrank_head import asvd_factors, channel_scales, finetune_head
         from compressor.targets import Targets
-        from ucformat import PackReader
+
+        t = Targets(targets)
+        u, v = asvd_factors(self.base.head[0].float(), channel_scales(t), rank)
+        plain = self._head_row(u, v, any_pack)
+        u, v, stats = finetune_head(u, v, t, tune)
+        tuned = self._head_row(u, v, any_pack)
+        tuned["train"] = {"trainable_params": u.numel() + v.numel(), "train_seconds": stats["seconds"],
+                          "loss_first": stats["loss_first"], "loss_last": stats["loss_last"]}
+        return plain, tuned
+
+    def _head_row(self, u: torch.Tensor, v: torch.Tensor, any_pack: Path) -> dict:
+        """The teacher's body with the head u v (stored in bf16) against the teacher, and its all-in bytes."""
+        from compressor.checkpoint import SourceCheckpoint
+        from compressor.evaluate import TokenStats, compare
 
         base = self.base
-        weight, _ = base.head
-        u, v = asvd_factors(weight.float(), channel_scales(Targets(targets)), rank)
-        train = None
-        if tune is not None:
-            u, v, stats = finetune_head(u, v, Targets(targets), tune)
-            train = {"trainable_params": u.numel() + v.numel(), "train_seconds": stats["seconds"],
-                     "loss_first": stats["loss_first"], "loss_last": stats["loss_last"]}
+        weight = base.head[0].float()
         u, v = u.bfloat16().float(), v.bfloat16().float()  # as stored
         ids = self.windows[:, 1:].reshape(-1)  # batch 1: predictions are window-major, as token_stats orders them
         nll, top10, kl = [], [], []
         for rows_, tgt in zip(base.normed.split(1024), ids.split(1024)):
             logp = torch.log_softmax(rows_ @ v.T @ u.T, -1)
-            ref = torch.log_softmax(rows_ @ weight.float().T, -1)
+            ref = torch.log_softmax(rows_ @ weight.T, -1)
             nll.append(-logp.gather(-1, tgt[:, None]).squeeze(-1).double())
             top10.append(logp.topk(10, -1).indices)
             kl.append(F.kl_div(logp, ref, reduction="none", log_target=True).sum(-1).double())
         st = TokenStats(torch.cat(nll), torch.cat(top10), kl=torch.cat(kl), last=base.last)
         r = compare(st, base, self.cfg.ctx, len(self.windows), 0.0).to_dict()
-        teacher = SourceCheckpoint(self.teacher)
-        teacher_bytes = allin_bytes(PackReader(any_pack), teacher)
-        extra = rank * sum(weight.shape) * 2  # u and v in bf16; a tied teacher keeps its embeddings whole
-        tied = "lm_head.weight" not in teacher.weight_map
-        whole = teacher_bytes["base_whole"] + extra - (0 if tied else weight.numel() * 2)
-        r["bytes"] = {"pack_body": teacher_bytes["base_body"], "pack_whole": whole,
-                      "base_body": teacher_bytes["base_body"], "base_whole": teacher_bytes["base_whole"],
-                      "body_ratio": 1.0, "whole_ratio": teacher_bytes["base_whole"] / whole}
-        if train:
-            r["train"] = train
+        b = self.teacher_bytes(any_pack)
+        extra = (u.numel() + v.numel()) * 2  # u and v in bf16; a tied teacher keeps its embeddings whole
+        tied = "lm_head.weight" not in SourceCheckpoint(self.teacher).weight_map
+        whole = b["base_whole"] + extra - (0 if tied else weight.numel() * 2)
+        r["bytes"] = {"pack_body": b["base_body"], "pack_whole": whole, "base_body": b["base_body"],
+                      "base_whole": b["base_whole"], "body_ratio": 1.0, "whole_ratio": b["base_whole"] / whole}
         return r
 
 
@@ -305,9 +316,9 @@ def main() -> None:
     res["eval"]["teacher, no body (embeddings, norm, head)"] = ev.no_body(next(iter(packs.values())))
     tune = DistillConfig(steps=a.steps, batch=a.batch, lr=a.lr, seed=0)  # uc distill's schedule for the rows above
     for r in a.ranks:
-        res["eval"][f"teacher + ASVD head-{r}"] = ev.asvd_head(r, targets, next(iter(packs.values())))
-        res["eval"][f"teacher + ASVD head-{r}, fine-tuned"] = ev.asvd_head(r, targets, next(iter(packs.values())),
-                                                                            tune)
+        plain, tuned = ev.asvd_heads(r, targets, next(iter(packs.values())), tune)
+        res["eval"][f"teacher + ASVD head-{r}"] = plain
+        res["eval"][f"teacher + ASVD head-{r}, fine-tuned"] = tuned
     res["eval"]["_base"] = ev.summary()
     save(res, results)
     body = render(res)

@@ -202,6 +202,12 @@ def param_groups(params: dict[str, torch.nn.Parameter], cfg: DistillConfig) -> l
     return [{"params": ps, "share": share} for ps, share in shares if ps]
 
 
+def optimizer(params, cfg: DistillConfig) -> torch.optim.AdamW:
+    """The optimizer of every `uc distill` run (and of lowrank_head.finetune_head): AdamW, betas 0.9/0.95, no weight
+    decay; the learning rate is set every step by lr_at."""
+    return torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.95), weight_decay=0.0, foreach=False)
+
+
 def batch_indices(step: int, n: int, batch: int, seed: int) -> list[int]:
     """The sequences of step `step`: consecutive slices of per-epoch permutations seeded by (seed, epoch)."""
     out = []
@@ -282,8 +288,7 @@ def distill(src: str | Path, dst: str | Path, cfg: DistillConfig, resume: bool =
         raise ValueError("--device cuda was asked but CUDA is not available")
     model.to(device)
     params = trainable(model, cfg)
-    opt = torch.optim.AdamW(param_groups(params, cfg), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=0.0,
-                            foreach=False)
+    opt = optimizer(param_groups(params, cfg), cfg)
     work.mkdir(parents=True, exist_ok=True)
     state_path = work / STATE_NAME
     start = 0

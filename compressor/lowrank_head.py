@@ -17,7 +17,7 @@ import time
 import torch
 
 from . import objective
-from .distiller import batch_indices, lr_at
+from .distiller import batch_indices, lr_at, optimizer
 from .targets import Targets
 
 STAT_SEQUENCES = 64  # sequences of targets whose head inputs give the channel scales
@@ -49,7 +49,7 @@ def finetune_head(u: torch.Tensor, v: torch.Tensor, targets: Targets, cfg) -> tu
     body forward is needed. Returns the trained (u, v) and {loss_first, loss_last, seconds}."""
     final = targets.depths[-1]
     u, v = u.detach().float().clone().requires_grad_(True), v.detach().float().clone().requires_grad_(True)
-    opt = torch.optim.AdamW([u, v], lr=cfg.lr, betas=(0.9, 0.95), weight_decay=0.0, foreach=False)
+    opt = optimizer([u, v], cfg)
     first = last = None
     t0 = time.perf_counter()
     for step in range(cfg.steps):
