@@ -377,6 +377,17 @@ def source_types(model: str) -> dict[str, int]:
     return kinds
 
 
+def _e2e(calib: dict) -> str:
+    """What a calibrated pack's end-to-end stage did, from its report (compressor/calibrated.py)."""
+    e = calib.get("e2e") or {}
+    if e.get("skipped"):
+        return f"skipped ({e['skipped']})"
+    if not e.get("steps"):
+        return "not run"
+    return (f"{e['steps']} steps in {e['seconds']:.0f} s ({e['dtype']}), held-out KL {e['kl_before']:.4f} -> "
+            f"{e['kl_tuned']:.4f}{'' if e['kept'] else ', not kept'}")
+
+
 def _where(s: dict, where: str) -> int:
     return sum(p["where"] == where for p in s["plan"]["layers"])
 
@@ -419,6 +430,9 @@ def write_docs(rows: list[dict], a) -> None:
                          _mib(r["peak_rss_bytes"]),
                          ("yes" if r["peak_rss_bytes"] <= r["bound_bytes"] else "**no**") if r["method"] == "gsq"
                          else "-"] for r in mine])]
+        stages = [f"{_label(r)}: {_e2e(r['calib'])}" for r in mine if r["method"] == "ours" and r.get("calib")]
+        if stages:
+            body += ["", "End-to-end distillation stage of the calibrated rows: " + "; ".join(stages) + "."]
         if any(r["method"] == "gguf" for r in mine):
             kinds = source_types(model)
             body += ["", "The source GGUF's decoder linear weights by type: " + ", ".join(

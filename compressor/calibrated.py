@@ -398,11 +398,12 @@ class CalibratedLayers:
             return
         t0 = time.perf_counter()
         layers = [read_layer(i) for i in range(self.ckpt.num_layers)]
-        numel = sum(t.numel() for tensors in layers for t in tensors.values() if isinstance(t, qtensor.QuantizedTensor))
+        per_layer = [sum(t.numel() for t in tensors.values() if isinstance(t, qtensor.QuantizedTensor)) for tensors in layers]
+        numel = sum(per_layer)
         vocab, hidden = self.sk.model.get_output_embeddings().weight.shape
         c = replace(c, e2e_topk=finetune.stage_topk(c, self.sk, numel))
         held = finetune.held_bytes(self.e2e_ids.numel(), hidden, vocab, c.e2e_topk)
-        ok, need, free = finetune.fits(numel, self.device, held)
+        ok, need, free = finetune.fits(finetune.working_bytes(numel, max(per_layer)) + held, self.device)
         if not ok:
             why = f"needs about {need / 2**30:.1f} GiB, {free / 2**30:.1f} GiB available"
             log.warning("end-to-end distillation skipped: it %s (--e2e-steps 0 silences this)", why)

@@ -48,8 +48,8 @@ class DistillResult:
 class Trainable:
     """The trainable tensors of one QWeight and how to rebuild its weight from them."""
 
-    def __init__(self, q: QWeight, cfg: CalibConfig) -> None:
-        self.q = q
+    def __init__(self, q: QWeight, cfg: CalibConfig, cache: bool = True) -> None:
+        self.q, self.cache = q, cache  # cache: keep the levels grid[code] between steps (QWeight.base)
         self.log_s = torch.zeros_like(q.scales, requires_grad=cfg.refine_scales)
         self.grid = q.grid.clone().requires_grad_(cfg.refine_grid)
         self.u = None if q.u is None else q.u.clone().requires_grad_(True)
@@ -68,7 +68,7 @@ class Trainable:
 
     def weight(self, dtype: torch.dtype) -> torch.Tensor:
         scales = storable(self.q.scales * torch.exp(self.log_s), self.q.scale_bits)
-        return self.q.weight(scales, self.grid, self.u, self.v, dtype)
+        return self.q.weight(scales, self.grid, self.u, self.v, dtype, self.cache)
 
     def commit(self) -> None:
         with torch.no_grad():

@@ -25,9 +25,13 @@ at 5 bpw with searched block scales (KL 0.0204) 1e-3 raised it again, 5e-4 lower
 Skipped when the held-out KL before the stage is below `e2e_min_kl`: a student that close to its teacher
 gained nothing from it in measurement (SmolLM2 at 6 bpw), and the stage is most of a calibrated pack's time.
 
-Memory: this is the one stage that holds the whole model (its codes, and per step its weights and
-activations) instead of one layer, about `BYTES_PER_WEIGHT` bytes per quantized weight. When that does
-not fit the memory available, the stage is skipped with a warning (`--e2e-steps 0` skips it always).
+Memory: this is the one stage that holds the whole model, as codes (one byte a weight) with their scales; no
+weight is built for more than one decoder layer at a time. In the held-out checks each layer's weights are
+rebuilt when it runs; in the steps each layer keeps only its inputs for backward and runs again there
+(non-reentrant activation checkpointing that covers the weights' construction too), which changes no bit
+of the result and costs one more forward per step. The stage is admitted by working_bytes() + held_bytes()
+against the memory free; when that does not fit it is skipped with a warning (`--e2e-steps 0` skips it
+always). Measured by bench/e2e_memory.py (docs/BENCHMARKS.md, "End-to-end stage memory").
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -46,13 +51,19 @@ from ucformat.skeleton import Skeleton
 
 from . import calibrate, layerwise
 from .config import E2E_LR_FULL_KL, E2E_LR_MIN_SHARE, E2E_TOKENS, E2E_TOPK, CalibConfig
-from .distill import FINAL_LR, Trainable, frozen_weights, native_bf16, relative_lr
+from .distill import FINAL_LR, Trainable, native_bf16, relative_lr
 from .qweight import QWeight
 
 log = logging.getLogger(__name__)
 
 CHECK_SEQUENCES = 4  # held out: the keep-or-discard check
-BYTES_PER_WEIGHT = 18  # codes, their levels (fp32), the weight and its gradient (bf16), the fp32 check weights
+# working_bytes(): measured stage peaks above the process before it, less held_bytes(), were 1.1 GiB (SmolLM2,
+# 106 M quantized weights), 2.6 GiB (Qwen2.5-0.5B, 358 M) and 4.1 GiB (Qwen2.5-1.5B, 1.31 G); the formula gives
+# 1.9, 2.9 and 6.3 GiB for them
+BYTES_PER_WEIGHT = 2.5  # per quantized weight: its code, scales and their Adam state, the student's unpacking (2.2 peak)
+LAYER_BYTES_PER_WEIGHT = 40  # per weight of the largest layer, the one built at a time (float32 levels, product,
+# rotation, its bfloat16 copy and the gradients of all of them)
+OVERHEAD_BYTES = 3 << 29  # a step's activations, a logits chunk's temporaries, the allocator's slack
 LOGIT_FLOATS = 16 << 20  # logits per chunk of the KL (64 MiB of float32)
 RECOMPUTE_FLOATS = 64 << 20  # a step's student logits beyond this are recomputed in backward, not kept
 
@@ -71,10 +82,15 @@ class FinetuneResult:
     dtype: str = "float32"  # what its steps computed in: "bfloat16" under autocast (native_bf16), else float32
 
 
-def fits(numel: int, device: torch.device, extra: int = 0) -> tuple[bool, int, int]:
-    """Whether the stage's working set for `numel` quantized weights, plus `extra` bytes (held_bytes():
-    teacher targets and logits), fits the memory free now."""
-    need, free = numel * BYTES_PER_WEIGHT + extra, auto_budget(device, headroom=0.0)
+def working_bytes(numel: int, layer_numel: int) -> int:
+    """The stage's working set besides held_bytes(), for `numel` quantized weights of which the largest decoder
+    layer holds `layer_numel`."""
+    return int(numel * BYTES_PER_WEIGHT + layer_numel * LAYER_BYTES_PER_WEIGHT + OVERHEAD_BYTES)
+
+
+def fits(need: int, device: torch.device) -> tuple[bool, int, int]:
+    """Whether `need` bytes (working_bytes() + held_bytes()) fit the memory free now: (ok, need, free)."""
+    free = auto_budget(device, headroom=0.0)
     return need <= free, need, free
 
 
@@ -129,9 +145,13 @@ class _Head:
         self.topk = min(topk, vocab)
         self.rows = max(1, LOGIT_FLOATS // (self.topk * hidden if self.topk else vocab))
 
-    def student_hidden(self, ids: torch.Tensor, weights: dict[str, torch.Tensor]) -> torch.Tensor:
-        return layerwise.head_input(self.sk, lambda: torch.func.functional_call(
-            self.sk.model, weights, (ids.to(self.sk.device),), {"use_cache": False}, strict=False))
+    def student_hidden(self, ids: torch.Tensor, weights_of, recompute: bool = True) -> torch.Tensor:
+        """Final hidden states of a whole-model forward in which decoder layer i runs with the parameters
+        weights_of(i) gives (names inside the layer -> tensors), built when the layer runs. With `recompute`,
+        under autograd each layer keeps only its inputs for backward and runs again there, weights_of(i)
+        included: a step holds one layer's weights and activations at a time, not the whole model's."""
+        with _layer_weights(self.sk, weights_of, recompute and torch.is_grad_enabled()):
+            return layerwise.head_input(self.sk, lambda: self.sk.model(input_ids=ids.to(self.sk.device), use_cache=False))
 
     @torch.no_grad()
     def targets(self, teacher: torch.Tensor) -> list[torch.Tensor]:
@@ -180,13 +200,56 @@ class _Head:
         return (lt.exp() * (lt - ls)).sum()
 
 
+@contextmanager
+def _attached(module: torch.nn.Module, tensors: dict[str, torch.Tensor]):
+    """module's parameters named in `tensors` replaced by those (plain, differentiable) tensors meanwhile."""
+    saved = []
+    try:
+        for name, t in tensors.items():
+            path, _, attr = name.rpartition(".")
+            mod = module.get_submodule(path)
+            saved.append((mod, attr, getattr(mod, attr)))
+            delattr(mod, attr)
+            setattr(mod, attr, t)
+        yield
+    finally:
+        for mod, attr, p in reversed(saved):
+            delattr(mod, attr)
+            mod.register_parameter(attr, p)
+
+
+def _layer_weights(sk: Skeleton, weights_of, recompute: bool):
+    """Every decoder layer of sk runs with weights_of(i) attached, inside a non-reentrant checkpoint when
+    `recompute` (the weights are rebuilt with the layer's activations in backward)."""
+    def make(i: int):
+        layer = sk.layers[i]
+        forward = type(layer).forward
+
+        def run(*args, **kwargs):
+            with _attached(layer, weights_of(i)):
+                return forward(layer, *args, **kwargs)
+
+        if not recompute:
+            return run
+        return lambda *args, **kwargs: checkpoint(run, *args, use_reentrant=False, preserve_rng_state=False, **kwargs)
+    return layerwise._forwards(sk.layers, make)
+
+
 @dataclass
 class Student:
-    """The compressed model as the stage trains it (all checkpoint names; module parameter names beside)."""
+    """The compressed model as the stage trains it (all checkpoint names; where each sits beside)."""
 
     qweights: dict[str, QWeight]  # quantized nn.Linear weights
-    param_names: dict[str, str]  # checkpoint name -> module parameter name (qweights and norms)
+    param_names: dict[str, tuple[int, str]]  # checkpoint name -> (decoder layer, parameter name inside it)
     norms: dict[str, torch.Tensor]  # decoder layers' normalisation weights, as stored (source dtype)
+
+    def by_layer(self, values: dict) -> dict[int, dict]:
+        """Checkpoint-named values grouped per decoder layer, under the parameter names inside it."""
+        out: dict[int, dict] = {}
+        for k, t in values.items():
+            i, local = self.param_names[k]
+            out.setdefault(i, {})[local] = t
+        return out
 
 
 def student(sk: Skeleton, layers: list[dict], layer_prefix: str, device) -> Student:
@@ -194,7 +257,6 @@ def student(sk: Skeleton, layers: list[dict], layer_prefix: str, device) -> Stud
     stage: quantized nn.Linear weights become QWeights, the 1-D weights of normalisation modules are
     noted; everything else is attached as stored (other quantized tensors, e.g. fused expert stacks,
     reconstructed) and stays fixed."""
-    root = next(n for n, m in sk.model.named_modules() if m is sk.layers)
     out = Student({}, {}, {})
     for i, tensors in enumerate(layers):
         prefix = f"{layer_prefix}{i}."
@@ -202,12 +264,12 @@ def student(sk: Skeleton, layers: list[dict], layer_prefix: str, device) -> Stud
         lin = calibrate.linear_modules(sk.layers[i], list(tensors), prefix)
         for n, path in lin.items():
             if isinstance(tensors[n], QuantizedTensor):
-                out.qweights[n], out.param_names[n] = QWeight.from_stored(tensors[n], device), f"{root}.{i}.{path}.weight"
+                out.qweights[n], out.param_names[n] = QWeight.from_stored(tensors[n], device), (i, f"{path}.weight")
         for n, t in tensors.items():
             path = n[len(prefix):-len(".weight")] if n.startswith(prefix) and n.endswith(".weight") else None
             if path and not isinstance(t, QuantizedTensor) and t.dim() == 1 and t.is_floating_point() \
                     and "Norm" in type(_submodule(sk.layers[i], path)).__name__:
-                out.norms[n], out.param_names[n] = t, f"{root}.{i}.{path}.weight"
+                out.norms[n], out.param_names[n] = t, (i, f"{path}.weight")
         fixed = {n: dequantize(t, torch.float32) for n, t in tensors.items()
                  if isinstance(t, QuantizedTensor) and n not in out.qweights}
         if fixed:
@@ -223,12 +285,12 @@ def _submodule(layer: torch.nn.Module, path: str) -> torch.nn.Module | None:
 
 
 def finetune(sk: Skeleton, model: Student, ids: torch.Tensor, teacher_hidden: torch.Tensor, cfg: CalibConfig,
-             progress=None) -> FinetuneResult:
+             progress=None, recompute: bool = True) -> FinetuneResult:
     """Tune model.qweights in place (and, with cfg.e2e_norms, the norm weights: returned in the result).
     sk holds every weight of the model but the quantized linears; ids [N, T]; teacher_hidden [N, T, H]
     the fp model's final hidden states (input of the output embedding) for the same sequences."""
     t0 = time.perf_counter()
-    qweights, param_names = model.qweights, model.param_names
+    qweights = model.qweights
     steps = cfg.e2e_steps
     n = ids.shape[0]
     batch = max(1, E2E_TOKENS // ids.shape[1])  # sequences per step
@@ -247,13 +309,20 @@ def finetune(sk: Skeleton, model: Student, ids: torch.Tensor, teacher_hidden: to
     norms = {k: t.to(device=device, dtype=torch.float32).clone().requires_grad_(True)
              for k, t in model.norms.items()} if cfg.e2e_norms else {}
 
+    layer_norms = model.by_layer(norms)
+
     @torch.no_grad()
     def check(norm_values: dict[str, torch.Tensor] | None = None) -> float:
-        weights = {param_names[k]: w for k, w in frozen_weights(qweights, device).items()}
-        weights.update({param_names[k]: t.to(device=device, dtype=torch.float32) for k, t in (norm_values or {}).items()})
+        values = model.by_layer({k: t.to(device=device, dtype=torch.float32) for k, t in (norm_values or {}).items()})
+        stored = model.by_layer({k: q.freeze() for k, q in qweights.items()})  # what the pack will store
+
+        def weights_of(i: int) -> dict[str, torch.Tensor]:  # ... reconstructed one layer at a time
+            return {**{k: dequantize(t, torch.float32).to(device) for k, t in stored.get(i, {}).items()},
+                    **values.get(i, {})}
+
         total = 0.0
         for rows in check_idx.split(batch):
-            total += judge.kl(judge.student_hidden(ids[rows], weights), [t[rows] for t in judged]).item() * len(rows)
+            total += judge.kl(judge.student_hidden(ids[rows], weights_of), [t[rows] for t in judged]).item() * len(rows)
         return total / max(len(check_idx), 1)
 
     before = check() if held else math.nan
@@ -264,7 +333,12 @@ def finetune(sk: Skeleton, model: Student, ids: torch.Tensor, teacher_hidden: to
         return FinetuneResult(before, before, False, 0, time.perf_counter() - t0, lr=peak_lr, skipped=why,
                               dtype=ran_in)
     saved = {k: (q.scales, q.grid, q.u, q.v) for k, q in qweights.items()}
-    train = {k: Trainable(q, cfg) for k, q in qweights.items()}
+    train = {k: Trainable(q, cfg, cache=False) for k, q in qweights.items()}
+    layer_train = model.by_layer(train)
+
+    def weights_of(i: int) -> dict[str, torch.Tensor]:
+        return {**{k: tr.weight(dtype) for k, tr in layer_train.get(i, {}).items()}, **layer_norms.get(i, {})}
+
     groups = [g for t in train.values() for g in t.groups(peak_lr)]
     groups += [{"params": [t], "lr": relative_lr(t, peak_lr)} for t in norms.values()]
     opt = torch.optim.Adam(groups, foreach=True)
@@ -279,9 +353,7 @@ def finetune(sk: Skeleton, model: Student, ids: torch.Tensor, teacher_hidden: to
         for g, lr in zip(opt.param_groups, base_lr):
             g["lr"] = lr * warm * (FINAL_LR + (1 - FINAL_LR) * frac)
         with torch.enable_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
-            weights = {param_names[k]: tr.weight(dtype) for k, tr in train.items()}
-            weights.update({param_names[k]: t for k, t in norms.items()})
-            loss = head.kl(head.student_hidden(ids[rows], weights), [t[rows] for t in target])
+            loss = head.kl(head.student_hidden(ids[rows], weights_of, recompute), [t[rows] for t in target])
             opt.zero_grad(set_to_none=True)
             loss.backward()
         opt.step()

@@ -56,22 +56,26 @@ class QWeight:
         return 0 if self.u is None else int(self.u.shape[1])
 
     def base(self, scales: torch.Tensor | None = None, grid: torch.Tensor | None = None,
-             dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """grid[code] * scale (rotated back, then the overlay rows), [R, C] in `dtype`.
+             dtype: torch.dtype = torch.float32, cache: bool = True) -> torch.Tensor:
+        """grid[code] * scale (rotated back, then the overlay rows), [R, C] in `dtype`. With `cache`, a fixed
+        grid's levels grid[code] (float32, 4 bytes a weight) are kept for the next call.
 
         Built in float32, under autocast too, and rounded to `dtype` once: with levels, scales and their
         product rounded to bfloat16 before the 64-point rotation, the weights the bfloat16 distillation
         steps saw were off by up to a few percent of a small weight, and a trained scale's step below
         bfloat16's 0.4% did not reach most blocks at all."""
         with torch.autocast(self.codes.device.type, enabled=False):  # the rotation, too, in float32
-            return self._base(self.scales if scales is None else scales, self.grid if grid is None else grid).to(dtype)
+            return self._base(self.scales if scales is None else scales, self.grid if grid is None else grid,
+                              cache).to(dtype)
 
-    def _base(self, scales: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
+    def _base(self, scales: torch.Tensor, grid: torch.Tensor, cache: bool = True) -> torch.Tensor:
         rows, cols = self.shape
         if grid.requires_grad:
             if self._flat is None or self._flat.device != self.codes.device:
                 self._flat = self.codes.reshape(-1).long()
             levels = _Lookup.apply(grid, self._flat).reshape(rows, cols).float()
+        elif not cache:
+            levels = torch.index_select(grid, 0, self.codes.reshape(-1).long()).reshape(rows, cols).float()
         else:  # a fixed grid: the levels are computed once and kept while the grid object is the same
             if self._levels is None or self._levels[0] is not grid:
                 flat = self.codes.reshape(-1).long()
@@ -87,8 +91,9 @@ class QWeight:
             w = w.index_copy(0, self.ov_rows, overlay_values(self.ov_q, self.ov_s).to(w.dtype))
         return w
 
-    def weight(self, scales=None, grid=None, u=None, v=None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        w = self.base(scales, grid, dtype)
+    def weight(self, scales=None, grid=None, u=None, v=None, dtype: torch.dtype = torch.float32,
+               cache: bool = True) -> torch.Tensor:
+        w = self.base(scales, grid, dtype, cache)
         u = self.u if u is None else u
         v = self.v if v is None else v
         if u is not None:
