@@ -2,6 +2,7 @@
 admitted by (finetune.fits of working_bytes + held_bytes).
 
     python bench/e2e_memory.py SRC PACK [--steps 2] [--sequences 8] [--write]
+    python bench/e2e_memory.py --docs-only     # rewrite the docs section from the kept rows
 
 SRC is an HF checkpoint and PACK any pack of it (plain or calibrated): the stage is built from PACK's layers as
 stored exactly as `uc pack --target-bpw ... --calib ...` builds it after its last layer, and runs `--steps` real
@@ -72,12 +73,17 @@ class RssPeak:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("src")
-    ap.add_argument("pack")
+    ap.add_argument("src", nargs="?")
+    ap.add_argument("pack", nargs="?")
     ap.add_argument("--steps", type=int, default=2)
     ap.add_argument("--sequences", type=int, default=8, help="e2e sequences of E2E_TOKENS tokens (4 held out)")
     ap.add_argument("--write", action="store_true", help="keep the row and rewrite the docs section")
+    ap.add_argument("--docs-only", action="store_true", help="only rewrite the docs section from the kept rows")
     a = ap.parse_args()
+    if a.docs_only:
+        return write_docs(json.loads(RESULTS.read_text()))
+    if not (a.src and a.pack):
+        ap.error("SRC and PACK are required (or --docs-only)")
     torch.manual_seed(0)
     rss = RssPeak()
     ckpt, reader = SourceCheckpoint(a.src), PackReader(a.pack)
@@ -136,6 +142,8 @@ def main() -> None:
 
 def write_docs(rows: list[dict]) -> None:
     gib = lambda x: f"{x / 2**30:.2f} GiB"  # noqa: E731
+    big = max(rows, key=lambda r: r["quantized_weights"])
+    rate = sum(big["step_seconds"][1:]) / max(len(big["step_seconds"]) - 1, 1)
     body = [
         "## End-to-end stage memory (`bench/e2e_memory.py`)", "",
         "Command: `python bench/e2e_memory.py SRC PACK --steps 3 --sequences 6 --write`, PACK a plain 4-bit pack of "
@@ -159,8 +167,9 @@ def write_docs(rows: list[dict]) -> None:
         "layer keeps only its inputs for backward and runs again there, its weights included (non-reentrant "
         "activation checkpointing), which changes no bit of the pack "
         "(tests/test_calib.py::test_end_to_end_steps_that_rerun_each_layer_in_backward_learn_exactly_the_same). "
-        "The first step's time (not shown) includes the held-out check. s/step were measured on a machine shared "
-        "with another job: upper bounds.",
+        "s/step: wall seconds of steps 2 and 3 (the first also runs the held-out check), on the machine named, "
+        f"which other jobs may have shared: upper bounds. At the {Path(big['src']).name} row's rate the default "
+        f"{CalibConfig().e2e_steps} steps take about {rate * CalibConfig().e2e_steps / 3600:.1f} hours.",
     ]
     write_section("e2e-memory", "\n".join(body))
 

@@ -11,7 +11,9 @@ factors and per-layer distillation, one decoder layer at a time; then end-to-end
   skip      a layer already in the pack (resume): both streams advance through it (fp weights for the
             teacher, the stored weights for the student), so the run continues as if never stopped.
   finetune  after the last layer: end-to-end distillation of every stored layer against the teacher's
-            final hidden states (the fp stream's end), then the layers are written again (finetune.py).
+            final hidden states (the fp stream's end), then the layers are written again (finetune.py);
+            its training state is saved under the work directory every few steps, so a resumed pack
+            continues the stage where it stopped.
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ from .qweight import QWeight, quantize_group
 log = logging.getLogger(__name__)
 
 WORK_DIR = ".uc-work"  # inside DST while a calibrated pack is unfinished: plan, Fisher weights, spills
+E2E_STATE = "e2e-state.safetensors"  # under WORK_DIR: the end-to-end stage's training state (finetune.py)
 CHUNK = 4  # calibration sequences per forward
 
 
@@ -416,10 +419,11 @@ class CalibratedLayers:
         bar = tqdm(total=c.e2e_steps, desc="end-to-end", unit="step", disable=not self.progress)
 
         def progress(step: int, kl: float) -> None:
-            bar.update(1)
+            bar.update(step + 1 - bar.n)  # a resumed stage starts at the step it had reached
             bar.set_postfix(kl=f"{kl:.4f}")
 
-        r = finetune.finetune(self.sk, model, self.e2e_ids.to(self.device), teacher, c, progress)
+        r = finetune.finetune(self.sk, model, self.e2e_ids.to(self.device), teacher, c, progress,
+                              state=self.work / E2E_STATE)
         bar.close()
         if r.skipped:
             log.info("end-to-end distillation skipped: %s", r.skipped)

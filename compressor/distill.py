@@ -70,6 +70,11 @@ class Trainable:
         scales = storable(self.q.scales * torch.exp(self.log_s), self.q.scale_bits)
         return self.q.weight(scales, self.grid, self.u, self.v, dtype, self.cache)
 
+    def trainable(self) -> dict[str, torch.Tensor]:
+        """The tensors the optimizer updates, by part name."""
+        parts = {"log_s": self.log_s, "grid": self.grid, "u": self.u, "v": self.v}
+        return {k: t for k, t in parts.items() if t is not None and t.requires_grad}
+
     def commit(self) -> None:
         with torch.no_grad():
             self.q.scales = (self.q.scales * torch.exp(self.log_s)).detach()

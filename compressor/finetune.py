@@ -41,6 +41,7 @@ import math
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from torch.utils.checkpoint import checkpoint
@@ -49,21 +50,23 @@ from ucformat.qtensor import QuantizedTensor, dequantize
 from ucformat.residency import auto_budget
 from ucformat.skeleton import Skeleton
 
-from . import calibrate, layerwise
+from . import calibrate, layerwise, train_state
 from .config import E2E_LR_FULL_KL, E2E_LR_MIN_SHARE, E2E_TOKENS, E2E_TOPK, CalibConfig
-from .distill import FINAL_LR, Trainable, native_bf16, relative_lr
+from .distill import FINAL_LR, Trainable, frozen_weights, native_bf16, relative_lr
 from .qweight import QWeight
 
 log = logging.getLogger(__name__)
 
 CHECK_SEQUENCES = 4  # held out: the keep-or-discard check
-# working_bytes(): measured stage peaks above the process before it, less held_bytes(), were 1.1 GiB (SmolLM2,
-# 106 M quantized weights), 2.6 GiB (Qwen2.5-0.5B, 358 M) and 4.1 GiB (Qwen2.5-1.5B, 1.31 G); the formula gives
-# 1.9, 2.9 and 6.3 GiB for them
-BYTES_PER_WEIGHT = 2.5  # per quantized weight: its code, scales and their Adam state, the student's unpacking (2.2 peak)
+SAVE_EVERY = 5  # steps between training-state files (with `state`): a stage of hours resumes where it stopped
+# working_bytes(): measured stage peaks above the process before it, less held_bytes(), were 1.09 GiB (SmolLM2,
+# 106 M quantized weights), 2.61 GiB (Qwen2.5-0.5B, 358 M) and 4.49 GiB (Qwen2.5-1.5B, 1.31 G) (bench/e2e_memory.py);
+# the formula gives 2.43, 3.56 and 7.40 GiB for them
+BYTES_PER_WEIGHT = 3  # per quantized weight: its code, scales and their Adam state, the student's unpacking (2.2
+# peak)
 LAYER_BYTES_PER_WEIGHT = 40  # per weight of the largest layer, the one built at a time (float32 levels, product,
 # rotation, its bfloat16 copy and the gradients of all of them)
-OVERHEAD_BYTES = 3 << 29  # a step's activations, a logits chunk's temporaries, the allocator's slack
+OVERHEAD_BYTES = 2 << 30  # a step's activations, a logits chunk's temporaries, the allocator's slack
 LOGIT_FLOATS = 16 << 20  # logits per chunk of the KL (64 MiB of float32)
 RECOMPUTE_FLOATS = 64 << 20  # a step's student logits beyond this are recomputed in backward, not kept
 
@@ -285,10 +288,15 @@ def _submodule(layer: torch.nn.Module, path: str) -> torch.nn.Module | None:
 
 
 def finetune(sk: Skeleton, model: Student, ids: torch.Tensor, teacher_hidden: torch.Tensor, cfg: CalibConfig,
-             progress=None, recompute: bool = True) -> FinetuneResult:
+             progress=None, recompute: bool = True, state: Path | None = None) -> FinetuneResult:
     """Tune model.qweights in place (and, with cfg.e2e_norms, the norm weights: returned in the result).
     sk holds every weight of the model but the quantized linears; ids [N, T]; teacher_hidden [N, T, H]
-    the fp model's final hidden states (input of the output embedding) for the same sequences."""
+    the fp model's final hidden states (input of the output embedding) for the same sequences.
+
+    With `state`, the stage writes its training state there every SAVE_EVERY steps (train_state.py) and, when
+    the file exists, continues from it (model must be the stage's starting point again, as the stored
+    layers are until the stage ends): the result is the one of a run never stopped. progress(step, loss)
+    is called after every step that runs, from the first step a resumed stage runs."""
     t0 = time.perf_counter()
     qweights = model.qweights
     steps = cfg.e2e_steps
@@ -309,23 +317,26 @@ def finetune(sk: Skeleton, model: Student, ids: torch.Tensor, teacher_hidden: to
     norms = {k: t.to(device=device, dtype=torch.float32).clone().requires_grad_(True)
              for k, t in model.norms.items()} if cfg.e2e_norms else {}
 
-    layer_norms = model.by_layer(norms)
+    layer_q, layer_norms = model.by_layer(qweights), model.by_layer(norms)
 
     @torch.no_grad()
     def check(norm_values: dict[str, torch.Tensor] | None = None) -> float:
         values = model.by_layer({k: t.to(device=device, dtype=torch.float32) for k, t in (norm_values or {}).items()})
-        stored = model.by_layer({k: q.freeze() for k, q in qweights.items()})  # what the pack will store
-
-        def weights_of(i: int) -> dict[str, torch.Tensor]:  # ... reconstructed one layer at a time
-            return {**{k: dequantize(t, torch.float32).to(device) for k, t in stored.get(i, {}).items()},
-                    **values.get(i, {})}
+        def weights_of(i: int) -> dict[str, torch.Tensor]:  # what the pack will store, one layer at a time
+            return {**frozen_weights(layer_q.get(i, {}), device), **values.get(i, {})}
 
         total = 0.0
         for rows in check_idx.split(batch):
             total += judge.kl(judge.student_hidden(ids[rows], weights_of), [t[rows] for t in judged]).item() * len(rows)
         return total / max(len(check_idx), 1)
 
-    before = check() if held else math.nan
+    settings = {"steps": steps, "lr": cfg.e2e_lr, "warmup": cfg.e2e_warmup, "seed": cfg.seed, "topk": head.topk,
+                "norms": cfg.e2e_norms, "refine_scales": cfg.refine_scales, "refine_grid": cfg.refine_grid,
+                "sequences": list(ids.shape), "dtype": ran_in}
+    prior = train_state.settings_of(state) if state is not None and state.is_file() else None
+    # a resumed stage's starting point is the one the saved steps began from: its check is not run again
+    before = float(prior["kl_before"]) if prior and "kl_before" in prior else check() if held else math.nan
+    settings["kl_before"] = before
     peak_lr = learning_rate(cfg.e2e_lr, before)
     close = before < cfg.e2e_min_kl  # NaN (none held out) is never below
     if steps <= 0 or len(train_idx) == 0 or close:
@@ -343,9 +354,12 @@ def finetune(sk: Skeleton, model: Student, ids: torch.Tensor, teacher_hidden: to
     groups += [{"params": [t], "lr": relative_lr(t, peak_lr)} for t in norms.values()]
     opt = torch.optim.Adam(groups, foreach=True)
     base_lr = [g["lr"] for g in opt.param_groups]
+    params = {f"{k}.{part}": t for k, tr in train.items() for part, t in tr.trainable().items()}
+    params.update({f"norm.{k}": t for k, t in norms.items()})
+    first = train_state.load(state, params, opt, settings).step if prior else 0
     gen = torch.Generator().manual_seed(cfg.seed)
     order = train_idx[torch.randperm(len(train_idx), generator=gen)]
-    for step in range(steps):
+    for step in range(first, steps):
         start = (step * batch) % len(order)
         rows = order[start:start + batch]
         frac = 0.5 * (1 + math.cos(math.pi * step / steps))
@@ -357,6 +371,8 @@ def finetune(sk: Skeleton, model: Student, ids: torch.Tensor, teacher_hidden: to
             opt.zero_grad(set_to_none=True)
             loss.backward()
         opt.step()
+        if state is not None and ((step + 1) % SAVE_EVERY == 0 or step + 1 == steps):
+            train_state.save(state, params, opt, step + 1, settings)
         if progress is not None:
             progress(step, loss.item())
     for tr in train.values():

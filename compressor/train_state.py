@@ -50,6 +50,15 @@ def save(path: Path, params: dict[str, torch.nn.Parameter], opt: torch.optim.Opt
     os.replace(tmp, path)
 
 
+def settings_of(path: Path) -> dict:
+    """The settings a state file was saved with (to decide what a resumed run needs before load())."""
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            return json.loads((f.metadata() or {}).get("settings", "{}"))
+    except (SafetensorError, ValueError) as exc:
+        raise TrainStateError(f"{path}: unreadable training state ({exc}); remove it to start again") from None
+
+
 def load(path: Path, params: dict[str, torch.nn.Parameter], opt: torch.optim.Optimizer,
          settings: dict) -> TrainState:
     """Restore params, Adam state and the RNG in place; refuse a state made with other settings."""

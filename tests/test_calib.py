@@ -568,3 +568,40 @@ def test_end_to_end_steps_that_rerun_each_layer_in_backward_learn_exactly_the_sa
     assert e["steps"] == 8 and e["kl_tuned"] != e["kl_before"]  # the steps moved the weights (kept or not)
     assert all(rank == 4 for _, rank, _ in a.calib["plan"].values())
     assert b.calib["e2e"]["kl_tuned"] == e["kl_tuned"] and _files(tmp_path / "a") == _files(tmp_path / "b")
+
+
+def test_end_to_end_distillation_killed_between_steps_resumes_from_its_last_state(tiny, tmp_path, monkeypatch):
+    """The stage writes its training state (trainable tensors, Adam moments, step) every SAVE_EVERY steps under
+    the pack's work directory; a pack killed in the middle of the steps resumes from the last state, does not
+    redo the steps before it, and ends byte for byte as a run never stopped."""
+    from compressor import train_state
+
+    src = tiny(initializer_range=0.3)
+    cfg = build_config(target_bpw=3.0, block_size=32,
+                       **{**CAL, "samples": 8, "steps": 0, "e2e_steps": 8, "scale_search": False})
+    monkeypatch.setattr(finetune, "SAVE_EVERY", 3)
+    ref = pack(src, tmp_path / "ref", cfg, progress=False)
+    assert ref.calib["e2e"]["steps"] == 8 and not (tmp_path / "ref" / WORK_DIR).exists()
+    real_save, saved = train_state.save, []
+
+    def save_then_die(path, params, opt, step, settings):
+        real_save(path, params, opt, step, settings)
+        saved.append(step)
+        if step == 6:
+            raise KeyboardInterrupt  # killed right after the state of step 6 was written
+
+    monkeypatch.setattr(train_state, "save", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        pack(src, tmp_path / "p", cfg, progress=False)
+    assert saved == [3, 6] and (tmp_path / "p" / WORK_DIR / "e2e-state.safetensors").is_file()
+    ran, real_finetune = [], finetune.finetune
+
+    def counting(sk, model, ids, teacher, cfg, progress=None, **kw):
+        return real_finetune(sk, model, ids, teacher, cfg, lambda step, kl: ran.append(step), **kw)
+
+    monkeypatch.setattr(finetune, "finetune", counting)
+    r = pack(src, tmp_path / "p", cfg, resume=True, progress=False)
+    assert ran == [6, 7] and saved == [3, 6, 8]
+    assert r.calib["e2e"]["kl_before"] == ref.calib["e2e"]["kl_before"]
+    assert r.calib["e2e"]["kl_tuned"] == ref.calib["e2e"]["kl_tuned"]
+    assert _files(tmp_path / "p") == _files(tmp_path / "ref")

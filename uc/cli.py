@@ -259,7 +259,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--lr", type=float, help=f"distillation learning rate (default {C.lr})")
     g.add_argument("--e2e-steps", type=int, help="end-to-end distillation after the last layer: Adam steps of "
                    f"{E2E_TOKENS} tokens tuning every layer's scales and factors against the original model's next-token "
-                   f"distribution; holds the whole model as codes (about 2.5 bytes a weight) and builds one layer at a "
+                   f"distribution; holds the whole model as codes (about 3 bytes a weight at most) and builds one layer at a "
                    f"time, skipped with a warning where that does not fit; 0 = none (default {C.e2e_steps})")
     g.add_argument("--e2e-lr", type=float, help="end-to-end distillation peak learning rate; where the held-out KL before "
                    f"the stage is under {E2E_LR_FULL_KL:g}, scaled down in proportion to it, never "
