@@ -322,6 +322,7 @@ def finetune(sk: Skeleton, model: Student, ids: torch.Tensor, teacher_hidden: to
     @torch.no_grad()
     def check(norm_values: dict[str, torch.Tensor] | None = None) -> float:
         values = model.by_layer({k: t.to(device=device, dtype=torch.float32) for k, t in (norm_values or {}).items()})
+
         def weights_of(i: int) -> dict[str, torch.Tensor]:  # what the pack will store, one layer at a time
             return {**frozen_weights(layer_q.get(i, {}), device), **values.get(i, {})}
 

@@ -74,13 +74,12 @@ class QWeight:
             if self._flat is None or self._flat.device != self.codes.device:
                 self._flat = self.codes.reshape(-1).long()
             levels = _Lookup.apply(grid, self._flat).reshape(rows, cols).float()
-        elif not cache:
-            levels = torch.index_select(grid, 0, self.codes.reshape(-1).long()).reshape(rows, cols).float()
-        else:  # a fixed grid: the levels are computed once and kept while the grid object is the same
-            if self._levels is None or self._levels[0] is not grid:
-                flat = self.codes.reshape(-1).long()
-                self._levels = (grid, torch.index_select(grid, 0, flat).reshape(rows, cols).float())
+        elif self._levels is not None and self._levels[0] is grid:  # a fixed grid's levels, kept from a call
             levels = self._levels[1]
+        else:
+            levels = torch.index_select(grid, 0, self.codes.reshape(-1).long()).reshape(rows, cols).float()
+            if cache:  # kept while the grid object is the same
+                self._levels = (grid, levels)
         nb, bs = scales.shape[1], self.block_size
         if nb * bs != cols:
             levels = torch.nn.functional.pad(levels, (0, nb * bs - cols))
