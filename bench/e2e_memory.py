@@ -30,7 +30,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.report import machine, table, write_section  # noqa: E402
-from compressor import finetune  # noqa: E402
+from compressor import finetune, rss  # noqa: E402
 from compressor.checkpoint import SourceCheckpoint, nonlayer_state_dict  # noqa: E402
 from compressor.config import E2E_TOKENS, CalibConfig  # noqa: E402
 from ucformat import PackReader  # noqa: E402
@@ -51,12 +51,7 @@ class RssPeak:
         self._thread = threading.Thread(target=self._run, args=(every,), daemon=True)
         self._thread.start()
 
-    @staticmethod
-    def now() -> int:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-        return 0
+    now = staticmethod(rss.current)
 
     def _run(self, every: float) -> None:
         while not self._stop.wait(every):
@@ -85,7 +80,7 @@ def main() -> None:
     if not (a.src and a.pack):
         ap.error("SRC and PACK are required (or --docs-only)")
     torch.manual_seed(0)
-    rss = RssPeak()
+    sampler = RssPeak()
     ckpt, reader = SourceCheckpoint(a.src), PackReader(a.pack)
     sk = Skeleton(ckpt.path, dtype=torch.float32)
     sk.load(nonlayer_state_dict(ckpt))
@@ -98,10 +93,10 @@ def main() -> None:
     ids = torch.randint(0, vocab, (a.sequences, E2E_TOKENS))
     teacher = torch.randn(a.sequences, E2E_TOKENS, hidden)
     held = finetune.held_bytes(ids.numel(), hidden, vocab, cfg.e2e_topk)
-    base = rss.reset()
+    base = sampler.reset()
     t0 = time.perf_counter()
     model = finetune.student(sk, layers, ckpt.layer_prefix, torch.device("cpu"))
-    built, build_s = rss.peak - base, time.perf_counter() - t0
+    built, build_s = sampler.peak - base, time.perf_counter() - t0
     steps_seen: list[float] = []
     step_peaks: list[int] = []  # the first includes the held-out check before the stage
     step_rss: list[int] = []  # resident after each step
@@ -110,14 +105,14 @@ def main() -> None:
     def progress(step: int, kl: float) -> None:
         now = time.perf_counter()
         steps_seen.append(now - t_step[0])
-        step_peaks.append(rss.peak - base)
-        step_rss.append(rss.now() - base)
+        step_peaks.append(sampler.peak - base)
+        step_rss.append(sampler.now() - base)
         t_step[0] = now
 
     t0 = time.perf_counter()
     r = finetune.finetune(sk, model, ids, teacher, cfg, progress)
-    stage = rss.peak - base
-    rss.close()
+    stage = sampler.peak - base
+    sampler.close()
     out = {"src": str(a.src), "pack": str(a.pack), "quantized_weights": numel, "vocab": vocab, "hidden": hidden,
            "topk": cfg.e2e_topk, "dtype": r.dtype, "estimate_bytes": finetune.working_bytes(numel, max(per_layer)) + held,
            "held_bytes": held, "rss_before_bytes": base, "student_peak_bytes": built, "stage_peak_bytes": stage,

@@ -80,14 +80,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def rss(pid: int) -> int | None:
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        return None
-    return None
+def resident(pid: int) -> int | None:
+    from compressor import rss
+
+    return rss.current(pid) or None
 
 
 class Server:
@@ -172,7 +168,7 @@ def body_for(i: int, max_tokens: int, model: str | None) -> dict:
 
 async def level(server: Server, concurrency: int, total: int, max_tokens: int, model: str | None,
                 timeout: float) -> Level:
-    before = rss(server.proc.pid)
+    before = resident(server.proc.pid)
     counter = iter(range(total))
     results: list[Result] = []
     limits = httpx.Limits(max_connections=concurrency + 4, max_keepalive_connections=concurrency + 4)
@@ -185,7 +181,7 @@ async def level(server: Server, concurrency: int, total: int, max_tokens: int, m
         await asyncio.gather(*(worker() for _ in range(concurrency)))
         wall = time.perf_counter() - t0
     await asyncio.sleep(1.5)  # let the server settle (our engine releases its KV cache when idle)
-    return Level(concurrency, results, wall, before, rss(server.proc.pid))
+    return Level(concurrency, results, wall, before, resident(server.proc.pid))
 
 
 async def overload(server: Server, n: int, max_tokens: int, model: str | None, timeout: float) -> dict:

@@ -86,10 +86,9 @@ def gguf_roundtrip(w: torch.Tensor, qtype: str) -> tuple[torch.Tensor, float]:
 
 def run_baseline(method: str, setting: str, src: Path, out: Path) -> dict:
     """Quantize every linear of the decoder layers of src; write the dequantized model, one file per layer."""
-    import resource
-
     from safetensors.torch import save_file
 
+    from compressor import rss
     from compressor.checkpoint import SourceCheckpoint, nonlayer_state_dict
     from compressor.pack import is_quantized_layer_tensor
 
@@ -118,7 +117,7 @@ def run_baseline(method: str, setting: str, src: Path, out: Path) -> dict:
         weight_map.update({n: rel for n in tensors})
     (out / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
     return {"bpw_allin": bits / numel, "pack_seconds": seconds,
-            "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+            "peak_rss_bytes": rss.peak()}
 
 
 # -- driver -------------------------------------------------------------------------------------------------

@@ -43,6 +43,7 @@ sys.path.insert(0, str(ROOT))
 
 from bench.quality_a import CALIB, TEXT, _pack  # noqa: E402
 from bench.report import machine, table, write_section  # noqa: E402
+from compressor import rss  # noqa: E402
 
 MODELS = ("qwen2.5-coder-0.5b", "qwen2.5-coder-1.5b")
 WINDOWS = {"qwen2.5-coder-0.5b": 4, "qwen2.5-coder-1.5b": 2}  # evaluation windows of 1024 tokens, per model
@@ -204,17 +205,6 @@ def serve(pack: Path, budget: str, max_tokens: int) -> dict:
     return out
 
 
-def _hwm(pid: int) -> int:
-    """A live process's peak resident set so far (VmHWM), in bytes; 0 where /proc does not say."""
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
-
-
 def resumable_pack(src: Path, dst: Path, args: list[str], env: dict) -> dict:
     """A calibrated pack that may take longer than one session: `uc pack --resume` continues an unfinished
     pack at DST. Every segment (one process, finished or killed) writes its wall time to DST.segments.json
@@ -235,7 +225,7 @@ def resumable_pack(src: Path, dst: Path, args: list[str], env: dict) -> dict:
                 break
             except subprocess.TimeoutExpired:
                 seg["wall_seconds"] = time.perf_counter() - t0
-                seg["peak_rss_bytes"] = max(seg.get("peak_rss_bytes", 0), _hwm(proc.pid))
+                seg["peak_rss_bytes"] = max(seg.get("peak_rss_bytes", 0), rss.peak(proc.pid))
                 log.write_text(json.dumps(segments, indent=1))
     seg["wall_seconds"] = time.perf_counter() - t0
     if proc.returncode != 0:

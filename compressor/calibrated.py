@@ -36,7 +36,7 @@ from ucformat import rotation as rot
 from ucformat.manifest import TensorEntry, atomic_write_bytes
 from ucformat.skeleton import Skeleton
 
-from . import allocate, calibrate, codecs, distill, finetune, lowrank, overlay
+from . import allocate, calibrate, codecs, distill, finetune, lowrank, overlay, rss
 from .activations import ActivationStore, SpillBudget
 from .checkpoint import SourceCheckpoint, nonlayer_state_dict
 from .config import FISHER_DRAWS, PackConfig
@@ -54,6 +54,9 @@ class CalibReport:
     """What the calibrated pipeline did, for the CLI's --json and the benchmark."""
 
     seconds: dict = field(default_factory=dict)  # phase -> seconds
+    # phase -> this process's peak resident bytes when it ended (a running maximum: the first phase whose
+    # number is the final one is the phase that set the pack's peak); phases this process ran only
+    peak_rss_bytes: dict = field(default_factory=dict)
     layers: list = field(default_factory=list)  # per compressed layer: distillation losses and time
     allocation: dict = field(default_factory=dict)  # bits -> number of tensors
     plan: dict = field(default_factory=dict)  # tensor -> [bits, rank, overlay rows]
@@ -104,6 +107,7 @@ class CalibratedLayers:
                 self.e2e_ids = calibrate.calibration_ids(tok, text, c.e2e_samples or c.samples, c.e2e_len or c.seq_len,
                                                          c.articles, ("--e2e-samples", "--e2e-len"))
         self.report.seconds["setup"] = time.perf_counter() - t0
+        self.report.peak_rss_bytes["setup"] = rss.peak()
         self.plan = self._load_plan() or self._make_plan()
         alloc: dict = {}
         for ch in self.plan.values():
@@ -150,10 +154,12 @@ class CalibratedLayers:
             t0 = time.perf_counter()
             profiles = self._stats_pass(profile=cfg.target_bpw is not None, keep_fisher_inputs=fisher)
             self.report.seconds["profile"] = time.perf_counter() - t0
+            self.report.peak_rss_bytes["profile"] = rss.peak()
         if fisher:
             t0 = time.perf_counter()
             self._fisher_pass()
             self.report.seconds["fisher"] = time.perf_counter() - t0
+            self.report.peak_rss_bytes["fisher"] = rss.peak()
         if cfg.target_bpw is None:
             plan = {}
             for i in range(self.ckpt.num_layers):
@@ -226,6 +232,7 @@ class CalibratedLayers:
                         {n: self.ckpt.get(n).to(self.device) for n in two}, h, cfg.block_size, cfg.codec,
                         c.gptq and h is not None, self._ranks(),
                         widths, c.seed, cfg.scale_bits, cfg.rotation_block, cfg.searches_scales))
+            self.ckpt.release()  # unmap this layer's pages, as the pack loop does: the pass holds one layer
         bar.close()
         if stream is not None:
             self._last_hidden = stream
@@ -282,6 +289,7 @@ class CalibratedLayers:
                 self.fisher[n] = (f / max(st.tokens.get(n, 1), 1)).float().cpu()
             self._fisher_inputs[i].clear()
             self.sk.unload_layer(i)
+            self.ckpt.release()
         bar.close()
 
     # -- layers -------------------------------------------------------------------------------------------
@@ -393,6 +401,7 @@ class CalibratedLayers:
         read_layer(i) -> layer i's tensors as stored; write_layer(i, tensors) stores them. Runs once: a marker
         under the work directory makes a resumed pack skip it when it had completed."""
         c = self.cfg.calib
+        self.report.peak_rss_bytes["layers"] = rss.peak()
         if not self.has_data or c.e2e_steps <= 0:
             return
         marker = self.work / "e2e.json"
@@ -444,6 +453,7 @@ class CalibratedLayers:
         if r.skipped:
             self.report.e2e["skipped"] = r.skipped
         self.report.seconds["e2e"] = self.report.e2e["seconds"]
+        self.report.peak_rss_bytes["e2e"] = rss.peak()
         atomic_write_bytes(marker, json.dumps(self.report.e2e).encode())
 
     def close(self) -> None:

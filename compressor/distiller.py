@@ -16,7 +16,6 @@ manifest exists, and `--resume` continues it.
 from __future__ import annotations
 
 import math
-import resource
 import shutil
 import time
 from dataclasses import asdict, dataclass, field
@@ -28,7 +27,7 @@ from tqdm.auto import tqdm
 from ucformat.student import KINDS, StudentConfig, StudentForCausalLM
 from ucformat.writer import PackWriter
 
-from . import objective, train_state
+from . import objective, rss, train_state
 from .calibrate import calibration_ids
 from .checkpoint import CheckpointError, SourceCheckpoint
 from .evaluate import make_windows, wikitext_articles
@@ -325,11 +324,7 @@ def distill(src: str | Path, dst: str | Path, cfg: DistillConfig, resume: bool =
         "loss_last": last})
     shutil.rmtree(work, ignore_errors=True)
     return DistillResult(dst, cfg.steps - start, start, time.perf_counter() - t0, train_seconds, target_seconds,
-                         sum(p.numel() for p in params.values()), first, last, _peak_rss(), stats)
-
-
-def _peak_rss() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+                         sum(p.numel() for p in params.values()), first, last, rss.peak(), stats)
 
 
 __all__ = ["DistillConfig", "DistillResult", "distill", "Targets"]

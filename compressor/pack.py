@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import re
-import resource
 import shutil
 import time
 from dataclasses import dataclass
@@ -18,7 +17,7 @@ import ucformat
 from ucformat.manifest import NONLAYER_FILE, STUDENT_MODEL_TYPE, TensorEntry, layer_file
 from ucformat.writer import PackWriter
 
-from . import codecs
+from . import codecs, rss
 from .checkpoint import CheckpointError, SourceCheckpoint
 from .config import PackConfig
 
@@ -91,7 +90,7 @@ def pack(src: str | Path, dst: str | Path, cfg: PackConfig = PackConfig(), resum
         writer.write_tensors(rel, stored, entries)
 
     quantize_fn = is_quantized_layer_tensor
-    baseline_rss = _peak_rss()  # interpreter, torch and transformers; everything above it is the job's
+    baseline_rss = rss.peak()  # interpreter, torch and transformers; everything above it is the job's
     if not writer.has(NONLAYER_FILE):
         embeddings = lambda n, s, d: len(s) == 2 and bool(  # noqa: E731
             (cfg.quantize_embeddings and EMBEDDING_RE.search(n)) or (student and SHARED_BLOCK_RE.search(n)))
@@ -114,8 +113,7 @@ def pack(src: str | Path, dst: str | Path, cfg: PackConfig = PackConfig(), resum
         if writer.has(rel):
             if calibrated is not None:
                 calibrated.skip(i, stored(i))
-            continue
-        if calibrated is not None:
+        elif calibrated is not None:
             write(rel, calibrated.compress(i))
         else:
             write(rel, {n: plain(n) for n in ckpt.layers[i]})
@@ -143,20 +141,8 @@ def pack(src: str | Path, dst: str | Path, cfg: PackConfig = PackConfig(), resum
         report = calibrated.report.to_dict()
         shutil.rmtree(dst / WORK_DIR, ignore_errors=True)
     peak_dev = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
-    return PackResult(dst, time.perf_counter() - t0, ckpt.num_layers - resumed, resumed, _peak_rss(), baseline_rss,
+    return PackResult(dst, time.perf_counter() - t0, ckpt.num_layers - resumed, resumed, rss.peak(), baseline_rss,
                       peak_dev, stats, report)
-
-
-def _peak_rss() -> int:
-    """Peak resident memory of this process's own address space. /proc's VmHWM, not ru_maxrss: Linux carries
-    ru_maxrss across fork+exec, so a child started by a big parent would report the parent's size."""
-    try:
-        for line in open("/proc/self/status"):
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def encode(rel: str, name: str, t: ucformat.qtensor.QuantizedTensor | torch.Tensor, src_dtype: str,

@@ -133,7 +133,9 @@ def test_resume_continues_exactly(tiny, tmp_path, monkeypatch):
     src = tiny("llama", num_hidden_layers=4)
     cfg = build_config(target_bpw=3.0, block_size=32, **CAL)
     ref = tmp_path / "ref"
-    pack(src, ref, cfg, progress=False)
+    peaks = pack(src, ref, cfg, progress=False).calib["peak_rss_bytes"]
+    assert list(peaks) == ["setup", "profile", "fisher", "layers", "e2e"]  # which phase set the peak
+    assert list(peaks.values()) == sorted(peaks.values()) and peaks["setup"] > 0
     dst = tmp_path / "p"
     real = CalibratedLayers.compress
 
@@ -149,7 +151,43 @@ def test_resume_continues_exactly(tiny, tmp_path, monkeypatch):
     monkeypatch.setattr(CalibratedLayers, "compress", real)
     r = pack(src, dst, cfg, resume=True, progress=False)
     assert r.layers_resumed == 2 and "profile" not in r.calib["seconds"]  # the saved plan was reused
+    assert list(r.calib["peak_rss_bytes"]) == ["setup", "layers", "e2e"]
     assert _files(dst) == _files(ref)  # layers 2-3 saw exactly the streams of an uninterrupted run
+
+
+def test_every_pass_maps_one_layer_of_the_source_at_a_time(tiny, tmp_path, monkeypatch):
+    """Profile, Fisher, layer and resume passes unmap the checkpoint after each layer, so the pages they read
+    stop counting in resident memory (the 1.5B calibrated prepare stage had held the whole file)."""
+    from compressor.checkpoint import LAYER_RE, SourceCheckpoint
+
+    mapped, most = set(), []
+    get, release, compress = SourceCheckpoint.get, SourceCheckpoint.release, CalibratedLayers.compress
+
+    def counted_get(self, name):
+        if m := LAYER_RE.match(name):
+            mapped.add(int(m["index"]))
+            most.append(len(mapped))
+        return get(self, name)
+
+    def counted_release(self):
+        mapped.clear()
+        release(self)
+
+    def interrupted(self, i):
+        if i == 2:
+            raise KeyboardInterrupt
+        return compress(self, i)
+
+    monkeypatch.setattr(SourceCheckpoint, "get", counted_get)
+    monkeypatch.setattr(SourceCheckpoint, "release", counted_release)
+    monkeypatch.setattr(CalibratedLayers, "compress", interrupted)
+    src, dst = tiny("llama", num_hidden_layers=4), tmp_path / "p"
+    cfg = build_config(target_bpw=3.0, block_size=32, **CAL)
+    with pytest.raises(KeyboardInterrupt):
+        pack(src, dst, cfg, progress=False)
+    monkeypatch.setattr(CalibratedLayers, "compress", compress)
+    assert pack(src, dst, cfg, resume=True, progress=False).layers_resumed == 2
+    assert most and max(most) == 1
 
 
 @pytest.mark.parametrize("arch", ["gemma3", "qwen3_moe"])
@@ -178,6 +216,11 @@ def test_cli_flags_reach_the_config(tiny, tmp_path):
     assert q["target_bpw"] == 4.0 and q["calib"]["inputs"] == "teacher" and q["calib"]["steps"] == 2
     assert q["calib"]["fisher_labels"] == "model"
     assert q["scales"] == "searched"  # the default with calibration data
+    text = subprocess.run([sys.executable, "-m", "uc", "pack", str(tiny()), str(tmp_path / "t"), "--target-bpw", "4",
+                           "--block-size", "32", "--calib", str(WIKITEXT), "--calib-samples", "2", "--calib-len", "16",
+                           "--steps", "0", "--e2e-steps", "0", "-q"], capture_output=True, text=True)
+    assert text.returncode == 0, text.stderr
+    assert "the peak RSS was reached in the " in text.stdout  # which phase to shrink when a pack does not fit
     bad = subprocess.run([sys.executable, "-m", "uc", "pack", str(tiny()), str(tmp_path / "q"), "--calib",
                           str(tmp_path / "missing.txt")], capture_output=True, text=True)
     assert bad.returncode != 0 and "uc: error:" in bad.stderr and "missing.txt" in bad.stderr

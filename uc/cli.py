@@ -69,6 +69,9 @@ def cmd_pack(a) -> int:
         c = r.calib
         phases = "  ".join(f"{k} {v:.0f}s" for k, v in c["seconds"].items())
         print(f"  allocation (bits: tensors) {c['allocation']}  {phases}")
+        setter = next((k for k, v in c["peak_rss_bytes"].items() if v >= r.peak_rss_bytes), None)
+        if setter:
+            print(f"  the peak RSS was reached in the {setter} phase")
         if c["layers"] and "loss_before" in c["layers"][0]:
             kept = sum(row["kept"] for row in c["layers"])
             print(f"  distillation kept in {kept}/{len(c['layers'])} layers; calibration activations peak "
