@@ -378,6 +378,15 @@ def _e2e(calib: dict) -> str:
             f"{e['kl_tuned']:.4f}{'' if e['kept'] else ', not kept'}")
 
 
+def _peak_phase(calib: dict) -> str:
+    """Which phase of the pack's last segment reached that segment's peak RSS, where its report says."""
+    peaks = calib.get("peak_rss_bytes") or {}
+    if not peaks:
+        return ""
+    top = max(peaks.values())
+    return f"; the last segment's peak RSS {_mib(top)} reached in its {next(k for k, v in peaks.items() if v == top)} phase"
+
+
 def _where(s: dict, where: str) -> int:
     return sum(p["where"] == where for p in s["plan"]["layers"])
 
@@ -420,7 +429,8 @@ def write_docs(rows: list[dict], a) -> None:
                          _mib(r["peak_rss_bytes"]),
                          ("yes" if r["peak_rss_bytes"] <= r["bound_bytes"] else "**no**") if r["method"] == "gsq"
                          else "-"] for r in mine])]
-        stages = [f"{_label(r)}: {_e2e(r['calib'])}" for r in mine if r["method"] == "ours" and r.get("calib")]
+        stages = [f"{_label(r)}: {_e2e(r['calib'])}{_peak_phase(r['calib'])}" for r in mine
+                  if r["method"] == "ours" and r.get("calib")]
         if stages:
             body += ["", "End-to-end distillation stage of the calibrated rows: " + "; ".join(stages) + "."]
         if any(r["method"] == "gguf" for r in mine):
