@@ -22,16 +22,24 @@ LAZY = 128  # columns whose updates are batched into one matrix product
 
 
 def inverse_cholesky(h: torch.Tensor, damp: float = DAMP) -> torch.Tensor:
-    """Upper Cholesky factor of (H + damp*mean(diag) I)^-1, float32 [C, C]. Dead columns get diag 1."""
-    h = h.double().clone()
-    diag = torch.diagonal(h)
-    dead = diag <= 0
-    diag[dead] = 1.0
+    """Upper Cholesky factor of (H + damp*mean(diag) I)^-1, float32 [C, C]. Dead columns get diag 1.
+
+    Works in float64 holding at most two C x C matrices at a time (8960 columns: 1.3 GB rather than 2.9): each
+    factor is freed once the next is made, and a failed try rebuilds the damped matrix from h and its diagonal."""
+    diag = torch.diagonal(h).double().clone()
+    diag[diag <= 0] = 1.0
     diag += damp * diag.mean()
     for _ in range(4):  # raise the damping until it factors (nearly singular Gram matrices)
+        a = h.double().clone()
+        a.diagonal().copy_(diag)
         try:
-            lower = torch.linalg.cholesky(h)
-            return torch.linalg.cholesky(torch.cholesky_inverse(lower), upper=True).float()
+            lower = torch.linalg.cholesky(a)
+            del a
+            inv = torch.cholesky_inverse(lower)
+            del lower
+            upper = torch.linalg.cholesky(inv, upper=True)
+            del inv
+            return upper.float()
         except torch.linalg.LinAlgError:
             diag += 10 * damp * diag.mean()
     raise ValueError("input Gram matrix is not positive definite even with damping")

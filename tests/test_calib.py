@@ -269,6 +269,26 @@ def test_gptq_beats_nearest_and_grouping_changes_nothing():
         assert out_err(grouped[n]) < 0.8 * out_err(near)
 
 
+def test_inverse_cholesky_factors_the_damped_inverse_and_damps_more_until_it_factors():
+    from compressor import gptq
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(48, 96, generator=g)
+    h = x @ x.T / 96
+    h[:, 5] = h[5, :] = 0.0  # a dead column: diagonal 1
+    u = gptq.inverse_cholesky(h).double()
+    damped = h.double().clone()
+    damped[5, 5] = 1.0
+    damped.diagonal().add_(gptq.DAMP * damped.diagonal().mean())
+    assert torch.equal(u, u.triu()) and torch.allclose(u.T @ u @ damped, torch.eye(48, dtype=torch.float64), atol=1e-4)
+    x = torch.randn(48, 4, generator=g)
+    bad = x @ x.T - 0.1 * torch.eye(48) * (x @ x.T).diagonal().mean()  # indefinite: factors only after more damping
+    with pytest.raises(torch.linalg.LinAlgError):
+        torch.linalg.cholesky((bad + gptq.DAMP * bad.diagonal().mean() * torch.eye(48)).double())
+    u = gptq.inverse_cholesky(bad)
+    assert torch.isfinite(u).all() and torch.equal(u, u.triu()) and (u.diagonal() > 0).all()
+
+
 def _top_hidden(path, sequences: int):
     """A tiny model's skeleton, its last layer's output on random sequences of 16 tokens, and their batch."""
     from compressor import layerwise
