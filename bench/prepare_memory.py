@@ -85,7 +85,7 @@ def main() -> None:
         stage.close()
     sampler.close()
     out = {"src": str(a.src), "layers": a.layers, "target_bpw": a.target_bpw, "peak_rss_bytes": sampler.peak,
-           "baseline_rss_bytes": base, "phases": stage.report.peak_rss_bytes, "peak_phase": sampler.where,
+           "baseline_rss_bytes": base, "phases": getattr(stage.report, "peak_rss_bytes", {}), "peak_phase": sampler.where,
            "peak_stack": sampler.stack, "seconds": round(time.perf_counter() - t0, 1), "machine": machine()}
     if a.json:
         print(json.dumps(out))
