@@ -1,9 +1,10 @@
 """Where the `prepare` stage of a calibrated pack reaches its peak memory (compressor/calibrated.py).
 
 The stage (setup, the profile pass, the Fisher pass) runs as `uc pack SRC DST --target-bpw B --calib WIKITEXT`
-runs it, cut to the first --layers decoder layers (every layer of a model is profiled alike, so the peak of the
-first few is the stage's, and it takes minutes instead of an hour). A thread samples the resident set every
-10 ms and keeps the main thread's stack at each new high, so the line printed says which code set the peak.
+runs it, cut to the first --layers decoder layers: minutes instead of an hour, and enough to see one layer's
+working set and which code sets it (the layers of a model are profiled alike). It is not the whole stage's peak:
+what stays resident between layers grows over a full pass (docs/BENCHMARKS.md, the Qwen 1.5B reading). A thread
+samples the resident set every 10 ms and keeps the main thread's stack at each new high.
 
     python bench/prepare_memory.py .uc-cache/models/qwen2.5-coder-1.5b --layers 2
 """
