@@ -175,8 +175,12 @@ class LinearStats:
             out.setdefault(lead, []).append(name)
         return out
 
-    def mean_gram(self, name: str) -> torch.Tensor:
-        return (self.gram[name] / max(self.tokens.get(name, 1), 1)).float()
+    def take_means(self, device: torch.device) -> dict[str, torch.Tensor]:
+        """Every module's mean Gram matrix E[x x^T], float32 on device; the float64 sums are dropped (at 8960
+        input columns one is 642 MB, and nothing reads it past its mean)."""
+        means = {n: (g / max(self.tokens.get(n, 1), 1)).float().to(device) for n, g in self.gram.items()}
+        self.gram.clear()
+        return means
 
 
 def head_grad(sk, hidden: torch.Tensor, batch: layerwise.Batch,

@@ -214,8 +214,7 @@ class CalibratedLayers:
                 self._fisher_inputs.append(keep)
                 with calibrate.LinearStats(layer, lin if profile else {}) as st:
                     nxt = calibrate.forward_stream(layer, i, stream, ActivationStore(self.budget, "profile"))
-                grams = {n: st.mean_gram(n).to(self.device) for n in lin} if profile else {}
-                st.gram.clear()  # the float64 sums, past their means (8960 columns: 642 MB)
+                grams = st.take_means(self.device)  # none without profiling: no module was watched
                 stream.store.clear()
                 stream = nxt
                 self.sk.unload_layer(i)
@@ -316,8 +315,7 @@ class CalibratedLayers:
             if y is None:
                 y = calibrate.forward_stream(layer, i, self.x_fp, ActivationStore(self.budget, "y")).store
             self._advance_e2e(i)
-            grams = {n: st.mean_gram(n).to(self.device) for n in lin}
-            st.gram.clear()
+            grams = st.take_means(self.device)
         out: dict[str, qtensor.QuantizedTensor | torch.Tensor] = {}
         qweights: dict[str, QWeight] = {}
         for group in _groups(names, st):

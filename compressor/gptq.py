@@ -30,7 +30,7 @@ def inverse_cholesky(h: torch.Tensor, damp: float = DAMP) -> torch.Tensor:
     diag[diag <= 0] = 1.0
     diag += damp * diag.mean()
     for _ in range(4):  # raise the damping until it factors (nearly singular Gram matrices)
-        a = h.double().clone()
+        a = h.to(torch.float64, copy=True)
         a.diagonal().copy_(diag)
         try:
             lower = torch.linalg.cholesky(a)
