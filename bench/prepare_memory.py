@@ -2,11 +2,13 @@
 
 The stage (setup, the profile pass, the Fisher pass) runs as `uc pack SRC DST --target-bpw B --calib WIKITEXT`
 runs it, cut to the first --layers decoder layers: minutes instead of an hour, and enough to see one layer's
-working set and which code sets it (the layers of a model are profiled alike). It is not the whole stage's peak:
-what stays resident between layers grows over a full pass (docs/BENCHMARKS.md, the Qwen 1.5B reading). A thread
-samples the resident set every 10 ms and keeps the main thread's stack at each new high.
+working set and which code sets it (the layers of a model are profiled alike). A thread samples the resident set
+every 10 ms and keeps the main thread's stack at each new high; the resident set after each layer (what the pass
+carries from one layer to the next) is printed per pass. --no-trim leaves the heap glibc holds free in place
+between layers (rss.trim), as the stage did before: over a full pass that is what made the resident set grow.
 
     python bench/prepare_memory.py .uc-cache/models/qwen2.5-coder-1.5b --layers 2
+    python bench/prepare_memory.py .uc-cache/models/qwen2.5-coder-0.5b --layers 24 [--no-trim]
 """
 
 from __future__ import annotations
@@ -58,6 +60,7 @@ def main() -> None:
     ap.add_argument("src", type=Path, help="an HF safetensors checkpoint folder (uc fetch-model puts them in .uc-cache/models)")
     ap.add_argument("--layers", type=int, default=2, help="decoder layers to run the passes over (default 2)")
     ap.add_argument("--target-bpw", type=float, default=4.0)
+    ap.add_argument("--no-trim", action="store_true", help="do not give freed heap back between layers (as before)")
     ap.add_argument("--json", action="store_true", help="print one JSON object instead of lines")
     a = ap.parse_args()
 
@@ -72,6 +75,15 @@ def main() -> None:
     ckpt.num_layers = a.layers
     cfg = build_config(target_bpw=a.target_bpw, file=str(TEXT), articles="1-16")
     sampler = PeakSampler()
+    between: dict[str, list[int]] = {}  # pass -> resident bytes after each of its layers
+    trim = rss.trim
+
+    def after_layer() -> None:
+        if not a.no_trim:
+            trim()
+        between.setdefault(sampler.phase, []).append(rss.current())
+
+    rss.trim = after_layer
     base = rss.current()
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as work:
@@ -87,13 +99,17 @@ def main() -> None:
     sampler.close()
     out = {"src": str(a.src), "layers": a.layers, "target_bpw": a.target_bpw, "peak_rss_bytes": sampler.peak,
            "baseline_rss_bytes": base, "phases": getattr(stage.report, "peak_rss_bytes", {}), "peak_phase": sampler.where,
-           "peak_stack": sampler.stack, "seconds": round(time.perf_counter() - t0, 1), "machine": machine()}
+           "peak_stack": sampler.stack, "trim": not a.no_trim,
+           "between_layers_bytes": between, "seconds": round(time.perf_counter() - t0, 1), "machine": machine()}
     if a.json:
         print(json.dumps(out))
         return
-    print(f"{a.src.name}, {a.layers} layers, --target-bpw {a.target_bpw:g}: prepare peak RSS "
+    flags = f"--target-bpw {a.target_bpw:g}" + (" --no-trim" if a.no_trim else "")
+    print(f"{a.src.name}, {a.layers} layers, {flags}: prepare peak RSS "
           f"{sampler.peak / 2**20:.0f} MiB ({base / 2**20:.0f} MiB before it), reached in the {sampler.where} phase at")
     print("  " + "\n  ".join(reversed(sampler.stack)))
+    for phase, xs in between.items():
+        print(f"  after each {phase} layer (MiB): " + " ".join(f"{x / 2**20:.0f}" for x in xs))
     print("  phase peaks (MiB): " + ", ".join(f"{k} {v / 2**20:.0f}" for k, v in out["phases"].items()))
     print(f"  {out['seconds']:.0f} s; {out['machine']}")
 

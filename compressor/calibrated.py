@@ -233,6 +233,7 @@ class CalibratedLayers:
                         c.gptq and h is not None, self._ranks(),
                         widths, c.seed, cfg.scale_bits, cfg.rotation_block, cfg.searches_scales))
             self.ckpt.release()  # unmap this layer's pages, as the pack loop does: the pass holds one layer
+            rss.trim()
         bar.close()
         if stream is not None:
             self._last_hidden = stream
@@ -290,6 +291,7 @@ class CalibratedLayers:
             self._fisher_inputs[i].clear()
             self.sk.unload_layer(i)
             self.ckpt.release()
+            rss.trim()
         bar.close()
 
     # -- layers -------------------------------------------------------------------------------------------
