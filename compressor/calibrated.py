@@ -232,8 +232,7 @@ class CalibratedLayers:
                         {n: self.ckpt.get(n).to(self.device) for n in two}, h, cfg.block_size, cfg.codec,
                         c.gptq and h is not None, self._ranks(),
                         widths, c.seed, cfg.scale_bits, cfg.rotation_block, cfg.searches_scales))
-            self.ckpt.release()  # unmap this layer's pages, as the pack loop does: the pass holds one layer
-            rss.trim()
+            self.ckpt.release()  # unmap this layer's pages and trim the heap, as the pack loop does
         bar.close()
         if stream is not None:
             self._last_hidden = stream
@@ -291,7 +290,6 @@ class CalibratedLayers:
             self._fisher_inputs[i].clear()
             self.sk.unload_layer(i)
             self.ckpt.release()
-            rss.trim()
         bar.close()
 
     # -- layers -------------------------------------------------------------------------------------------

@@ -14,6 +14,8 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 
+from . import rss
+
 # A decoder layer is whatever lives under "<prefix>layers.<N>." (model.layers.3., model.language_model.layers.3., ...).
 # bytes per element of the safetensors dtypes a checkpoint may hold
 SAFETENSORS_ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
@@ -113,10 +115,12 @@ class SourceCheckpoint:
         return self._handles[file]
 
     def release(self) -> None:
-        """Unmap every open file: pages of tensors already read stop counting in this process's memory."""
+        """Unmap every open file, so pages of tensors already read stop counting in this process's memory, and
+        give back the heap freed since (rss.trim). Passes call it after each layer: what they hold stays one layer."""
         for h in self._handles.values():
             h.__exit__(None, None, None)
         self._handles.clear()
+        rss.trim()
 
     def get(self, name: str) -> torch.Tensor:
         return self._handle(self.weight_map[name]).get_tensor(name)

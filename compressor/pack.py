@@ -117,8 +117,7 @@ def pack(src: str | Path, dst: str | Path, cfg: PackConfig = PackConfig(), resum
             write(rel, calibrated.compress(i))
         else:
             write(rel, {n: plain(n) for n in ckpt.layers[i]})
-        ckpt.release()  # unmap what this layer touched, so resident memory stays about one layer
-        rss.trim()  # and give back the heap its working set left free
+        ckpt.release()  # unmap what this layer touched and trim the heap, so resident memory stays about one layer
     bar.close()
     if calibrated is not None:
         calibrated.finetune(stored, lambda i, tensors: write(layer_file(i), tensors))

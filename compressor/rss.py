@@ -41,7 +41,7 @@ def current(pid: int | str = "self") -> int:
 def _malloc_trim():
     try:
         fn = ctypes.CDLL(None).malloc_trim  # glibc only
-    except (AttributeError, OSError):
+    except (AttributeError, OSError, TypeError):  # no such symbol; no C library to open (CDLL(None) on Windows)
         return None
     fn.argtypes, fn.restype = [ctypes.c_size_t], ctypes.c_int
     return fn
