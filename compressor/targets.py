@@ -117,6 +117,7 @@ def compute(teacher_dir: str | Path, ids: torch.Tensor, out: Path, spec: TargetS
         sk.load(layer_state_dict(teacher, i))
         nxt = forward_stream(sk.layers[i], i, stream, ActivationStore(budget, f"h-{i}"))
         sk.unload_layer(i)
+        teacher.release()  # unmap this layer's pages and trim the heap, as the pack loop does
         stream.store.clear()
         stream = nxt
         if i + 1 in spec.depths:
@@ -128,7 +129,6 @@ def compute(teacher_dir: str | Path, ids: torch.Tensor, out: Path, spec: TargetS
                     top_idx, top_logp = _topk(sk, normed.float(), spec.topk)
                     idx_store.append(top_idx)
                     logp_store.append(top_logp)
-    teacher.release()
     files = []
     for c, (_, b) in enumerate(stream.chunks()):
         tensors = {"ids": b.input_ids.contiguous()}

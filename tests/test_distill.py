@@ -152,6 +152,19 @@ def test_targets_match_the_whole_teacher(tiny_teacher, tmp_path):
     assert t.files[0].stat().st_mtime_ns == mtime
 
 
+def test_the_teacher_pass_gives_each_layers_pages_and_heap_back(tiny_teacher, tmp_path, monkeypatch):
+    """Like the pack loop: one layer of the teacher resident at a time, not every layer read so far."""
+    from compressor.checkpoint import SourceCheckpoint
+    from compressor.targets import TargetSpec, compute
+
+    released = []
+    real = SourceCheckpoint.release
+    monkeypatch.setattr(SourceCheckpoint, "release", lambda self: (released.append(1), real(self)))
+    compute(tiny_teacher, torch.randint(0, 49152, (2, 8)), tmp_path / "t", TargetSpec(topk=5, depths=(2,), chunk=2),
+            progress=False)
+    assert len(released) == 2  # after each of the 2 layers
+
+
 # -- the pack -------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def frr_pack(tiny_teacher, tmp_path_factory):
