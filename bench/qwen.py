@@ -367,14 +367,16 @@ def source_types(model: str) -> dict[str, int]:
     return kinds
 
 
-def _e2e(calib: dict) -> str:
-    """What a calibrated pack's end-to-end stage did, from its report (compressor/calibrated.py)."""
+def _e2e(calib: dict, segments: int = 1) -> str:
+    """What a calibrated pack's end-to-end stage did, from its report (compressor/calibrated.py): the report is
+    the last segment's, so over several segments its seconds are those of the steps that segment ran."""
     e = calib.get("e2e") or {}
     if e.get("skipped"):
         return f"skipped ({e['skipped']})"
     if not e.get("steps"):
         return "not run"
-    return (f"{e['steps']} steps in {e['seconds']:.0f} s ({e['dtype']}), held-out KL {e['kl_before']:.4f} -> "
+    took = f"in {e['seconds']:.0f} s" if segments <= 1 else f"({e['seconds']:.0f} s of it in the last of {segments} segments)"
+    return (f"{e['steps']} steps {took}, {e['dtype']}, held-out KL {e['kl_before']:.4f} -> "
             f"{e['kl_tuned']:.4f}{'' if e['kept'] else ', not kept'}")
 
 
@@ -429,7 +431,7 @@ def write_docs(rows: list[dict], a) -> None:
                          _mib(r["peak_rss_bytes"]),
                          ("yes" if r["peak_rss_bytes"] <= r["bound_bytes"] else "**no**") if r["method"] == "gsq"
                          else "-"] for r in mine])]
-        stages = [f"{_label(r)}: {_e2e(r['calib'])}{_peak_phase(r['calib'])}" for r in mine
+        stages = [f"{_label(r)}: {_e2e(r['calib'], r.get('segments', 1))}{_peak_phase(r['calib'])}" for r in mine
                   if r["method"] == "ours" and r.get("calib")]
         if stages:
             body += ["", "End-to-end distillation stage of the calibrated rows: " + "; ".join(stages) + "."]
