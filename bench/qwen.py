@@ -375,7 +375,8 @@ def _e2e(calib: dict, segments: int = 1) -> str:
         return f"skipped ({e['skipped']})"
     if not e.get("steps"):
         return "not run"
-    took = f"in {e['seconds']:.0f} s" if segments <= 1 else f"({e['seconds']:.0f} s of it in the last of {segments} segments)"
+    took = (f"in {e['seconds']:.0f} s" if segments <= 1
+            else f"({e['seconds']:.0f} s of it in the last of {segments} segments)")
     return (f"{e['steps']} steps {took}, {e['dtype']}, held-out KL {e['kl_before']:.4f} -> "
             f"{e['kl_tuned']:.4f}{'' if e['kept'] else ', not kept'}")
 
